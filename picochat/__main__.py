@@ -1,0 +1,48 @@
+"""
+`picochat <stage> [flags]` and `python -m picochat <stage> [flags]` (so `torchrun -m picochat ...`
+works). Each stage lives in picochat/stages/<stage>.py and exposes main(argv).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from picochat.common import PicochatError
+
+STAGES = {
+    "data": "download, build or import pretraining shards (data download | data demo | data import)",
+    "tok_train": "train the BPE tokenizer on a dataset",
+    "tok_eval": "bytes per token of the tokenizer on held-out text",
+    "base_train": "pretrain the base model",
+    "base_eval": "evaluate a base checkpoint: val bits per byte and samples",
+}
+
+
+def usage() -> str:
+    lines = ["usage: picochat <stage> [flags]   (picochat <stage> --help for its flags)", "", "stages:"]
+    lines += [f"  {name:<12} {text}" for name, text in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        sys.stderr.write(f"picochat: error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}\n")
+        return 2
+    module = importlib.import_module(f"picochat.stages.{stage}")
+    try:
+        return module.main(rest) or 0
+    except PicochatError as e:
+        sys.stderr.write(f"picochat {stage}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"picochat {stage}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

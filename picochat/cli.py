@@ -1,0 +1,31 @@
+"""
+Argument parsing shared by every stage: help text that shows each flag's default, and one-line
+errors ("picochat base_train: error: ... (see --help)") instead of a usage dump.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, prog: str, description: str):
+        super().__init__(prog=f"picochat {prog}", description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def int_or_auto(text: str):
+    """A positive integer, or the word 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value

@@ -1,0 +1,230 @@
+"""
+Shared plumbing: paths under PICOCHAT_HOME, user-facing errors, device and dtype choice,
+torch.distributed setup, seeding, atomic file writes, progress bars and peak-FLOPs numbers for MFU.
+
+Nothing here knows about models or data; every other module may import it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------
+# Errors for people
+
+class PicochatError(Exception):
+    """A mistake the user can fix. The CLI prints it as one line (no traceback) and exits 2."""
+
+
+# -----------------------------------------------------------------------------
+# Paths
+
+def picochat_home() -> Path:
+    """Where artifacts live: data/, tokenizer/, checkpoints/, evals/, report/."""
+    return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+
+
+def data_dir(dataset: str) -> Path:
+    return picochat_home() / "data" / dataset
+
+
+def tokenizer_dir() -> Path:
+    return picochat_home() / "tokenizer"
+
+
+def checkpoint_dir(stage: str, model_tag: str) -> Path:
+    return picochat_home() / "checkpoints" / stage / model_tag
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: temp file in the same directory, fsync, rename, fsync the directory.
+# A reader (or a crash) never sees a half-written file under the final name.
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary path next to `final`; on success it is fsynced and renamed into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
+
+
+# -----------------------------------------------------------------------------
+# Distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size as torchrun sets them (defaults: one process)."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun: NCCL on CUDA, gloo elsewhere."""
+    info = dist_info()
+    if info.distributed and not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", info.local_rank))
+        else:
+            dist.init_process_group("gloo")
+    return info
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if dist_info().is_master:
+        print(*args, **kwargs, flush=True)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar (rate and ETA) on rank 0 only; silent on other ranks."""
+    from tqdm import tqdm
+    kwargs.setdefault("disable", not dist_info().is_master)
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("file", sys.stderr)
+    return tqdm(iterable, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Device, dtype, seeding
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(requested: str, info: DistInfo) -> torch.device:
+    device_type = autodetect_device_type() if requested in ("", "auto") else requested
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise PicochatError(f"--device must be auto, cpu, cuda or mps, got {requested!r}")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise PicochatError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", info.local_rank)
+    return torch.device(device_type)
+
+
+def cpu_bf16_speedup(n: int = 512, reps: int = 3) -> float:
+    """Measured ratio of fp32 to bf16 matmul time on this CPU (about 2.3 on the dev machine)."""
+    def bench(dtype):
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = min(best, time.perf_counter() - t0)
+        return best
+    return bench(torch.float32) / bench(torch.bfloat16)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """Compute dtype. 'auto': bf16 on CUDA SM>=80 and on CPUs whose bf16 matmul is clearly faster
+    than fp32 (docs/LOG.md: bf16 trains as well as fp32 on the demo corpus); fp32 otherwise."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested != "auto":
+        if requested not in names:
+            raise PicochatError(f"--dtype must be auto, bfloat16 or float32, got {requested!r}")
+        return names[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_speedup() > 1.5 else torch.float32
+    return torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Peak FLOPs for MFU
+
+# Dense bf16 peak FLOP/s by GPU name fragment, from the vendors' data sheets (no sparsity).
+GPU_PEAK_FLOPS = [
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 125e12), ("A10", 125e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12),
+    ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+
+def measured_cpu_flops(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """FLOP/s of a square matmul in `dtype` on this CPU, all threads: the 'peak' for CPU MFU."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s per device: a table for GPUs (inf when unknown, so MFU reads 0), measured on CPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, flops in GPU_PEAK_FLOPS:
+            if fragment in name:
+                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
+        return float("inf")
+    if device.type == "cpu":
+        return measured_cpu_flops(dtype)
+    return float("inf")
