@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte (and, later, CORE and chat evals)."""

@@ -1,0 +1,355 @@
+"""
+The GPT (nanochat's seed architecture, spec §1.1), in one file:
+
+- pre-norm residual blocks with a parameter-free RMSNorm (after the embedding, before attention and
+  MLP, before the head, and on q and k per head: QK-norm);
+- rotary position embeddings (base 10,000, half-split convention), no position table;
+- attention through F.scaled_dot_product_attention, GQA-capable (n_kv_head <= n_head), no biases;
+- a ReLU² MLP (d → 4d → d); untied embedding and head; logits softcapped at 15 in fp32;
+- one dial: `config_from_depth(depth)` gives width 64·depth and heads of dimension 128.
+
+Dtypes are explicit: master weights are fp32 and every Linear casts its weight to the activation
+dtype (`compute_dtype`, bf16 on modern GPUs and fast-bf16 CPUs), so there is no autocast anywhere.
+A `KVCache` turns the same forward into incremental decoding.
+
+    model = GPT(config_from_depth(4, vocab_size=4096, sequence_len=512)); model.init_weights()
+    loss = model(idx, targets)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def config_from_depth(depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
+                      aspect_ratio: int = 64, head_dim: int = 128) -> GPTConfig:
+    """Width = aspect_ratio·depth; heads = ceil(width / head_dim) (spec §1.1: 64 and 128)."""
+    n_embd = depth * aspect_ratio
+    n_head = max(1, -(-n_embd // head_dim))
+    if n_embd % n_head:
+        raise ValueError(f"width {n_embd} is not divisible by {n_head} heads")
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without a learnable gain: the model keeps no norm parameters at all."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear whose fp32 master weight is cast to the input's dtype in forward."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head vector; x is (B, T, H, D)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, H_kv, T_max, D).
+
+    Layers write their new keys/values at [pos, pos+T); `pos` advances once the last layer is done.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+        self.n_layer = config.n_layer
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v of shape (B, H_kv, T, D); return all keys/values so far for this layer."""
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.max_len:
+            raise RuntimeError(f"KV cache full: {t1} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        if layer == self.n_layer - 1:
+            self.pos = t1
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        assert config.n_head % config.n_kv_head == 0, "n_head must be a multiple of n_kv_head (GQA)"
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE first, then QK-norm
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            prefix = kv_cache.pos
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+            if prefix == 0:  # a fresh prompt: plain causal attention
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            elif T == 1:  # one new token sees everything cached
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            else:  # a chunk after a prefix: prefix fully visible, causal within the chunk
+                mask = torch.ones(T, prefix + T, dtype=torch.bool, device=q.device)
+                mask[:, prefix:] = torch.tril(mask[:, prefix:])
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+SOFTCAP = 15.0  # logits = 15·tanh(logits/15) (spec §1.1)
+ROPE_BASE = 10_000
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        # RoPE tables for 10x the training length, so decoding past it keeps working.
+        self.rotary_len = 10 * config.sequence_len
+        cos, sin = self._rotary_tables(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, length: int, device=None):
+        d = self.config.head_dim
+        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Spec §1.1 init: Linear ~ N(0, 1/√fan_in · min(1, √(fan_out/fan_in))); the head and both
+        output projections zero (each block starts as the identity); embedding ~ N(0, 1)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                module.weight.normal_(0.0, std, generator=gen)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0, generator=gen)
+        self.lm_head.weight.zero_()
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        cos, sin = self._rotary_tables(self.rotary_len, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    # --- accounting -----------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per weight for every matmul (head included, embedding
+        lookup not) plus the attention score and value matmuls, 12·L·H·D·T (PaLM appendix B)."""
+        c = self.config
+        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def setup_optimizer(self, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
+                        matrix_lr: float = 0.02, weight_decay: float = 0.0):
+        """AdamW for the embedding and the head, Muon for every block matrix (spec §2.1).
+        AdamW LRs were tuned at width 768 and scale as (d/768)^-0.5."""
+        from picochat.optim import MuonAdamW
+        scale = (self.config.n_embd / 768) ** -0.5
+        adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        groups = [
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, **adamw),
+            dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale, **adamw),
+            dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr,
+                 momentum=0.95, nesterov=True, ns_steps=5),
+        ]
+        return MuonAdamW(groups)
+
+    # --- forward --------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+        """idx (B, T) → loss if targets are given, else fp32 logits (B, T, V)."""
+        x = self.trunk(idx, kv_cache)
+        if targets is None:
+            return self._logits(x)
+        return head_loss(x, self.lm_head.weight, targets, loss_reduction)
+
+    def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Everything but the head: the final normalized hidden states (B, T, d). This is the
+        part base_train compiles; the head loss stays eager (it is already one fused pass)."""
+        B, T = idx.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        if t0 + T > self.rotary_len:
+            raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.rotary_len})")
+        cos = self.cos[:, t0:t0 + T].to(self.compute_dtype)
+        sin = self.sin[:, t0:t0 + T].to(self.compute_dtype)
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        return norm(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x).float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    # --- sampling -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 42, stop_token: int | None = None):
+        """Yield up to `max_tokens` new token ids for one prompt, decoding with a KV cache."""
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cache = KVCache(self.config, 1, len(tokens) + max_tokens, device, self.compute_dtype)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self(ids, kv_cache=cache)[:, -1, :]
+            if temperature <= 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_k is not None and top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=gen)
+            token = next_id.item()
+            if stop_token is not None and token == stop_token:
+                return
+            yield token
+            ids = next_id
+
+
+# -----------------------------------------------------------------------------
+# Loss: head + softcap + cross-entropy
+
+def reference_head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                        reduction: str = "mean") -> torch.Tensor:
+    """The slow, obvious version: full fp32 logits, softcap, F.cross_entropy (ignore_index -1)."""
+    logits = F.linear(x.reshape(-1, x.size(-1)), head_weight.to(x.dtype)).float()
+    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction=reduction)
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Head matmul, softcap and cross-entropy over chunks of rows, with the gradients computed in
+    the same pass. The (B·T, V) fp32 logits never exist all at once and nothing is recomputed:
+    backward only scales the stored input and weight gradients. Agrees with reference_head_loss
+    (tests/test_model.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, reduction: str, chunk_rows: int):
+        w = weight.to(x.dtype)
+        valid = targets != -1
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, x.size(0), chunk_rows):
+            xc, tc, vc = x[i:i + chunk_rows], targets[i:i + chunk_rows], valid[i:i + chunk_rows]
+            tanh = torch.tanh(F.linear(xc, w).float() / SOFTCAP)
+            logits = SOFTCAP * tanh
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = tc.clamp(min=0).unsqueeze(1)
+            total += ((lse - logits.gather(1, tgt).squeeze(1)) * vc).sum()
+            # d(loss)/d(logits) = softmax − one-hot, then through the softcap: × (1 − tanh²)
+            g = torch.exp(logits - lse.unsqueeze(1))
+            g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
+            g *= (1 - tanh * tanh) * vc.unsqueeze(1)
+            g = g.to(x.dtype)
+            grad_x[i:i + chunk_rows] = g @ w
+            grad_w += (g.t() @ xc).float()
+        scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones(())
+        scale = scale.to(x.device)
+        ctx.save_for_backward(grad_x, grad_w, scale)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w, scale = ctx.saved_tensors
+        s = grad_out * scale
+        return (grad_x * s.to(grad_x.dtype)), (grad_w * s).to(ctx.weight_dtype), None, None, None
+
+
+def head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+              reduction: str = "mean", chunk_rows: int = 2048) -> torch.Tensor:
+    """Cross-entropy of the softcapped head; the fused chunked path when training."""
+    if reduction == "none" or not torch.is_grad_enabled():
+        return reference_head_loss(x, head_weight, targets, reduction)
+    x = x.reshape(-1, x.size(-1))
+    return FusedHeadLoss.apply(x, head_weight, targets.reshape(-1), reduction, chunk_rows)

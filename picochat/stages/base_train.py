@@ -1,0 +1,393 @@
+"""
+Pretrain the base model. One process or many under torchrun, on a CPU or GPUs.
+
+    picochat base_train --depth 4 --dataset demo --max-seq-len 512 --device-batch-size 32 \\
+        --total-batch-size 16384 --num-iterations 200
+    torchrun --nproc_per_node=8 -m picochat base_train --depth 20        # the d20 recipe
+
+Everything is derived from --depth (width, heads, horizon, LRs) and printed before training;
+every derived value has a flag. The loop reads top to bottom: evaluate / sample / checkpoint when
+due, then one optimizer step of `grad_accum` micro-batches. Checkpoints are atomic and `--resume`
+continues exactly: same data, same optimizer state, same losses as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from picochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from picochat.cli import Parser, int_or_auto
+from picochat.common import (PicochatError, atomic_write_text, checkpoint_dir, dist_info, init_distributed,
+                             peak_flops, print0, resolve_device, resolve_dtype, seed_everything,
+                             shutdown_distributed)
+from picochat.data.loader import PackingLoader
+from picochat.evals.bpb import evaluate_bpb
+from picochat.model import GPT, config_from_depth, head_loss
+
+SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
+    "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
+    "If 5*x + 3 = 13, then x is", "To be, or not to be,",
+]
+
+
+def build_parser() -> Parser:
+    p = Parser("base_train", "Pretrain a base GPT on a shard dataset. Width, heads, horizon and "
+               "learning rates are derived from --depth; each can be overridden.")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=20, help="number of transformer layers (the one dial)")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth × aspect ratio")
+    g.add_argument("--head-dim", type=int, default=128, help="target attention head dimension")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="tokens per training row")
+    g = p.add_argument_group("data and batch")
+    g.add_argument("--dataset", default="fineweb-edu", help="dataset name under $PICOCHAT_HOME/data")
+    g.add_argument("--device-batch-size", type=int_or_auto, default=32,
+                   help="rows per micro-batch per process, or 'auto' (largest that fits)")
+    g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes")
+    g = p.add_argument_group("horizon (first one set wins)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
+    g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: unused)")
+    g.add_argument("--target-param-data-ratio", type=float, default=20.0,
+                   help="tokens per parameter (Chinchilla: 20)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (at width 768)")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the head (at width 768)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warmup")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR warmdown")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak")
+    g = p.add_argument_group("evaluation, sampling, checkpoints")
+    g.add_argument("--eval-every", type=int, default=250, help="val bits/byte every N steps (-1: only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
+    g.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: only at the end)")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
+    g.add_argument("--model-tag", default="", help="checkpoint directory name (default: d<depth>)")
+    g = p.add_argument_group("system")
+    g.add_argument("--seed", type=int, default=42, help="seed of the weight init")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
+                   help="torch.compile the model (auto: on CUDA only)")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Schedules (spec §2.1)
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """0.85 → 0.95 linearly over the first 300 steps (spec §2.1)."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+# -----------------------------------------------------------------------------
+# Batch size and memory
+
+def estimate_memory_gib(model: GPT, batch: int, seq_len: int, dtype: torch.dtype, world: int) -> float:
+    """Rough training memory per process: fp32 weights and grads, optimizer state (sharded over
+    ranks), and activations (~26·d values per token per layer saved for backward, measured against
+    torch's own accounting on d4-d12)."""
+    c = model.config
+    n = model.num_params()
+    elt = torch.tensor([], dtype=dtype).element_size()
+    weights = 4 * n * 2
+    emb = c.vocab_size * c.n_embd
+    optim = (8 * 2 * emb + 4 * (n - 2 * emb)) / world
+    acts = batch * seq_len * (c.n_layer * 26 * c.n_embd * elt + 8 * c.n_embd)
+    logits_chunk = 2048 * c.vocab_size * 4 * 4
+    return (weights + optim + acts + logits_chunk) / 2**30
+
+
+def available_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        return info["MemAvailable"] / 2**20
+    except (OSError, KeyError):
+        return 8.0
+
+
+def try_step(model: GPT, batch: int, seq_len: int, device) -> bool:
+    """One forward+backward at this batch size; False on out-of-memory."""
+    try:
+        x = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
+        head_loss(model.trunk(x), model.lm_head.weight, x).backward()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def auto_device_batch_size(model: GPT, seq_len: int, rows_per_step: int, device, dtype, world) -> int:
+    """Largest power of two that divides the rows each process needs per step and fits in memory
+    (estimated on CPUs, capped at 32 where bigger stops paying; probed with real steps on GPUs)."""
+    candidates = [b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if rows_per_step % b == 0]
+    budget = available_memory_gib(device) * (0.9 if device.type == "cuda" else 0.6)
+    fitting = [b for b in candidates if estimate_memory_gib(model, b, seq_len, dtype, world) <= budget] or [1]
+    if device.type != "cuda":
+        return next((b for b in fitting if b <= 32), fitting[-1])
+    for b in fitting:
+        if try_step(model, b, seq_len, device):
+            return b
+    raise PicochatError("even a device batch of 1 row does not fit in GPU memory; lower --max-seq-len or --depth")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device, dist_info())
+    info = init_distributed(device.type)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        return train(args, info, device, dtype)
+    finally:
+        shutdown_distributed()
+
+
+def train(args, info, device, dtype):
+    from picochat.tokenizer import get_tokenizer
+    W = info.world_size
+    tokenizer = get_tokenizer()
+    token_bytes = tokenizer.token_bytes().to(device)
+    T = args.max_seq_len
+    if T < 8:
+        raise PicochatError(f"--max-seq-len must be at least 8, got {T}")
+
+    # --- model ---------------------------------------------------------------------------
+    config = config_from_depth(args.depth, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim)
+    seed_everything(args.seed)
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype=dtype)
+    model.to_empty(device=device)
+    model.init_weights(seed=args.seed)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token()
+
+    # --- batch arithmetic ----------------------------------------------------------------
+    B_total = args.total_batch_size
+    if B_total % T:
+        raise PicochatError(f"--total-batch-size {B_total} is not a multiple of --max-seq-len {T}; "
+                            f"use a multiple such as {max(1, B_total // T) * T}")
+    rows_per_step = B_total // T
+    if rows_per_step % W:
+        raise PicochatError(f"--total-batch-size {B_total} gives {rows_per_step} rows of {T} tokens, "
+                            f"which do not split over {W} processes; use a multiple of {T * W}")
+    if args.device_batch_size == "auto":
+        device_batch = auto_device_batch_size(model, T, rows_per_step // W, device, dtype, W)
+    else:
+        device_batch = args.device_batch_size
+    if (rows_per_step // W) % device_batch:
+        tokens = device_batch * T * W
+        raise PicochatError(
+            f"--total-batch-size {B_total} is not divisible by device batch {device_batch} × seq len "
+            f"{T} × {W} process(es) = {tokens} tokens; use a multiple of {tokens} "
+            f"(e.g. {max(1, B_total // tokens) * tokens}) or a smaller --device-batch-size")
+    grad_accum = rows_per_step // W // device_batch
+    num_streams = grad_accum * W
+
+    # --- horizon -------------------------------------------------------------------------
+    if args.num_iterations > 0:
+        num_iterations, horizon = args.num_iterations, "--num-iterations"
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * B_total))
+        horizon = f"--target-flops {args.target_flops:.3g}"
+    elif args.target_param_data_ratio > 0:
+        num_iterations = int(args.target_param_data_ratio * num_params // B_total)
+        horizon = f"--target-param-data-ratio {args.target_param_data_ratio:g}"
+    else:
+        raise PicochatError("no horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+    if num_iterations < 1:
+        raise PicochatError(f"the horizon ({horizon}) gives {num_iterations} steps; set --num-iterations")
+
+    optimizer = model.setup_optimizer(args.embedding_lr, args.unembedding_lr, args.matrix_lr,
+                                      args.weight_decay)
+    model_tag = args.model_tag or f"d{args.depth}"
+    ckpt_root = checkpoint_dir("base", model_tag)
+    metrics_path = ckpt_root / "metrics.jsonl"
+
+    mem = estimate_memory_gib(model, device_batch, T, dtype, W)
+    width = 24
+    print0(f"{'device':<{width}} {device} × {W} process(es), compute dtype {str(dtype).replace('torch.', '')}")
+    for key, value in [
+        ("model", f"depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
+                  f"vocab {config.vocab_size:,}, seq len {T}"),
+        ("parameters", f"{num_params:,}"), ("FLOPs per token", f"{flops_per_token:.4e}"),
+        ("total batch", f"{B_total:,} tokens = {device_batch} rows × {T} × {W} proc × {grad_accum} accum"),
+        ("iterations", f"{num_iterations:,} (from {horizon})"),
+        ("training tokens", f"{num_iterations * B_total:,} ({num_iterations * B_total / num_params:.2f} per param)"),
+        ("training FLOPs", f"{flops_per_token * B_total * num_iterations:.4e}"),
+        ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
+        ("memory estimate", f"{mem:.2f} GiB per process"),
+        ("checkpoints", str(ckpt_root)),
+    ]:
+        print0(f"{key:<{width}} {value}")
+
+    # --- resume --------------------------------------------------------------------------
+    step, loop = 0, {"smooth_loss": 0.0, "total_time": 0.0, "min_val_bpb": float("inf"), "last_metrics": {}}
+    loader_states = [None] * grad_accum
+    if args.resume:
+        resume_step = latest_step(ckpt_root)
+        if resume_step is None:
+            raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
+        model_state, meta, rank_state = load_checkpoint(ckpt_root, resume_step, device, rank=info.rank)
+        if meta["model_config"] != config.to_dict():
+            raise PicochatError(f"--resume: checkpoint model {meta['model_config']} differs from the flags' "
+                                f"{config.to_dict()}; pass the same --depth/--max-seq-len or a new --model-tag")
+        if meta["world_size"] != W or meta["device_batch_size"] != device_batch or meta["total_batch_size"] != B_total:
+            raise PicochatError(f"--resume: checkpoint used {meta['world_size']} process(es), device batch "
+                                f"{meta['device_batch_size']}, total batch {meta['total_batch_size']}; resume with the same")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(rank_state["optimizer"])
+        loader_states = rank_state["loaders"]
+        torch.set_rng_state(rank_state["rng"])
+        step, loop = resume_step, meta["loop"]
+        num_iterations = meta["num_iterations"]
+        if info.is_master and metrics_path.exists():  # drop lines written after the checkpoint
+            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+            atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
+        print0(f"resumed from step {step} of {num_iterations}")
+    elif info.is_master and metrics_path.exists():
+        metrics_path.unlink()
+
+    train_loaders = [PackingLoader(args.dataset, "train", tokenizer, device_batch, T,
+                                   stream=info.rank + k * W, num_streams=num_streams, device=device,
+                                   state=loader_states[k]) for k in range(grad_accum)]
+
+    compile_model = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
+    trunk = torch.compile(model.trunk, dynamic=False) if compile_model else model.trunk
+    peak = peak_flops(device, dtype)
+
+    def val_bpb() -> float:
+        # Same streams as training, so the numbers do not depend on the number of processes.
+        steps = max(1, args.eval_tokens // (device_batch * T * num_streams))
+        loaders = [PackingLoader(args.dataset, "val", tokenizer, device_batch, T, stream=info.rank + k * W,
+                                 num_streams=num_streams, device=device) for k in range(grad_accum)]
+        batches = (ld.next_batch() for _ in range(steps) for ld in loaders)
+        model.eval()
+        result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), batches, token_bytes)
+        model.train()
+        return result
+
+    def samples() -> None:
+        if not info.is_master:
+            return
+        model.eval()
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+            out = list(model.generate(ids, max_tokens=16, temperature=0.0))
+            print0(f"  {prompt!r} → {tokenizer.decode(out)!r}")
+        model.train()
+
+    def checkpoint(at_step: int) -> None:
+        meta = {"step": at_step, "model_config": config.to_dict(), "user_config": vars(args),
+                "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W,
+                "device_batch_size": device_batch, "total_batch_size": B_total, "max_seq_len": T,
+                "num_iterations": num_iterations, "loop": loop}
+        rank_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                      "loaders": [ld.state_dict() for ld in train_loaders]}
+        save_checkpoint(ckpt_root, at_step, model.state_dict(), meta, rank_state,
+                        keep_last=args.keep_last or None)
+        print0(f"saved checkpoint step {at_step} → {ckpt_root}")
+
+    def write_metrics(record: dict) -> None:
+        if info.is_master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- the loop --------------------------------------------------------------------------
+    if step == 0 and args.eval_every > 0:
+        v = val_bpb()
+        print0(f"step 0 | val bpb {v:.4f}")
+        write_metrics({"step": 0, "val_bpb": v})
+    model.train()
+    finished_before_final_eval = args.resume and step == num_iterations
+    while step < num_iterations:
+        t0 = time.perf_counter()
+        lr_mult = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        loss_sum = torch.zeros((), device=device)
+        for loader in train_loaders:
+            x, y = loader.next_batch()
+            loss = head_loss(trunk(x), model.lm_head.weight, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if W > 1:
+            dist.all_reduce(loss_sum)
+        train_loss = loss_sum.item() / num_streams
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        if not math.isfinite(train_loss):
+            raise PicochatError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
+
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
+        if step > 1:  # the first step includes compilation and warm-up
+            loop["total_time"] += dt
+        tok_per_sec = B_total / dt
+        mfu = flops_per_token * tok_per_sec / (peak * W)
+        record = {"step": step, "loss": train_loss, "smooth_loss": smooth, "lr_mult": lr_mult, "dt": dt,
+                  "tok_per_sec": tok_per_sec, "mfu": mfu, "tokens": step * B_total,
+                  "time": loop["total_time"]}
+        eta = (num_iterations - step) * loop["total_time"] / max(1, step - 1)
+        print0(f"step {step:5d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | "
+               f"lr× {lr_mult:.2f} | {dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+               f"ETA {eta / 60:.1f} min")
+
+        last = step == num_iterations
+        if last:  # the model is saved before any final evaluation, so an eval crash loses nothing
+            loop["last_metrics"] = record
+            checkpoint(step)
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            record["val_bpb"] = val_bpb()
+            loop["min_val_bpb"] = min(loop["min_val_bpb"], record["val_bpb"])
+            print0(f"step {step} | val bpb {record['val_bpb']:.4f}")
+        if last or (args.sample_every > 0 and step % args.sample_every == 0):
+            samples()
+        write_metrics(record)
+        if not last and args.save_every > 0 and step % args.save_every == 0:
+            checkpoint(step)
+    if finished_before_final_eval:
+        # resumed from the final checkpoint (killed during the final eval): finish the eval
+        record = dict(loop["last_metrics"])
+        record["val_bpb"] = val_bpb()
+        print0(f"step {step} | val bpb {record['val_bpb']:.4f}")
+        samples()
+        write_metrics(record)
+
+    if device.type == "cuda":
+        print0(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print0(f"done: {step} steps, training time {loop['total_time'] / 60:.2f} min, "
+           f"min val bpb {loop['min_val_bpb']:.4f}")
+    return 0
