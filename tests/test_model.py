@@ -1,0 +1,96 @@
+"""The GPT: size arithmetic, KV-cache decoding, and the fused head loss against its reference."""
+import pytest
+import torch
+
+from picochat.model import (GPT, GPTConfig, KVCache, config_from_depth, head_loss, norm,
+                            reference_head_loss)
+
+
+def make_model(n_head=4, n_kv_head=4, seed=0):
+    cfg = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=64)
+    model = GPT(cfg)
+    model.init_weights(seed=seed)
+    # zero-init output projections make every block the identity; perturb so the test means something
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model.eval()
+
+
+def test_d20_at_vocab_65536_has_exactly_560988160_parameters():
+    with torch.device("meta"):
+        model = GPT(config_from_depth(20, vocab_size=65536, sequence_len=2048))
+    assert model.config.n_embd == 1280 and model.config.n_head == 10
+    assert model.num_params() == 560_988_160
+    # d32: 1,879,048,192 params and 1.207960e10 FLOPs/token, as printed in nanochat's run1000.sh
+    with torch.device("meta"):
+        d32 = GPT(config_from_depth(32, vocab_size=65536, sequence_len=2048))
+    assert d32.num_params() == 1_879_048_192
+    assert round(d32.flops_per_token() / 1e4) == 1_207_960
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_kv_cache_decoding_equals_full_forward(n_kv_head):
+    # Tolerance: 1e-4 absolute on fp32 logits (softcapped to ±15); the paths differ only in
+    # summation order inside attention.
+    torch.manual_seed(0)
+    model = make_model(n_kv_head=n_kv_head)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+        pieces = [model(idx[:, :8], kv_cache=cache)]          # prefill
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(8, 12)]  # one token at a time
+        pieces.append(model(idx[:, 12:20], kv_cache=cache))   # a chunk after a prefix
+    incremental = torch.cat(pieces, dim=1)
+    assert cache.pos == 20
+    torch.testing.assert_close(incremental, full, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_refuses_to_overflow():
+    model = make_model()
+    cache = KVCache(model.config, 1, 4, "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        model(torch.zeros((1, 5), dtype=torch.long), kv_cache=cache)
+
+
+def test_generate_greedy_equals_argmax_of_full_forward():
+    model = make_model()
+    prompt = [1, 2, 3, 4]
+    out = list(model.generate(prompt, max_tokens=6, temperature=0.0))
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+    assert out == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_head_loss_matches_reference_loss_and_gradients(reduction):
+    torch.manual_seed(0)
+    x = norm(torch.randn(3, 50, 32)).requires_grad_()
+    w = (0.2 * torch.randn(300, 32)).requires_grad_()
+    targets = torch.randint(0, 300, (3, 50))
+    targets[0, :7] = -1  # ignored positions
+    ref = reference_head_loss(x, w, targets, reduction)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x, w))
+    fused = head_loss(x, w, targets, reduction, chunk_rows=16)  # several chunks, a ragged last one
+    gx, gw = torch.autograd.grad(fused, (x, w))
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_loss_is_finite_when_every_target_is_ignored():
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(10, 16, requires_grad=True)
+    loss = head_loss(x, w, torch.full((4,), -1))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x.grad).all()
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    cfg = config_from_depth(2, vocab_size=100, sequence_len=16)
+    model = GPT(cfg)
+    d, L = cfg.n_embd, cfg.n_layer
+    matmuls = 12 * L * d * d + 100 * d  # blocks + head, not the embedding lookup
+    assert model.flops_per_token() == 6 * matmuls + 12 * L * d * 16
