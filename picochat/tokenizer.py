@@ -1,0 +1,207 @@
+"""
+The BPE tokenizer: trained with rustbpe, run with tiktoken.
+
+Training (rustbpe, Rust) learns byte-level BPE merges over text split by SPLIT_PATTERN; the learned
+ranks are then handed to a tiktoken Encoding, which is what encodes and decodes at run time (fast,
+multithreaded batches). Nine special tokens follow the BPE ranks, so `<|bos|>` = vocab_size - 9
+(nanochat-spec §5).
+
+Saved as two files in the tokenizer directory ($PICOCHAT_HOME/tokenizer by default):
+  tokenizer.json   pattern, special token names, and every BPE token as base64 in rank order
+                   (plain JSON rather than a pickle: readable, and loading it runs no code)
+  token_bytes.pt   int32 tensor [vocab_size]: raw byte length of each token, 0 for specials;
+                   bits-per-byte evaluation divides by it
+
+Usage:
+    from picochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()                       # after `picochat tok_train`
+    ids = tok.encode("hello world", prepend="<|bos|>")
+    tok.decode(ids)
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import tiktoken
+import torch
+
+from picochat.common import PicochatError, atomic_path, tokenizer_dir
+
+# GPT-4's split pattern with numbers in groups of 1-2 digits instead of 1-3
+# (nanochat LOG 2026-01-13, d12: {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 val bpb).
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}|"""
+                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+# Appended after the BPE ranks in exactly this order: ids are vocab_size - 9 ... vocab_size - 1.
+SPECIAL_TOKENS = [
+    "<|bos|>",            # starts every document
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",    # the assistant calls the Python tool
+    "<|output_start|>", "<|output_end|>",    # the tool's answer, spliced in at inference
+]
+
+DEFAULT_VOCAB_SIZE = 65_536  # 2^16, nanochat's seed (HEAD uses 32,768)
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all bytes, the specials, and at least one merge
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKEN_BYTES_FILE = "token_bytes.pt"
+FILE_FORMAT = "picochat-tokenizer/1"
+
+
+def default_num_threads() -> int:
+    """CPUs this process may run on (respects taskset/cgroups where the OS tells us)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def missing_tokenizer_error(directory: Path) -> PicochatError:
+    return PicochatError(f"no tokenizer in {directory}; run `picochat tok_train` first")
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def train_tokenizer(text_iterator: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
+    """Learn vocab_size - 9 BPE ranks (256 bytes + merges) from the texts, then add the specials.
+
+    If the text runs out of pairs to merge, the vocab comes out smaller than asked; check
+    `.vocab_size` of the result."""
+    import rustbpe  # only training needs it; encoding runs on tiktoken
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise PicochatError(f"vocab size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+                            f"{len(SPECIAL_TOKENS)} special tokens + 1 merge), got {vocab_size}")
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(text_iterator), vocab_size - len(SPECIAL_TOKENS),
+                                pattern=SPLIT_PATTERN)
+    return Tokenizer(dict(trainer.get_mergeable_ranks()), SPLIT_PATTERN)
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer
+
+class Tokenizer:
+    """BPE ranks + split pattern + special tokens, encoding and decoding through tiktoken."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN,
+                 special_tokens: list[str] = SPECIAL_TOKENS):
+        # ids must be exactly 0..n-1 so that the specials land right after them
+        by_rank = sorted(mergeable_ranks.items(), key=lambda kv: kv[1])
+        if [rank for _, rank in by_rank] != list(range(len(by_rank))):
+            raise ValueError("mergeable ranks must be the integers 0..n-1 with no gaps")
+        self.tokens: list[bytes] = [token for token, _ in by_rank]  # id -> raw bytes
+        self.pattern = pattern
+        self.special_ids = {name: len(self.tokens) + i for i, name in enumerate(special_tokens)}
+        self.enc = tiktoken.Encoding("picochat", pat_str=pattern, mergeable_ranks=dict(mergeable_ranks),
+                                     special_tokens=self.special_ids)
+
+    # --- vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens) + len(self.special_ids)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["<|bos|>"]
+
+    def encode_special(self, name: str) -> int:
+        if name not in self.special_ids:
+            raise ValueError(f"unknown special token {name!r}; known: {', '.join(self.special_ids)}")
+        return self.special_ids[name]
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a special token gives its name's bytes)."""
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def token_bytes(self) -> torch.Tensor:
+        """int32 [vocab_size]: bytes per token, from the raw token bytes, 0 for special tokens.
+
+        Counted from the bytes themselves, not by decoding to str and re-encoding: a token that is
+        part of a UTF-8 character would decode to U+FFFD (3 bytes) and skew bits per byte
+        (nanochat's seed bug, fixed at HEAD in 2ce972a)."""
+        lengths = [len(token) for token in self.tokens] + [0] * len(self.special_ids)
+        return torch.tensor(lengths, dtype=torch.int32)
+
+    # --- encoding and decoding
+
+    def _as_id(self, token: int | str) -> int:
+        return self.encode_special(token) if isinstance(token, str) else int(token)
+
+    def encode(self, text_or_list: str | list[str], prepend: int | str | None = None,
+               append: int | str | None = None, num_threads: int | None = None,
+               allowed_special: bool = False) -> list[int] | list[list[int]]:
+        """str -> ids; list[str] -> list of ids (encoded in parallel threads).
+
+        Special-token text such as "<|bos|>" inside `text` is ordinary text (so user content can't
+        forge a turn boundary) unless allowed_special=True. `prepend`/`append` add one token, given as
+        an id or a special token's name, to each sequence."""
+        head = [] if prepend is None else [self._as_id(prepend)]
+        tail = [] if append is None else [self._as_id(append)]
+        if isinstance(text_or_list, str):
+            ids = (self.enc.encode(text_or_list, allowed_special="all") if allowed_special
+                   else self.enc.encode_ordinary(text_or_list))
+            return head + ids + tail
+        if not isinstance(text_or_list, list):
+            raise TypeError(f"encode takes a str or a list of str, got {type(text_or_list).__name__}")
+        num_threads = num_threads or default_num_threads()
+        if allowed_special:
+            batch = self.enc.encode_batch(text_or_list, num_threads=num_threads, allowed_special="all")
+        else:
+            batch = self.enc.encode_ordinary_batch(text_or_list, num_threads=num_threads)
+        return [head + ids + tail for ids in batch]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; a byte sequence that is not valid UTF-8 comes out as U+FFFD."""
+        return self.enc.decode(list(ids))
+
+    # --- saving and loading
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and token_bytes.pt, each atomically."""
+        directory = Path(directory)
+        state = {
+            "format": FILE_FORMAT,
+            "pattern": self.pattern,
+            "special_tokens": list(self.special_ids),  # ids follow the ranks, in this order
+            "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token in self.tokens],
+        }
+        with atomic_path(directory / TOKENIZER_FILE) as tmp:
+            tmp.write_text(json.dumps(state, indent=0))
+        with atomic_path(directory / TOKEN_BYTES_FILE) as tmp:
+            torch.save(self.token_bytes(), tmp)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            raise missing_tokenizer_error(Path(directory))
+        try:
+            state = json.loads(path.read_text())
+            if state.get("format") != FILE_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {FILE_FORMAT!r}")
+            ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["mergeable_ranks"])}
+            return cls(ranks, state["pattern"], state["special_tokens"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PicochatError(f"tokenizer file {path} is unreadable ({e}); "
+                                f"run `picochat tok_train` again") from None
+
+
+def load_token_bytes(directory: str | Path | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The saved token_bytes tensor (int32 [vocab_size]) on `device`."""
+    directory = Path(directory) if directory is not None else tokenizer_dir()
+    path = directory / TOKEN_BYTES_FILE
+    if not path.is_file():
+        raise missing_tokenizer_error(directory)
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def get_tokenizer() -> Tokenizer:
+    """The tokenizer trained by `picochat tok_train`, from $PICOCHAT_HOME/tokenizer."""
+    return Tokenizer.load(tokenizer_dir())
