@@ -316,6 +316,7 @@ def train(args, info, device, dtype):
 
     def write_metrics(record: dict) -> None:
         if info.is_master:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
