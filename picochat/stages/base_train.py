@@ -69,6 +69,8 @@ def build_parser() -> Parser:
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
+    g.add_argument("--resume-if-possible", action="store_true",
+                   help="resume when this tag has a checkpoint, else start fresh (for re-runnable scripts)")
     g.add_argument("--model-tag", default="", help="checkpoint directory name (default: d<depth>)")
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=int, default=42, help="seed of the weight init")
@@ -250,6 +252,8 @@ def train(args, info, device, dtype):
     # --- resume --------------------------------------------------------------------------
     step, loop = 0, {"smooth_loss": 0.0, "total_time": 0.0, "min_val_bpb": float("inf"), "last_metrics": {}}
     loader_states = [None] * grad_accum
+    if args.resume_if_possible and latest_step(ckpt_root) is not None:
+        args.resume = True
     if args.resume:
         resume_step = latest_step(ckpt_root)
         if resume_step is None:
@@ -271,6 +275,11 @@ def train(args, info, device, dtype):
             kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
             atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
         print0(f"resumed from step {step} of {num_iterations}")
+        if step == num_iterations and metrics_path.exists():
+            lines = metrics_path.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("step") == step and "val_bpb" in json.loads(lines[-1]):
+                print0("this run is already complete; nothing to do")
+                return 0
     elif info.is_master and metrics_path.exists():
         metrics_path.unlink()
 
