@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from picochat.checkpoint import load_model
 from picochat.cli import Parser

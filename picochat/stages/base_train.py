@@ -12,9 +12,7 @@ continues exactly: same data, same optimizer state, same losses as an uninterrup
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import torch
@@ -22,12 +20,13 @@ import torch.distributed as dist
 
 from picochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from picochat.cli import Parser, int_or_auto
-from picochat.common import (PicochatError, atomic_write_text, checkpoint_dir, dist_info, init_distributed,
-                             peak_flops, print0, resolve_device, resolve_dtype, seed_everything,
-                             shutdown_distributed)
+from picochat.common import (PicochatError, checkpoint_dir, dist_info, init_distributed, peak_flops,
+                             print0, resolve_device, resolve_dtype, seed_everything, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT, config_from_depth, head_loss
+from picochat.training import (append_metrics, batch_layout, estimate_memory_gib, lr_multiplier,
+                               muon_momentum, run_is_complete, set_schedules, truncate_metrics)
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -82,84 +81,6 @@ def build_parser() -> Parser:
 
 
 # -----------------------------------------------------------------------------
-# Schedules (spec §2.1)
-
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step: int) -> float:
-    """0.85 → 0.95 linearly over the first 300 steps (spec §2.1)."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-# -----------------------------------------------------------------------------
-# Batch size and memory
-
-def estimate_memory_gib(model: GPT, batch: int, seq_len: int, dtype: torch.dtype, world: int) -> float:
-    """Rough training memory per process: fp32 weights and grads, optimizer state (sharded over
-    ranks), and activations (~26·d values per token per layer saved for backward, measured against
-    torch's own accounting on d4-d12)."""
-    c = model.config
-    n = model.num_params()
-    elt = torch.tensor([], dtype=dtype).element_size()
-    weights = 4 * n * 2
-    emb = c.vocab_size * c.n_embd
-    optim = (8 * 2 * emb + 4 * (n - 2 * emb)) / world
-    acts = batch * seq_len * (c.n_layer * 26 * c.n_embd * elt + 8 * c.n_embd)
-    logits_chunk = 2048 * c.vocab_size * 4 * 4
-    return (weights + optim + acts + logits_chunk) / 2**30
-
-
-def available_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 2**30
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
-        return info["MemAvailable"] / 2**20
-    except (OSError, KeyError):
-        return 8.0
-
-
-def try_step(model: GPT, batch: int, seq_len: int, device) -> bool:
-    """One forward+backward at this batch size; False on out-of-memory."""
-    try:
-        x = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
-        head_loss(model.trunk(x), model.lm_head.weight, x).backward()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def auto_device_batch_size(model: GPT, seq_len: int, rows_per_step: int, device, dtype, world) -> int:
-    """Largest power of two that divides the rows each process needs per step and fits in memory
-    (estimated on CPUs, capped at 32 where bigger stops paying; probed with real steps on GPUs)."""
-    candidates = [b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if rows_per_step % b == 0]
-    budget = available_memory_gib(device) * (0.9 if device.type == "cuda" else 0.6)
-    fitting = [b for b in candidates if estimate_memory_gib(model, b, seq_len, dtype, world) <= budget] or [1]
-    if device.type != "cuda":
-        return next((b for b in fitting if b <= 32), fitting[-1])
-    for b in fitting:
-        if try_step(model, b, seq_len, device):
-            return b
-    raise PicochatError("even a device batch of 1 row does not fit in GPU memory; lower --max-seq-len or --depth")
-
-
-# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -192,24 +113,7 @@ def train(args, info, device, dtype):
 
     # --- batch arithmetic ----------------------------------------------------------------
     B_total = args.total_batch_size
-    if B_total % T:
-        raise PicochatError(f"--total-batch-size {B_total} is not a multiple of --max-seq-len {T}; "
-                            f"use a multiple such as {max(1, B_total // T) * T}")
-    rows_per_step = B_total // T
-    if rows_per_step % W:
-        raise PicochatError(f"--total-batch-size {B_total} gives {rows_per_step} rows of {T} tokens, "
-                            f"which do not split over {W} processes; use a multiple of {T * W}")
-    if args.device_batch_size == "auto":
-        device_batch = auto_device_batch_size(model, T, rows_per_step // W, device, dtype, W)
-    else:
-        device_batch = args.device_batch_size
-    if (rows_per_step // W) % device_batch:
-        tokens = device_batch * T * W
-        raise PicochatError(
-            f"--total-batch-size {B_total} is not divisible by device batch {device_batch} × seq len "
-            f"{T} × {W} process(es) = {tokens} tokens; use a multiple of {tokens} "
-            f"(e.g. {max(1, B_total // tokens) * tokens}) or a smaller --device-batch-size")
-    grad_accum = rows_per_step // W // device_batch
+    device_batch, grad_accum = batch_layout(B_total, T, W, args.device_batch_size, model, device, dtype)
     num_streams = grad_accum * W
 
     # --- horizon -------------------------------------------------------------------------
@@ -271,15 +175,12 @@ def train(args, info, device, dtype):
         torch.set_rng_state(rank_state["rng"])
         step, loop = resume_step, meta["loop"]
         num_iterations = meta["num_iterations"]
-        if info.is_master and metrics_path.exists():  # drop lines written after the checkpoint
-            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-            atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
+        if info.is_master:  # drop lines written after the checkpoint
+            truncate_metrics(metrics_path, step)
         print0(f"resumed from step {step} of {num_iterations}")
-        if step == num_iterations and metrics_path.exists():
-            lines = metrics_path.read_text().splitlines()
-            if lines and json.loads(lines[-1]).get("step") == step and "val_bpb" in json.loads(lines[-1]):
-                print0("this run is already complete; nothing to do")
-                return 0
+        if step == num_iterations and run_is_complete(metrics_path, step):
+            print0("this run is already complete; nothing to do")
+            return 0
     elif info.is_master and metrics_path.exists():
         metrics_path.unlink()
 
@@ -325,9 +226,7 @@ def train(args, info, device, dtype):
 
     def write_metrics(record: dict) -> None:
         if info.is_master:
-            metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
 
     # --- the loop --------------------------------------------------------------------------
     if step == 0 and args.eval_every > 0:
@@ -339,10 +238,7 @@ def train(args, info, device, dtype):
     while step < num_iterations:
         t0 = time.perf_counter()
         lr_mult = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
+        set_schedules(optimizer, lr_mult, muon_momentum(step))
         loss_sum = torch.zeros((), device=device)
         for loader in train_loaders:
             x, y = loader.next_batch()
