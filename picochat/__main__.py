@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, tune_cpu_allocator
 
 STAGES = {
     "data": "download, build or import pretraining shards (data download | data demo | data import)",
@@ -15,6 +15,9 @@ STAGES = {
     "tok_eval": "bytes per token of the tokenizer on held-out text",
     "base_train": "pretrain the base model",
     "base_eval": "evaluate a base checkpoint: val bits per byte and samples",
+    "mid_train": "midtrain a base model on conversations, tool use and spelling",
+    "sft": "supervised fine-tuning on assistant tokens only",
+    "chat": "talk to a chat model in the terminal (interactive or -p)",
 }
 
 
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         sys.stderr.write(f"picochat: error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}\n")
         return 2
+    tune_cpu_allocator()  # before the stage allocates anything
     module = importlib.import_module(f"picochat.stages.{stage}")
     try:
         return module.main(rest) or 0

@@ -1,0 +1,227 @@
+"""
+The training loop midtraining and SFT share: start from an earlier stage's checkpoint, train on a
+mixture of conversations packed by ChatPacker, evaluate, checkpoint, resume exactly.
+
+The stages differ only in their defaults and mixtures (stages/mid_train.py, stages/sft.py):
+midtraining learns the conversation format on every token; SFT learns only the assistant's tokens.
+Each step's loss is the mean over every supervised token of the step, across micro-batches and
+ranks, so a micro-batch with no supervised token adds nothing instead of dividing by zero.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from picochat.checkpoint import latest_step, load_checkpoint, load_model, save_checkpoint
+from picochat.cli import Parser, int_or_auto
+from picochat.common import (PicochatError, checkpoint_dir, dist_info, init_distributed, print0,
+                             resolve_device, resolve_dtype, shutdown_distributed)
+from picochat.data.chat_loader import ChatPacker
+from picochat.evals.bpb import evaluate_bpb
+from picochat.model import head_loss
+from picochat.training import (append_metrics, batch_layout, muon_momentum, run_is_complete,
+                               set_schedules, truncate_metrics)
+
+
+def build_parser(stage: str, description: str, defaults: dict) -> Parser:
+    p = Parser(stage, description)
+    p.add_argument("--mixture", default="full", choices=["full", "demo"],
+                   help="'full': the Hub datasets (nanochat's mixture); 'demo': offline data only")
+    p.add_argument("--source", default=defaults["source"], help="stage to start from (base, mid or sft)")
+    p.add_argument("--source-tag", default="", help="tag of the starting checkpoint (default: the only one)")
+    p.add_argument("--source-step", type=int, default=-1, help="step of the starting checkpoint (-1: latest)")
+    p.add_argument("--model-tag", default="", help="tag to save under (default: the source's tag)")
+    p.add_argument("--max-seq-len", type=int, default=-1, help="tokens per row (-1: the source model's)")
+    p.add_argument("--device-batch-size", type=int_or_auto, default=defaults["device_batch_size"],
+                   help="rows per micro-batch per process, or 'auto'")
+    p.add_argument("--total-batch-size", type=int, default=defaults["total_batch_size"],
+                   help="tokens per optimizer step, all processes")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs of the mixture)")
+    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture when --num-iterations is -1")
+    p.add_argument("--init-lr-frac", type=float, default=defaults["init_lr_frac"],
+                   help="every learning rate, as a fraction of pretraining's")
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (at width 768)")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the head (at width 768)")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"],
+                   help="final fraction of training over which the LR falls linearly to 0")
+    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="val bits/byte every N steps (-1: end only)")
+    p.add_argument("--eval-tokens", type=int, default=defaults["eval_tokens"], help="tokens per val evaluation")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
+    p.add_argument("--resume-if-possible", action="store_true", help="resume when a checkpoint exists, else start")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return p
+
+
+def lr_multiplier(progress: float, warmdown_ratio: float) -> float:
+    """1.0, then linear to 0 over the last `warmdown_ratio` of training (progress in [0, 1])."""
+    if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
+        return 1.0
+    return max(0.0, (1 - progress) / warmdown_ratio)
+
+
+def run(stage: str, argv, description: str, defaults: dict, mixtures, mask_mode: str) -> int:
+    """mixtures(kind) -> (train_task, val_task); mask_mode 'all' (mid) or 'assistant' (SFT)."""
+    args = build_parser(stage, description, defaults).parse_args(argv)
+    device = resolve_device(args.device, dist_info())
+    info = init_distributed(device.type)
+    try:
+        return train(stage, args, info, device, mixtures, mask_mode)
+    finally:
+        shutdown_distributed()
+
+
+def train(stage, args, info, device, mixtures, mask_mode):
+    from picochat.tokenizer import get_tokenizer
+    W = info.world_size
+    tokenizer = get_tokenizer()
+    token_bytes = tokenizer.token_bytes().to(device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, source_meta = load_model(args.source, args.source_tag or None, device,
+                                    step=None if args.source_step < 0 else args.source_step, compute_dtype=dtype)
+    model.train()
+    config = model.config
+    T = config.sequence_len if args.max_seq_len < 0 else args.max_seq_len
+    if T > config.sequence_len * 10:
+        raise PicochatError(f"--max-seq-len {T} is beyond the model's rotary table ({config.sequence_len * 10})")
+    device_batch, grad_accum = batch_layout(args.total_batch_size, T, W, args.device_batch_size, model, device, dtype)
+    num_streams = grad_accum * W
+    train_task, val_task = mixtures(args.mixture)
+    source_tag = source_meta["user_config"].get("model_tag") or f"d{config.n_layer}"
+    model_tag = args.model_tag or source_tag
+    ckpt_root = checkpoint_dir(stage, model_tag)
+    metrics_path = ckpt_root / "metrics.jsonl"
+
+    total_conversations = math.ceil(len(train_task) * args.num_epochs)
+    optimizer = model.setup_optimizer(args.embedding_lr * args.init_lr_frac, args.unembedding_lr * args.init_lr_frac,
+                                      args.matrix_lr * args.init_lr_frac, args.weight_decay)
+    horizon = (f"{args.num_iterations} steps" if args.num_iterations > 0
+               else f"{args.num_epochs:g} epoch(s) = {total_conversations:,} conversations")
+    for key, value in [
+        ("source", f"{args.source} checkpoint {source_tag} step {source_meta['step']}"),
+        ("model", f"depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} parameters, {dtype}"),
+        ("mixture", f"{args.mixture}: {len(train_task):,} train / {len(val_task):,} val conversations"),
+        ("total batch", f"{args.total_batch_size:,} tokens = {device_batch} rows × {T} × {W} proc × {grad_accum} accum"),
+        ("horizon", horizon), ("loss on", "assistant tokens only" if mask_mode == "assistant" else "every token"),
+        ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
+        ("checkpoints", str(ckpt_root)),
+    ]:
+        print0(f"{key:<16} {value}")
+
+    step, loop, states = 0, {"smooth_loss": 0.0, "total_time": 0.0, "last_metrics": {}}, [None] * grad_accum
+    resumed_after_final_save = False
+    if args.resume_if_possible and latest_step(ckpt_root) is not None:
+        args.resume = True
+    if args.resume:
+        resume_step = latest_step(ckpt_root)
+        if resume_step is None:
+            raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
+        model_state, meta, rank_state = load_checkpoint(ckpt_root, resume_step, device, rank=info.rank)
+        if (meta["world_size"], meta["device_batch_size"], meta["total_batch_size"]) != (W, device_batch, args.total_batch_size):
+            raise PicochatError("--resume: the checkpoint used another number of processes or batch size; resume with the same")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(rank_state["optimizer"])
+        states, step, loop = rank_state["loaders"], resume_step, meta["loop"]
+        if info.is_master:
+            truncate_metrics(metrics_path, step)
+        print0(f"resumed from step {step}")
+        if loop.get("done") and run_is_complete(metrics_path, step):
+            print0("this run is already complete; nothing to do")
+            return 0
+        resumed_after_final_save = bool(loop.get("done"))  # killed during the final evaluation
+    elif info.is_master and metrics_path.exists():
+        metrics_path.unlink()
+
+    packers = [ChatPacker(train_task, tokenizer, device_batch, T, stream=info.rank + k * W, num_streams=num_streams,
+                          mask_mode=mask_mode, device=device, state=states[k]) for k in range(grad_accum)]
+
+    def consumed() -> int:
+        n = torch.tensor(sum(p.consumed for p in packers), dtype=torch.long, device=device)
+        if W > 1:
+            dist.all_reduce(n)
+        return int(n.item())
+
+    def progress() -> float:
+        if args.num_iterations > 0:
+            return step / args.num_iterations
+        return min(1.0, consumed() / total_conversations)
+
+    def val_bpb() -> float:
+        steps = max(1, args.eval_tokens // (device_batch * T * num_streams))
+        val = [ChatPacker(val_task, tokenizer, device_batch, T, stream=info.rank + k * W, num_streams=num_streams,
+                          mask_mode=mask_mode, device=device) for k in range(grad_accum)] if len(val_task) >= num_streams else []
+        if not val:
+            return float("nan")
+        model.eval()
+        result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"),
+                              (p.next_batch() for _ in range(steps) for p in val), token_bytes)
+        model.train()
+        return result
+
+    def checkpoint(at_step: int) -> None:
+        meta = {"step": at_step, "stage": stage, "model_config": config.to_dict(), "user_config": vars(args) | {"model_tag": model_tag},
+                "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W, "device_batch_size": device_batch,
+                "total_batch_size": args.total_batch_size, "max_seq_len": T, "loop": loop,
+                "source": {"stage": args.source, "tag": source_tag, "step": source_meta["step"]}}
+        rank_state = {"optimizer": optimizer.state_dict(), "loaders": [p.state_dict() for p in packers]}
+        save_checkpoint(ckpt_root, at_step, model.state_dict(), meta, rank_state, keep_last=args.keep_last or None)
+        print0(f"saved checkpoint step {at_step} → {ckpt_root}")
+
+    last = loop.get("done", False)
+    while not last:
+        t0 = time.perf_counter()
+        lr_mult = lr_multiplier(progress(), args.warmdown_ratio)
+        set_schedules(optimizer, lr_mult, muon_momentum(step))
+        batches = [p.next_batch() for p in packers]
+        # the step's loss is the mean over all its supervised tokens, on every rank together
+        n_valid = torch.tensor(sum(int((y >= 0).sum()) for _, y in batches), dtype=torch.float32, device=device)
+        if W > 1:
+            dist.all_reduce(n_valid)
+        denom = n_valid.clamp(min=1)
+        loss_sum = torch.zeros((), device=device)
+        for x, y in batches:
+            loss = head_loss(model.trunk(x), model.lm_head.weight, y, reduction="sum")
+            (loss / denom).backward()
+            loss_sum += loss.detach()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if W > 1:
+            dist.all_reduce(loss_sum)
+        train_loss = (loss_sum / denom).item()
+        if not math.isfinite(train_loss):
+            raise PicochatError(f"loss became {train_loss} at step {step + 1}; lower --init-lr-frac")
+        step += 1
+        dt = time.perf_counter() - t0
+        loop["total_time"] += dt
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+        p = progress()
+        last = step >= args.num_iterations if args.num_iterations > 0 else p >= 1.0
+        record = {"step": step, "loss": train_loss, "lr_mult": lr_mult, "progress": p, "dt": dt,
+                  "tok_per_sec": args.total_batch_size / dt, "supervised_tokens": int(n_valid.item()),
+                  "time": loop["total_time"]}
+        print0(f"{stage} step {step} | loss {train_loss:.4f} | lr× {lr_mult:.2f} | progress {100 * p:.1f}% | "
+               f"{dt * 1000:.0f} ms | {record['tok_per_sec']:,.0f} tok/s")
+        if last:
+            loop["done"], loop["last_metrics"] = True, dict(record)
+            checkpoint(step)  # saved before the final evaluation
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            record["val_bpb"] = val_bpb()
+            print0(f"{stage} step {step} | val bpb {record['val_bpb']:.4f}")
+        if info.is_master:
+            append_metrics(metrics_path, record)
+        if not last and args.save_every > 0 and step % args.save_every == 0:
+            checkpoint(step)
+    if resumed_after_final_save:
+        record = dict(loop["last_metrics"], val_bpb=val_bpb())
+        print0(f"{stage} step {step} | val bpb {record['val_bpb']:.4f}")
+        if info.is_master:
+            append_metrics(metrics_path, record)
+    print0(f"done: {step} steps in {loop['total_time'] / 60:.2f} min")
+    return 0
