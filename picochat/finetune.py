@@ -28,8 +28,9 @@ from picochat.training import (append_metrics, batch_layout, muon_momentum, run_
 
 def build_parser(stage: str, description: str, defaults: dict) -> Parser:
     p = Parser(stage, description)
-    p.add_argument("--mixture", default="full", choices=["full", "demo"],
-                   help="'full': the Hub datasets (nanochat's mixture); 'demo': offline data only")
+    p.add_argument("--mixture", default="full",
+                   help="'full': the Hub datasets (nanochat's mixture); 'demo': offline data only; "
+                        "or a .jsonl file of your own conversations")
     p.add_argument("--source", default=defaults["source"], help="stage to start from (base, mid or sft)")
     p.add_argument("--source-tag", default="", help="tag of the starting checkpoint (default: the only one)")
     p.add_argument("--source-step", type=int, default=-1, help="step of the starting checkpoint (-1: latest)")
@@ -93,7 +94,13 @@ def train(stage, args, info, device, mixtures, mask_mode):
         raise PicochatError(f"--max-seq-len {T} is beyond the model's rotary table ({config.sequence_len * 10})")
     device_batch, grad_accum = batch_layout(args.total_batch_size, T, W, args.device_batch_size, model, device, dtype)
     num_streams = grad_accum * W
-    train_task, val_task = mixtures(args.mixture)
+    if args.mixture.endswith(".jsonl"):
+        from picochat.tasks.customjson import file_mixture
+        train_task, val_task = file_mixture(args.mixture)
+    elif args.mixture in ("full", "demo"):
+        train_task, val_task = mixtures(args.mixture)
+    else:
+        raise PicochatError(f"--mixture must be full, demo or a .jsonl file, got {args.mixture!r}")
     source_tag = source_meta["user_config"].get("model_tag") or f"d{config.n_layer}"
     model_tag = args.model_tag or source_tag
     ckpt_root = checkpoint_dir(stage, model_tag)
