@@ -10,7 +10,9 @@ The GPT (nanochat's seed architecture, spec §1.1), in one file:
 
 Dtypes are explicit: master weights are fp32 and every Linear casts its weight to the activation
 dtype (`compute_dtype`, bf16 on modern GPUs and fast-bf16 CPUs), so there is no autocast anywhere.
-A `KVCache` turns the same forward into incremental decoding.
+A `KVCache` turns the same forward into incremental decoding. The elementwise ops (RMSNorm,
+RoPE + QK-norm, ReLU²) run as fused autograd Functions, each with its plain reference beside it
+(tests/test_fast_paths.py pins them together; benchmarks/train_throughput.py times both).
 
     model = GPT(config_from_depth(4, vocab_size=4096, sequence_len=512)); model.init_weights()
     loss = model(idx, targets)
@@ -56,7 +58,7 @@ def config_from_depth(depth: int, vocab_size: int = 65536, sequence_len: int = 2
 # -----------------------------------------------------------------------------
 # Building blocks
 
-def norm(x: torch.Tensor) -> torch.Tensor:
+def reference_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without a learnable gain: the model keeps no norm parameters at all."""
     return F.rms_norm(x, (x.size(-1),))
 
@@ -76,6 +78,111 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def reference_rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """QK-norm after RoPE, the obvious way."""
+    return reference_norm(apply_rotary(x, cos, sin))
+
+
+def reference_relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+# --- Fast paths -------------------------------------------------------------------------------
+# The elementwise ops around the matmuls cost as much as the matmuls on a CPU, mostly in extra
+# passes over memory (F.rms_norm upcasts bf16 to fp32 and back; autograd saves and replays each
+# small op). These autograd Functions do the same math in fewer passes, in the activation dtype with
+# fp32 accumulation of the reductions. Each agrees with its reference above within bf16 rounding
+# (tests/test_fast_paths.py); benchmarks/train_throughput.py times both.
+
+RMS_EPS = torch.finfo(torch.float32).eps  # what F.rms_norm uses for fp32 and (upcast) bf16 inputs
+
+
+def _rms_scale(x: torch.Tensor) -> torch.Tensor:
+    """1/rms over the last dim, (..., 1) in fp32; the sum of squares is accumulated in fp32."""
+    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return ss.square_().div_(x.size(-1)).add_(RMS_EPS).rsqrt_()
+
+
+def _rms_norm_backward(grad: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """d/dx of y = x·rstd(x), from the output y: rstd · (g − y · mean(g·y))."""
+    coef = torch.linalg.vecdot(grad, y).float().unsqueeze(-1).div_(-y.size(-1)).to(y.dtype)
+    return torch.addcmul(grad, y, coef).mul_(rstd.to(y.dtype))
+
+
+class RMSNorm(torch.autograd.Function):
+    """norm(x) in two passes forward (sum of squares, scale) and three backward; saves only the
+    output, which the next Linear saves anyway."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rstd = _rms_scale(x)
+        y = x * rstd.to(x.dtype)
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd = ctx.saved_tensors
+        return _rms_norm_backward(grad, y, rstd)
+
+
+class RotaryNorm(torch.autograd.Function):
+    """norm(apply_rotary(x, cos, sin)): the rotation written into one buffer, normalized in place.
+    Backward: through the norm, then the inverse rotation (rotation by −angle)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        d = x.size(-1) // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        y = torch.empty_like(x)
+        y1, y2 = y[..., :d], y[..., d:]
+        torch.mul(x1, cos, out=y1).addcmul_(x2, sin)
+        torch.mul(x2, cos, out=y2).addcmul_(x1, sin, value=-1)
+        rstd = _rms_scale(y)
+        y.mul_(rstd.to(y.dtype))
+        ctx.save_for_backward(y, rstd, cos, sin)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd, cos, sin = ctx.saved_tensors
+        g = _rms_norm_backward(grad, y, rstd)
+        d = g.size(-1) // 2
+        g1, g2 = g[..., :d], g[..., d:]
+        gx = torch.empty_like(g)
+        torch.mul(g1, cos, out=gx[..., :d]).addcmul_(g2, sin, value=-1)
+        torch.mul(g2, cos, out=gx[..., d:]).addcmul_(g1, sin)
+        return gx, None, None
+
+
+class ReLUSquared(torch.autograd.Function):
+    """relu(x)² saving only relu(x); backward is 2·relu(x)·g."""
+
+    @staticmethod
+    def forward(ctx, x):
+        h = F.relu(x)
+        ctx.save_for_backward(h)
+        return h * h
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return torch.mul(grad, h).mul_(2)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dim, no learnable gain (the fast path of reference_norm)."""
+    return RMSNorm.apply(x)
+
+
+def rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return RotaryNorm.apply(x, cos, sin)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return ReLUSquared.apply(x)
 
 
 class KVCache:
@@ -120,8 +227,7 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE first, then QK-norm
-        q, k = norm(q), norm(k)
+        q, k = rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)  # RoPE first, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
@@ -148,7 +254,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -319,17 +425,22 @@ class FusedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        all_valid = bool(valid.all())
         for i in range(0, x.size(0), chunk_rows):
             xc, tc, vc = x[i:i + chunk_rows], targets[i:i + chunk_rows], valid[i:i + chunk_rows]
-            tanh = torch.tanh(F.linear(xc, w).float() / SOFTCAP)
-            logits = SOFTCAP * tanh
-            lse = torch.logsumexp(logits, dim=-1)
+            # In-place steps on chunk-sized buffers: few passes, and small enough to stay in cache.
+            tanh = F.linear(xc, w).float().div_(SOFTCAP).tanh_()
+            logits = tanh * SOFTCAP
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             tgt = tc.clamp(min=0).unsqueeze(1)
-            total += ((lse - logits.gather(1, tgt).squeeze(1)) * vc).sum()
+            row_loss = lse.squeeze(1) - logits.gather(1, tgt).squeeze(1)
+            total += row_loss.sum() if all_valid else (row_loss * vc).sum()
             # d(loss)/d(logits) = softmax − one-hot, then through the softcap: × (1 − tanh²)
-            g = torch.exp(logits - lse.unsqueeze(1))
+            g = logits.sub_(lse).exp_()
             g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
-            g *= (1 - tanh * tanh) * vc.unsqueeze(1)
+            g.addcmul_(g, tanh.square_(), value=-1)
+            if not all_valid:
+                g.mul_(vc.unsqueeze(1))
             g = g.to(x.dtype)
             grad_x[i:i + chunk_rows] = g @ w
             grad_w += (g.t() @ xc).float()
@@ -347,8 +458,9 @@ class FusedHeadLoss(torch.autograd.Function):
 
 
 def head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-              reduction: str = "mean", chunk_rows: int = 2048) -> torch.Tensor:
-    """Cross-entropy of the softcapped head; the fused chunked path when training."""
+              reduction: str = "mean", chunk_rows: int = 512) -> torch.Tensor:
+    """Cross-entropy of the softcapped head; the fused chunked path when training. 512-row chunks
+    were fastest on the dev CPU (benchmarks/train_throughput.py; docs/LOG.md)."""
     if reduction == "none" or not torch.is_grad_enabled():
         return reference_head_loss(x, head_weight, targets, reduction)
     x = x.reshape(-1, x.size(-1))
