@@ -4,7 +4,7 @@ The BPE tokenizer: trained with rustbpe, run with tiktoken.
 Training (rustbpe, Rust) learns byte-level BPE merges over text split by SPLIT_PATTERN; the learned
 ranks are then handed to a tiktoken Encoding, which is what encodes and decodes at run time (fast,
 multithreaded batches). Nine special tokens follow the BPE ranks, so `<|bos|>` = vocab_size - 9
-(nanochat-spec §5).
+(nanochat-spec §5); they delimit chat turns and tool calls in `render_conversation`.
 
 Saved as two files in the tokenizer directory ($PICOCHAT_HOME/tokenizer by default):
   tokenizer.json   pattern, special token names, and every BPE token as base64 in rank order
@@ -17,12 +17,16 @@ Usage:
     tok = get_tokenizer()                       # after `picochat tok_train`
     ids = tok.encode("hello world", prepend="<|bos|>")
     tok.decode(ids)
+    ids, mask = tok.render_conversation({"messages": [...]})   # chat format, spec §5; mask 1 = trained on
 """
 from __future__ import annotations
 
 import base64
+import copy
+import itertools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -47,6 +51,10 @@ SPECIAL_TOKENS = [
 
 DEFAULT_VOCAB_SIZE = 65_536  # 2^16, nanochat's seed (HEAD uses 32,768)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all bytes, the specials, and at least one merge
+
+MAX_RENDER_TOKENS = 2048  # chat renderings are cut to nanochat's SFT sequence length (spec §5)
+ANSI_RESET = "\033[0m"
+ANSI_BY_MASK = {0: "\033[2;37m", 1: "\033[1;32m"}  # dim grey: given to the model; green: trained on
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
@@ -192,6 +200,98 @@ class Tokenizer:
             raise PicochatError(f"tokenizer file {path} is unreadable ({e}); "
                                 f"run `picochat tok_train` again") from None
 
+    # --- chat rendering (spec §5)
+    # mask 1 marks the tokens the model is trained to produce (the assistant's words and its tool
+    # calls); mask 0 marks what it is given (the prompt, the user, the tool's output).
+
+    def render_conversation(self, conversation: dict, max_tokens: int = MAX_RENDER_TOKENS
+                            ) -> tuple[list[int], list[int]]:
+        """(ids, mask) for one conversation {"messages": [...]}, both truncated to max_tokens.
+
+        <|bos|> <|user_start|> text <|user_end|> <|assistant_start|> content <|assistant_end|> ...
+        The assistant's content and its <|assistant_end|> are mask 1, everything else 0. Content is
+        a string or a list of parts: text (1); python: <|python_start|> expr <|python_end|> (1);
+        python_output: <|output_start|> result <|output_end|> (0)."""
+        messages = merge_system_message(list(conversation["messages"]))
+        skipped = len(conversation["messages"]) - len(messages)  # 1 if a system message was merged
+        if not messages:
+            raise ValueError("the conversation has no messages")
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens: int | list[int], m: int):
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        special = self.encode_special
+        add(self.bos_id, 0)
+        for n, message in enumerate(messages):
+            i = n + skipped  # the index in the caller's list, for error messages
+            expected = "user" if n % 2 == 0 else "assistant"
+            role, content = message.get("role"), message.get("content")
+            if role != expected:
+                raise ValueError(f"message {i} has role {role!r} where {expected!r} was expected: roles "
+                                 f"must alternate user, assistant, user, ... (a system message only first)")
+            if role == "user":
+                if not isinstance(content, str):
+                    raise ValueError(f"message {i}: user content must be a string, "
+                                     f"got {type(content).__name__}")
+                add(special("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(special("<|user_end|>"), 0)
+                continue
+            add(special("<|assistant_start|>"), 0)
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise ValueError(f"message {i}: assistant content must be a string or a list of parts, "
+                                 f"got {type(content).__name__}")
+            for part in parts:
+                kind, text = part.get("type"), part.get("text", "")
+                if kind == "text":
+                    add(self.encode(text), 1)
+                elif kind == "python":  # the tool call is the model's own output: supervised
+                    add(special("<|python_start|>"), 1)
+                    add(self.encode(text), 1)
+                    add(special("<|python_end|>"), 1)
+                elif kind == "python_output":  # the tool writes these at inference: not trained on
+                    add(special("<|output_start|>"), 0)
+                    add(self.encode(text), 0)
+                    add(special("<|output_end|>"), 0)
+                else:
+                    raise ValueError(f"message {i}: unknown content part type {kind!r}; "
+                                     f"expected text, python or python_output")
+            add(special("<|assistant_end|>"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: dict) -> list[int]:
+        """The prompt for sampling the assistant's reply: the conversation without its final
+        assistant message (if it ends with one), rendered in full, then <|assistant_start|>.
+        The caller's conversation is not modified."""
+        conversation = copy.deepcopy(conversation)
+        messages = conversation["messages"]
+        if messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        ids, _ = self.render_conversation(conversation, max_tokens=sys.maxsize)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+    def visualize_tokenization(self, ids: list[int], mask: list[int], color: bool = True) -> str:
+        """Every token, separated by '|', marked by its mask: for eyeballing a rendering.
+
+        color=True: mask 1 green, mask 0 dim grey (ANSI). color=False: each run of mask-1 tokens is
+        wrapped in [[ ]] instead. Newlines and tabs are shown escaped so every token stays visible."""
+        if len(ids) != len(mask):
+            raise ValueError(f"ids and mask differ in length: {len(ids)} vs {len(mask)}")
+        runs = []
+        for m, run in itertools.groupby(zip(ids, mask), key=lambda pair: int(pair[1])):
+            texts = [self.id_to_bytes(token).decode("utf-8", errors="replace")
+                     .replace("\n", "\\n").replace("\t", "\\t") for token, _ in run]
+            if color:
+                runs.append("|".join(f"{ANSI_BY_MASK[m]}{t}{ANSI_RESET}" for t in texts))
+            else:
+                runs.append("[[" + "|".join(texts) + "]]" if m else "|".join(texts))
+        return "|".join(runs)
+
 
 def load_token_bytes(directory: str | Path | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """The saved token_bytes tensor (int32 [vocab_size]) on `device`."""
@@ -205,3 +305,19 @@ def load_token_bytes(directory: str | Path | None = None, device: str | torch.de
 def get_tokenizer() -> Tokenizer:
     """The tokenizer trained by `picochat tok_train`, from $PICOCHAT_HOME/tokenizer."""
     return Tokenizer.load(tokenizer_dir())
+
+
+# -----------------------------------------------------------------------------
+# Chat rendering helpers (the methods are Tokenizer.render_conversation and friends, above)
+
+def merge_system_message(messages: list[dict]) -> list[dict]:
+    """A leading system message becomes the head of the first user message, joined by a blank
+    line: the model has no system role of its own, only user and assistant turns."""
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    if len(messages) < 2 or messages[1].get("role") != "user":
+        raise ValueError("a system message must be followed by a user message")
+    system, user = messages[0], messages[1]
+    if not isinstance(system.get("content"), str) or not isinstance(user.get("content"), str):
+        raise ValueError("the system message and the first user message must have string content")
+    return [dict(user, content=system["content"] + "\n\n" + user["content"])] + messages[2:]

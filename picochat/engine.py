@@ -1,0 +1,227 @@
+"""
+The inference engine: batched sampling with a KV cache, and the tool-use state machine (spec §8).
+
+`Engine.generate` is a streaming generator. It runs the prompt through the model once, with batch 1,
+then copies that prefix of the KV cache into a cache with one row per sample, so N samples of one
+prompt cost one prefill. Every step yields a column: one token per row, and a mask saying whether
+the row sampled it (1) or was forced to emit it (0: the tool's output).
+
+Tool use (spec §8.3): when a row emits <|python_start|> ... <|python_end|>, the tokens in between
+are decoded and passed to the tool (picochat.tools.run_tool unless another is given); the answer is
+forced into that row as <|output_start|> result <|output_end|> over the following steps, and the
+model carries on from there. A row ends at <|assistant_end|> or <|bos|>.
+
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Hi"}]})
+    for tokens, masks in engine.generate(prompt, num_samples=4, max_tokens=64, temperature=0.8):
+        ...                                   # tokens[i] is row i's next token
+    results, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=64)
+
+`StreamDecoder` turns a stream of token ids into text without ever printing half a character.
+"""
+from __future__ import annotations
+
+import codecs
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from picochat.model import KVCache
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B,). Temperature 0 is greedy (argmax); otherwise keep
+    the top_k logits and/or the smallest set of tokens whose probability reaches top_p (nucleus),
+    and sample each row independently from the softmax at `temperature`."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        if top_p <= 0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# KV cache plumbing (kept here so picochat/model.py stays just the model)
+
+
+def expand_cache(prefill: KVCache, config, num_rows: int, max_len: int) -> KVCache:
+    """A new cache of `num_rows` rows and `max_len` positions, each row starting with the batch-1
+    prefill's keys and values: the prompt is computed once and shared by every sample."""
+    if prefill.k.size(1) != 1:
+        raise ValueError(f"expand_cache takes a batch-1 cache, got batch {prefill.k.size(1)}")
+    if max_len < prefill.pos:
+        raise ValueError(f"max_len {max_len} is shorter than the cached prefix ({prefill.pos})")
+    cache = KVCache(config, num_rows, max_len, prefill.k.device, prefill.k.dtype)
+    cache.k[:, :, :, :prefill.pos] = prefill.k[:, :, :, :prefill.pos]  # broadcast over the rows
+    cache.v[:, :, :, :prefill.pos] = prefill.v[:, :, :, :prefill.pos]
+    cache.pos = prefill.pos
+    return cache
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class RowState:
+    """Where one sample is in the tool-use state machine."""
+    forced: deque = field(default_factory=deque)  # tokens to emit next instead of sampling
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)  # the expression being collected
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, tool: Callable[[str], str] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._tool = tool  # None: picochat.tools.run_tool, imported on the first tool call
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.bos_id}
+
+    def run_tool(self, expr: str) -> str:
+        if self._tool is None:
+            from picochat.tools import run_tool  # lazily: the engine works without a tool module
+            self._tool = run_tool
+        try:
+            return str(self._tool(expr))
+        except Exception as e:  # a tool is meant to answer with an error string; a buggy one
+            return f"Error: {type(e).__name__}: {e}"  # must still not end the whole generation
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, mask_column) per step for `num_samples` continuations of `tokens`.
+
+        Stops after max_tokens steps (default: until prompt + reply fill the model's sequence_len)
+        or once every row has ended; rows that ended still get tokens in later columns, to ignore."""
+        model = self.model
+        if not tokens:
+            raise ValueError("the prompt is empty; start it with <|bos|>")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        prompt_len, limit = len(tokens), model.rotary_len
+        if prompt_len > limit:
+            raise ValueError(f"the prompt has {prompt_len} tokens; the model's limit is {limit}")
+        if max_tokens is None:  # fill the context the model was trained on (nanochat HEAD)
+            max_tokens = model.config.sequence_len - prompt_len
+        # The last sampled token is never fed back, so the cache needs prompt + max_tokens - 1
+        # positions; the rotary table bounds how far the model can go at all.
+        steps = min(max_tokens, limit - prompt_len + 1)
+        if steps <= 0:
+            return
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        # 1) Prefill the prompt once, batch 1, into a cache of exactly its length.
+        prefill = KVCache(model.config, 1, prompt_len, device, model.compute_dtype)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = model(ids, kv_cache=prefill)[:, -1, :]
+        # 2) Share the prefix with every row. The prefill logits are expanded too, so even the
+        #    first token is sampled per row (nanochat's seed sampled it once for all; fixed 8f979a8).
+        cache = expand_cache(prefill, model.config, num_samples, prompt_len + steps - 1)
+        del prefill
+        logits = logits.expand(num_samples, -1)
+        rows = [RowState() for _ in range(num_samples)]
+
+        # 3) Decode: sample, let forced tokens override, advance the state machines, feed back.
+        for step in range(steps):
+            sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
+            token_column, mask_column = [], []
+            for row, sample in zip(rows, sampled):
+                forced = bool(row.forced)
+                token = row.forced.popleft() if forced else sample
+                token_column.append(token)
+                mask_column.append(0 if forced else 1)
+                if not row.done:
+                    self._advance(row, token)
+            yield token_column, mask_column
+            if all(row.done for row in rows) or step == steps - 1:
+                return
+            ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
+            logits = model(ids, kv_cache=cache)[:, -1, :]
+
+    def _advance(self, row: RowState, token: int) -> None:
+        """The tool-use state machine of one row, after it emitted `token`."""
+        if token in self.stop_tokens:
+            row.done = True
+        elif token == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            result = self.run_tool(self.tokenizer.decode(row.python_tokens))
+            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.in_python:
+            row.python_tokens.append(token)
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs
+                       ) -> tuple[list[list[int]], list[list[int]]]:
+        """All samples at once: (results, masks), each row the prompt plus its generated tokens
+        (without the token that ended it); masks are 0 over the prompt and forced tokens."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(token_column, mask_column)):
+                if done[i]:
+                    continue
+                if token in self.stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks
+
+
+# -----------------------------------------------------------------------------
+# Streaming text
+
+
+class StreamDecoder:
+    """Token ids in, complete text out. A byte-level BPE token can hold part of a UTF-8 character
+    (an emoji is 4 bytes, often split over 2-3 tokens); decoding token by token would print U+FFFD
+    for each piece. An incremental UTF-8 decoder keeps the unfinished bytes until the character is
+    complete, at O(1) cost per token. Bytes that can never form a character still come out as
+    U+FFFD, as in Tokenizer.decode.
+
+        stream = StreamDecoder(tokenizer)
+        for token in tokens: print(stream.feed(token), end="", flush=True)
+        print(stream.flush())
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_ids: int | list[int]) -> str:
+        """The text completed by these tokens ('' while a character is still unfinished)."""
+        token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        return "".join(self._utf8.decode(self.tokenizer.id_to_bytes(t)) for t in token_ids)
+
+    def flush(self) -> str:
+        """Whatever is left at the end of the stream (U+FFFD for an unfinished character)."""
+        return self._utf8.decode(b"", final=True)

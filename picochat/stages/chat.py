@@ -1,0 +1,155 @@
+"""
+`picochat chat`: talk to a model in the terminal (spec §9.2).
+
+The whole conversation is kept as tokens (<|bos|>, then each turn) and the reply streams as it is
+sampled. Tool calls show up as `[python] expr` and their results as `[output] ...`, dimmed, apart
+from the reply's text. A reply cut off at --max-tokens is closed with <|assistant_end|> in the
+history so the next turn starts cleanly.
+
+    picochat chat                                  # the only SFT model, its latest step
+    picochat chat --source base -p "The capital of France is"
+    picochat chat -p "What is 12*7?" -t 0 --plain  # one answer, greedy, no colours, then exit
+
+In the loop: /clear starts over, /help lists the commands, quit or exit (or Ctrl-D) leaves;
+Ctrl-C stops a reply midway.
+"""
+from __future__ import annotations
+
+import sys
+
+from picochat.checkpoint import load_model
+from picochat.cli import Parser
+from picochat.common import PicochatError, dist_info, resolve_device, resolve_dtype
+from picochat.engine import Engine, StreamDecoder
+from picochat.tokenizer import get_tokenizer
+
+HELP = """commands:
+  /clear       forget the conversation and start a new one
+  /help        show this
+  quit, exit   leave (Ctrl-D too)"""
+
+ANSI = {"bold": "\033[1m", "dim": "\033[2m", "cyan": "\033[36m", "reset": "\033[0m"}
+
+
+def build_parser() -> Parser:
+    p = Parser("chat", "Chat with a trained model in the terminal, interactively or one prompt with -p.")
+    p.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="which stage's checkpoint")
+    p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one there)")
+    p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
+    p.add_argument("-p", "--prompt", default="", help="answer this one prompt, then exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 is greedy")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed; reply i uses seed + i")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
+    p.add_argument("--plain", action="store_true", help="no ANSI colours")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.temperature < 0 or args.max_tokens < 1:
+        raise PicochatError(f"need --temperature >= 0 and --max-tokens >= 1, "
+                            f"got {args.temperature} and {args.max_tokens}")
+    device = resolve_device(args.device, dist_info())
+    tokenizer = get_tokenizer()
+    model, meta = load_model(args.source, args.model_tag or None, device,
+                             step=None if args.step < 0 else args.step,
+                             compute_dtype=resolve_dtype(args.dtype, device))
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise PicochatError(f"the model has vocab {model.config.vocab_size} but the tokenizer "
+                            f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
+    chat = Chat(Engine(model, tokenizer), args)
+    if args.prompt:
+        chat.reply(args.prompt)
+        return 0
+    tag = meta.get("user_config", {}).get("model_tag") or f"d{model.config.n_layer}"
+    print(f"picochat {args.source} model {tag} step {meta['step']}. /help for commands, quit to leave.")
+    while True:
+        try:
+            text = input(chat.style("bold", "\nUser: ")).strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: a normal exit
+            print()
+            return 0
+        if text in ("quit", "exit", "/quit", "/exit"):
+            return 0
+        if text == "/clear":
+            chat.clear()
+            print("(conversation cleared)")
+        elif text == "/help":
+            print(HELP)
+        elif text:
+            chat.reply(text)
+
+
+class Chat:
+    """The conversation so far, as tokens, and how one reply is sampled and shown."""
+
+    def __init__(self, engine: Engine, args):
+        self.engine, self.args = engine, args
+        tok = engine.tokenizer
+        self.special = {name: tok.encode_special(name) for name in
+                        ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                         "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+        self.clear()
+
+    def clear(self):
+        self.history = [self.engine.tokenizer.bos_id]
+        self.turns = 0
+
+    def style(self, name: str, text: str) -> str:
+        return text if self.args.plain else f"{ANSI[name]}{text}{ANSI['reset']}"
+
+    def reply(self, text: str) -> None:
+        """Add the user's turn, stream the assistant's reply to stdout, add it to the history."""
+        tok, s = self.engine.tokenizer, self.special
+        prompt = (self.history + [s["<|user_start|>"]] + tok.encode(text) + [s["<|user_end|>"]]
+                  + [s["<|assistant_start|>"]])
+        limit = self.engine.model.rotary_len
+        if len(prompt) >= limit:  # the user's turn is not kept: the history stays usable
+            print(f"the conversation is {len(prompt)} tokens, at the model's limit of {limit}; "
+                  f"/clear to start over")
+            return
+        print(self.style("bold", "Assistant: "), end="", flush=True)
+        stream = StreamDecoder(tok)
+        self.block = None  # inside a tool call ("dim") or a tool output ("cyan")
+        reply_tokens, ended = [], False
+        columns = self.engine.generate(prompt, max_tokens=self.args.max_tokens,
+                                       temperature=self.args.temperature, top_k=self.args.top_k or None,
+                                       seed=self.args.seed + self.turns)
+        try:
+            for token_column, _ in columns:
+                token = token_column[0]
+                if token in self.engine.stop_tokens:
+                    ended = True
+                    break
+                reply_tokens.append(token)
+                self.show(token, stream)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the whole chat
+            pass
+        print(stream.flush())
+        # The history always holds well-formed turns: a reply that was cut, or that ended with
+        # <|bos|> (the model starting a new document), is closed with <|assistant_end|>.
+        self.history = prompt + reply_tokens + [s["<|assistant_end|>"]]
+        self.turns += 1
+        if not ended:
+            print(self.style("dim", f"(reply cut after {len(reply_tokens)} tokens)"))
+
+    def show(self, token: int, stream: StreamDecoder) -> None:
+        """Print one token of the reply; a tool call and its output go on lines of their own,
+        labelled and coloured, so they can't be mistaken for the model's words."""
+        s = self.special
+        if token in (s["<|python_start|>"], s["<|output_start|>"]):
+            self.block = "dim" if token == s["<|python_start|>"] else "cyan"
+            label = "[python] " if token == s["<|python_start|>"] else "[output] "
+            text = stream.flush() + "\n" + self.style(self.block, label)
+        elif token in (s["<|python_end|>"], s["<|output_end|>"]):
+            text = self.style(self.block or "dim", stream.flush()) + "\n"
+            self.block = None
+        else:
+            text = stream.feed(token)
+            if self.block and text:
+                text = self.style(self.block, text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
