@@ -168,7 +168,7 @@ def train(stage, args, info, device, mixtures, mask_mode):
             return float("nan")
         model.eval()
         result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"),
-                              (p.next_batch() for _ in range(steps) for p in val), token_bytes)
+                              (p.next_batch() for _ in range(steps) for p in val if p.epoch == 0), token_bytes)
         model.train()
         return result
 

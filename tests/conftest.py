@@ -1,5 +1,11 @@
-"""Shared test fixtures: an isolated PICOCHAT_HOME and a tiny byte-level tokenizer."""
+"""Shared test fixtures: an isolated PICOCHAT_HOME, a tiny byte-level tokenizer, and a tiny
+dataset + trained tokenizer for end-to-end stage runs."""
+import os
+
 import pytest
+
+from picochat.common import data_dir, tokenizer_dir
+from picochat.data.shards import write_shard
 
 
 class ByteTokenizer:
@@ -28,3 +34,39 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def byte_tokenizer():
     return ByteTokenizer()
+
+
+WORDS = ("the king queen lord lady good my noble sir what shall we do now come go away love death "
+         "night day heaven earth speak hear see know think brave sweet fair foul true false").split()
+
+
+def make_corpus(n_docs: int, seed: int) -> list[str]:
+    import random
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        lines = [" ".join(rng.choices(WORDS, k=rng.randint(3, 9))).capitalize() + rng.choice(".!?,;")
+                 for _ in range(rng.randint(2, 12))]
+        docs.append("\n".join(lines))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory):
+    """A PICOCHAT_HOME with a small dataset and a 512-token tokenizer."""
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("PICOCHAT_HOME")
+    os.environ["PICOCHAT_HOME"] = str(home)
+    try:
+        from picochat.tokenizer import train_tokenizer
+        docs = make_corpus(1200, seed=0)
+        for i in range(3):
+            write_shard(data_dir("tiny") / f"shard_{i:05d}.parquet", docs[i::3], row_group_size=50)
+        write_shard(data_dir("tiny") / "val_00000.parquet", make_corpus(60, seed=1), row_group_size=20)
+        train_tokenizer(iter(docs), vocab_size=512).save(tokenizer_dir())
+    finally:
+        if old is None:
+            del os.environ["PICOCHAT_HOME"]
+        else:
+            os.environ["PICOCHAT_HOME"] = old
+    return home

@@ -7,76 +7,17 @@ These launch real `picochat` processes, so they are marked slow (they still run 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from picochat.common import data_dir, tokenizer_dir
-from picochat.data.shards import write_shard
-
-WORDS = ("the king queen lord lady good my noble sir what shall we do now come go away love death "
-         "night day heaven earth speak hear see know think brave sweet fair foul true false").split()
-
-
-def make_corpus(n_docs: int, seed: int) -> list[str]:
-    import random
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        lines = [" ".join(rng.choices(WORDS, k=rng.randint(3, 9))).capitalize() + rng.choice(".!?,;")
-                 for _ in range(rng.randint(2, 12))]
-        docs.append("\n".join(lines))
-    return docs
-
-
-@pytest.fixture(scope="module")
-def tiny_home(tmp_path_factory):
-    """A PICOCHAT_HOME with a small dataset and a 512-token tokenizer."""
-    home = tmp_path_factory.mktemp("home")
-    old = os.environ.get("PICOCHAT_HOME")
-    os.environ["PICOCHAT_HOME"] = str(home)
-    try:
-        from picochat.tokenizer import train_tokenizer
-        docs = make_corpus(1200, seed=0)
-        for i in range(3):
-            write_shard(data_dir("tiny") / f"shard_{i:05d}.parquet", docs[i::3], row_group_size=50)
-        write_shard(data_dir("tiny") / "val_00000.parquet", make_corpus(60, seed=1), row_group_size=20)
-        train_tokenizer(iter(docs), vocab_size=512).save(tokenizer_dir())
-    finally:
-        if old is None:
-            del os.environ["PICOCHAT_HOME"]
-        else:
-            os.environ["PICOCHAT_HOME"] = old
-    return home
-
+from stagerun import env_for, losses, picochat
 
 TRAIN = ["--dataset", "tiny", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
          "--total-batch-size", "512", "--dtype", "float32", "--device", "cpu", "--eval-every", "10",
          "--eval-tokens", "1024", "--sample-every", "-1", "--embedding-lr", "0.05", "--matrix-lr", "0.02"]
-
-
-def env_for(home: Path) -> dict:
-    env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def picochat(home, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "picochat", *args], env=env_for(home),
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"picochat {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def losses(home: Path, tag: str) -> dict[int, float]:
-    lines = (home / "checkpoints" / "base" / tag / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def evaluate(args, info, device):
     for split in ("train", "val"):
         loader = PackingLoader(args.dataset, split, tokenizer, B, T, stream=info.rank, num_streams=W,
                                device=device)
-        batches = (loader.next_batch() for _ in range(steps))
+        batches = (loader.next_batch() for _ in range(steps) if loader.epoch == 0)  # one pass at most
         bpb = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), batches, token_bytes)
         results[f"{split}_bpb"] = bpb
         print0(f"{split} bpb: {bpb:.4f}  ({steps * B * T * W:,} tokens)")

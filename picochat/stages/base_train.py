@@ -197,7 +197,8 @@ def train(args, info, device, dtype):
         steps = max(1, args.eval_tokens // (device_batch * T * num_streams))
         loaders = [PackingLoader(args.dataset, "val", tokenizer, device_batch, T, stream=info.rank + k * W,
                                  num_streams=num_streams, device=device) for k in range(grad_accum)]
-        batches = (ld.next_batch() for _ in range(steps) for ld in loaders)
+        # at most one pass over the validation split: repeating it would add nothing
+        batches = (ld.next_batch() for _ in range(steps) for ld in loaders if ld.epoch == 0)
         model.eval()
         result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), batches, token_bytes)
         model.train()
