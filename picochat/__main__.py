@@ -17,6 +17,7 @@ STAGES = {
     "base_eval": "evaluate a base checkpoint: val bits per byte and samples",
     "mid_train": "midtrain a base model on conversations, tool use and spelling",
     "sft": "supervised fine-tuning on assistant tokens only",
+    "chat_eval": "accuracy of a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee",
     "chat": "talk to a chat model in the terminal (interactive or -p)",
 }
 

@@ -28,6 +28,17 @@ demo)
         --eval-every 50 --eval-tokens 65536 --sample-every -1 --save-every 50 --resume-if-possible
     stamp "base model evaluation"
     picochat base_eval --dataset demo --model-tag "$TAG" --eval-tokens 131072 --device-batch-size 32
+    stamp "midtraining (offline mixture: spelling, arithmetic, identity, MMLU/ARC validation)"
+    picochat mid_train --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 16384 \
+        --eval-every 100 --eval-tokens 32768 --save-every 50 --resume-if-possible
+    stamp "SFT"
+    picochat sft --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 8192 \
+        --init-lr-frac 0.2 --eval-every 100 --eval-tokens 16384 --save-every 50 --resume-if-possible
+    stamp "held-out letter counting (SpellingBee test words): base vs SFT"
+    picochat chat_eval --source base --model-tag "$TAG" -a SpellingBee --max-problems 100 --max-new-tokens 64
+    picochat chat_eval --source sft --model-tag "$TAG" -a SpellingBee --max-problems 100 --max-new-tokens 64
+    stamp "one chat answer"
+    picochat chat --source sft --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 64 --plain
     ;;
 d20)
     # The seed's d20 recipe on FineWeb-Edu: 240 shards (~24 GB), tokenizer on 2B chars, 8 GPUs.

@@ -1,0 +1,84 @@
+"""
+Chat evaluation (spec §7.3): accuracy of a chat model on tasks.
+
+- categorical tasks (ARC, MMLU): one forward pass over a batch of prompts; the answer is the
+  allowed letter with the highest logit at the prompt's last position (no sampling, and a letter
+  outside the allowed set can never be predicted);
+- generative tasks (GSM8K, HumanEval, SpellingBee): the Engine samples `num_samples` completions
+  (with tool use); a problem passes if any completion passes the task's own check (pass@k).
+
+Problems are strided across ranks and the counts all-reduced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from picochat.common import dist_info
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, batch_size: int = 8, max_problems: int | None = None) -> float:
+    info, device = dist_info(), model.lm_head.weight.device
+    n = len(task) if max_problems is None else min(max_problems, len(task))
+    indices = list(range(info.rank, n, info.world_size))
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, len(indices), batch_size):
+        convs = [task[j] for j in indices[i:i + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.bos_id, dtype=torch.long, device=device)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)] = torch.tensor(p)
+        logits = model(ids)
+        for r, (conv, p) in enumerate(zip(convs, prompts)):
+            letters = conv["letters"]
+            letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
+            choice = logits[r, len(p) - 1, letter_ids].argmax().item()
+            correct += int(task.evaluate(conv, letters[choice]))
+    return _mean(correct, n)
+
+
+@torch.no_grad()
+def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens: int = 512,
+                   temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
+                   tool=None) -> float:
+    from picochat.engine import Engine
+    info, device = dist_info(), model.lm_head.weight.device
+    engine = Engine(model, tokenizer, tool=tool)
+    n = len(task) if max_problems is None else min(max_problems, len(task))
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for j in range(info.rank, n, info.world_size):
+        conv = task[j]
+        prompt = tokenizer.render_for_completion(conv)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=j)
+        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+        correct += int(any(task.evaluate(conv, c) for c in completions))
+    return _mean(correct, n)
+
+
+def _mean(correct: torch.Tensor, n: int) -> float:
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return correct.item() / max(1, n)
+
+
+def evaluate_task(model, tokenizer, task, **kwargs) -> float:
+    if task.eval_type == "categorical":
+        keep = {k: v for k, v in kwargs.items() if k in ("batch_size", "max_problems")}
+        return run_categorical(model, tokenizer, task, **keep)
+    kwargs.pop("batch_size", None)
+    return run_generative(model, tokenizer, task, **kwargs)
+
+
+# Random-guess baselines for ChatCORE: 4-way multiple choice 0.25, generative 0 (spec §7.3).
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}
+
+
+def chatcore(results: dict[str, float]) -> float | None:
+    """Mean centered accuracy over all tasks; None unless every task was run."""
+    if set(results) != set(BASELINES):
+        return None
+    return sum((results[t] - b) / (1 - b) for t, b in BASELINES.items()) / len(BASELINES)

