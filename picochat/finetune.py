@@ -15,15 +15,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from picochat.checkpoint import latest_step, load_checkpoint, load_model, save_checkpoint
+from picochat.checkpoint import load_model, save_checkpoint
 from picochat.cli import Parser, int_or_auto
 from picochat.common import (PicochatError, checkpoint_dir, dist_info, init_distributed, print0,
                              resolve_device, resolve_dtype, shutdown_distributed)
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import head_loss
-from picochat.training import (append_metrics, batch_layout, muon_momentum, run_is_complete,
-                               set_schedules, truncate_metrics)
+from picochat.training import (append_metrics, batch_layout, load_for_resume, muon_momentum,
+                               run_is_complete, set_schedules, truncate_metrics)
 
 
 def build_parser(stage: str, description: str, defaults: dict) -> Parser:
@@ -124,15 +124,11 @@ def train(stage, args, info, device, mixtures, mask_mode):
 
     step, loop, states = 0, {"smooth_loss": 0.0, "total_time": 0.0, "last_metrics": {}}, [None] * grad_accum
     resumed_after_final_save = False
-    if args.resume_if_possible and latest_step(ckpt_root) is not None:
-        args.resume = True
-    if args.resume:
-        resume_step = latest_step(ckpt_root)
-        if resume_step is None:
-            raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
-        model_state, meta, rank_state = load_checkpoint(ckpt_root, resume_step, device, rank=info.rank)
-        if (meta["world_size"], meta["device_batch_size"], meta["total_batch_size"]) != (W, device_batch, args.total_batch_size):
-            raise PicochatError("--resume: the checkpoint used another number of processes or batch size; resume with the same")
+    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, device, info.rank,
+                              {"model_config": config.to_dict(), "world_size": W,
+                               "device_batch_size": device_batch, "total_batch_size": args.total_batch_size})
+    if resumed:
+        resume_step, meta, model_state, rank_state = resumed
         model.load_state_dict(model_state)
         optimizer.load_state_dict(rank_state["optimizer"])
         states, step, loop = rank_state["loaders"], resume_step, meta["loop"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from picochat.checkpoint import latest_step, load_checkpoint
 from picochat.common import PicochatError, atomic_write_text
 from picochat.model import GPT, head_loss
 
@@ -119,6 +120,27 @@ def auto_device_batch_size(model: GPT, seq_len: int, rows_per_step: int, device,
         if try_step(model, b, seq_len, device):
             return b
     raise PicochatError("even a device batch of 1 row does not fit in GPU memory; lower --max-seq-len or --depth")
+
+
+# -----------------------------------------------------------------------------
+# Resume
+
+def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, device, rank: int,
+                    layout: dict):
+    """The latest checkpoint to continue from, as (step, meta, model_state, rank_state), or None
+    for a fresh start. `layout` lists what must match (model config, processes, batch sizes):
+    the data order and optimizer shards are only exact under the same layout."""
+    step = latest_step(ckpt_root)
+    if not resume and not (resume_if_possible and step is not None):
+        return None
+    if step is None:
+        raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
+    model_state, meta, rank_state = load_checkpoint(ckpt_root, step, device, rank=rank)
+    for key, value in layout.items():
+        if meta.get(key) != value:
+            raise PicochatError(f"--resume: the checkpoint has {key} {meta.get(key)}, this run {value}; "
+                                f"resume with the same settings, or start a new --model-tag")
+    return step, meta, model_state, rank_state
 
 
 # -----------------------------------------------------------------------------

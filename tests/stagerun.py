@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,15 @@ def picochat(home, *args, check=True):
 def losses(home: Path, tag: str, stage: str = "base") -> dict[int, float]:
     lines = (home / "checkpoints" / stage / tag / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def kill_after(home, *args, marker: str) -> None:
+    """Start `picochat *args`, SIGKILL it as soon as it prints `marker`, and check it died."""
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", *args], env=env_for(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if marker in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before printing {marker!r} or being killed"

@@ -5,13 +5,10 @@ only, a finite loss when a micro-batch has nothing to learn, and exact resume af
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from stagerun import env_for, losses, picochat
+from stagerun import kill_after, losses, picochat
 
 BASE = ["--dataset", "tiny", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
         "--total-batch-size", "512", "--dtype", "float32", "--device", "cpu", "--eval-every", "-1",
@@ -46,14 +43,7 @@ def test_sft_resume_after_sigkill_matches_uninterrupted_run(base_home, tmp_path)
     expected = losses(base_home, "sft-straight", stage="sft")
     assert len(expected) == 30 and expected[30] < expected[1]
 
-    proc = subprocess.Popen([sys.executable, "-m", "picochat", "sft", *run, "--model-tag", "sft-killed"],
-                            env=env_for(base_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "saved checkpoint step 10" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after(base_home, "sft", *run, "--model-tag", "sft-killed", marker="saved checkpoint step 10")
     picochat(base_home, "sft", *run, "--model-tag", "sft-killed", "--resume")
     assert losses(base_home, "sft-killed", stage="sft") == expected
 

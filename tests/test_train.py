@@ -7,13 +7,12 @@ These launch real `picochat` processes, so they are marked slow (they still run 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from stagerun import env_for, losses, picochat
+from stagerun import env_for, kill_after, losses, picochat
 
 TRAIN = ["--dataset", "tiny", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
          "--total-batch-size", "512", "--dtype", "float32", "--device", "cpu", "--eval-every", "10",
@@ -41,14 +40,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_home):
     picochat(tiny_home, "base_train", *run, "--model-tag", "straight")
     expected = losses(tiny_home, "straight")
 
-    proc = subprocess.Popen([sys.executable, "-m", "picochat", "base_train", *run, "--model-tag", "killed"],
-                            env=env_for(tiny_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "saved checkpoint step 10" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after(tiny_home, "base_train", *run, "--model-tag", "killed", marker="saved checkpoint step 10")
     partial = losses(tiny_home, "killed")
     assert max(partial) < 60
 

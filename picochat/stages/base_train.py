@@ -18,15 +18,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from picochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from picochat.checkpoint import save_checkpoint
 from picochat.cli import Parser, int_or_auto
 from picochat.common import (PicochatError, checkpoint_dir, dist_info, init_distributed, peak_flops,
                              print0, resolve_device, resolve_dtype, seed_everything, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT, config_from_depth, head_loss
-from picochat.training import (append_metrics, batch_layout, estimate_memory_gib, lr_multiplier,
-                               muon_momentum, run_is_complete, set_schedules, truncate_metrics)
+from picochat.training import (append_metrics, batch_layout, estimate_memory_gib, load_for_resume,
+                               lr_multiplier, muon_momentum, run_is_complete, set_schedules,
+                               truncate_metrics)
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -156,19 +157,11 @@ def train(args, info, device, dtype):
     # --- resume --------------------------------------------------------------------------
     step, loop = 0, {"smooth_loss": 0.0, "total_time": 0.0, "min_val_bpb": float("inf"), "last_metrics": {}}
     loader_states = [None] * grad_accum
-    if args.resume_if_possible and latest_step(ckpt_root) is not None:
-        args.resume = True
-    if args.resume:
-        resume_step = latest_step(ckpt_root)
-        if resume_step is None:
-            raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
-        model_state, meta, rank_state = load_checkpoint(ckpt_root, resume_step, device, rank=info.rank)
-        if meta["model_config"] != config.to_dict():
-            raise PicochatError(f"--resume: checkpoint model {meta['model_config']} differs from the flags' "
-                                f"{config.to_dict()}; pass the same --depth/--max-seq-len or a new --model-tag")
-        if meta["world_size"] != W or meta["device_batch_size"] != device_batch or meta["total_batch_size"] != B_total:
-            raise PicochatError(f"--resume: checkpoint used {meta['world_size']} process(es), device batch "
-                                f"{meta['device_batch_size']}, total batch {meta['total_batch_size']}; resume with the same")
+    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, device, info.rank,
+                              {"model_config": config.to_dict(), "world_size": W,
+                               "device_batch_size": device_batch, "total_batch_size": B_total})
+    if resumed:
+        resume_step, meta, model_state, rank_state = resumed
         model.load_state_dict(model_state)
         optimizer.load_state_dict(rank_state["optimizer"])
         loader_states = rank_state["loaders"]
@@ -235,7 +228,7 @@ def train(args, info, device, dtype):
         print0(f"step 0 | val bpb {v:.4f}")
         write_metrics({"step": 0, "val_bpb": v})
     model.train()
-    finished_before_final_eval = args.resume and step == num_iterations
+    finished_before_final_eval = bool(resumed) and step == num_iterations
     while step < num_iterations:
         t0 = time.perf_counter()
         lr_mult = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
