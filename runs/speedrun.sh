@@ -35,10 +35,10 @@ demo)
     picochat sft --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 8192 \
         --init-lr-frac 0.2 --eval-every 100 --eval-tokens 16384 --save-every 50 --resume-if-possible
     stamp "held-out letter counting (SpellingBee test words): base vs SFT"
-    picochat chat_eval --source base --model-tag "$TAG" -a SpellingBee --max-problems 100 --max-new-tokens 64
-    picochat chat_eval --source sft --model-tag "$TAG" -a SpellingBee --max-problems 100 --max-new-tokens 64
+    picochat chat_eval --source base --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
+    picochat chat_eval --source sft --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
     stamp "one chat answer"
-    picochat chat --source sft --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 64 --plain
+    picochat chat --source sft --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 300 --plain
     ;;
 d20)
     # The seed's d20 recipe on FineWeb-Edu: 240 shards (~24 GB), tokenizer on 2B chars, 8 GPUs.

@@ -58,6 +58,14 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     return _mean(correct, n)
 
 
+def constant_answer_baseline(task, max_problems: int | None = None, answers=range(10)) -> float:
+    """Chance for tasks graded on a final '#### n': the accuracy of the best single constant answer
+    (e.g. always '#### 1' for letter counting, where most counts are 1)."""
+    n = len(task) if max_problems is None else min(max_problems, len(task))
+    convs = [task[i] for i in range(n)]
+    return max(sum(task.evaluate(c, f"#### {a}") for c in convs) / max(1, n) for a in answers)
+
+
 def _mean(correct: torch.Tensor, n: int) -> float:
     if dist.is_initialized():
         dist.all_reduce(correct)

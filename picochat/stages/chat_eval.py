@@ -17,7 +17,7 @@ from picochat.checkpoint import load_model
 from picochat.cli import Parser
 from picochat.common import (PicochatError, atomic_write_text, dist_info, init_distributed, picochat_home,
                              print0, resolve_device, resolve_dtype, shutdown_distributed)
-from picochat.evals.chat_eval import BASELINES, chatcore, evaluate_task
+from picochat.evals.chat_eval import BASELINES, chatcore, constant_answer_baseline, evaluate_task
 
 
 def make_task(name: str, source: str):
@@ -79,8 +79,13 @@ def main(argv=None):
                 max_problems=None if args.max_problems < 0 else args.max_problems,
                 num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k or None)
-            print0(f"{name:<14} accuracy {results[name]:.4f}  ({time.perf_counter() - t0:.1f}s)")
-        score = chatcore(results)
+            line = f"{name:<14} accuracy {results[name]:.4f}  ({time.perf_counter() - t0:.1f}s)"
+            if name in ("SpellingBee", "GSM8K"):
+                chance = constant_answer_baseline(task, None if args.max_problems < 0 else args.max_problems)
+                results[f"{name}_chance"] = chance
+                line += f"  chance (best constant answer) {chance:.4f}"
+            print0(line)
+        score = chatcore({k: v for k, v in results.items() if not k.endswith("_chance")})
         if score is not None:
             print0(f"{'ChatCORE':<14} {score:.4f}")
         if info.is_master:
