@@ -83,3 +83,13 @@ def test_missing_tokenizer_says_to_train_one(tmp_path):
     proc = picochat(tmp_path, "base_train", "--dataset", "tiny", check=False)
     assert proc.returncode == 2
     assert "run `picochat tok_train` first" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_auto_device_batch_size_picks_the_largest_power_of_two_that_divides(tiny_home):
+    args = [a for a in TRAIN if a not in ("--device-batch-size", "4")]
+    out = picochat(tiny_home, "base_train", *args, "--device-batch-size", "auto", "--total-batch-size", "1536",
+                   "--num-iterations", "1", "--eval-every", "-1", "--model-tag", "auto").stdout
+    # 1536 tokens = 24 rows of 64: 8 is the largest power of two that divides 24
+    assert "8 rows × 64 × 1 proc × 3 accum" in out
+    assert "memory estimate" in out
