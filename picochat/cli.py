@@ -29,3 +29,9 @@ def int_or_auto(text: str):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
+
+
+def add_device_args(parser) -> None:
+    """--dtype and --device, the same in every stage that runs a model."""
+    parser.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

@@ -155,6 +155,12 @@ def resolve_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device(device_type)
 
 
+def setup_device(requested: str):
+    """Pick the device and join the process group when under torchrun: returns (DistInfo, device)."""
+    device = resolve_device(requested, dist_info())
+    return init_distributed(device.type), device
+
+
 def cpu_bf16_speedup(n: int = 512, reps: int = 3) -> float:
     """Measured ratio of fp32 to bf16 matmul time on this CPU (about 2.3 on the dev machine)."""
     def bench(dtype):

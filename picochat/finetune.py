@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import load_model, save_checkpoint
-from picochat.cli import Parser, int_or_auto
-from picochat.common import (PicochatError, checkpoint_dir, dist_info, init_distributed, print0,
-                             resolve_device, resolve_dtype, shutdown_distributed)
+from picochat.cli import Parser, add_device_args, int_or_auto
+from picochat.common import (PicochatError, checkpoint_dir, print0, resolve_dtype, setup_device,
+                             shutdown_distributed)
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import head_loss
@@ -56,8 +56,7 @@ def build_parser(stage: str, description: str, defaults: dict) -> Parser:
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
     p.add_argument("--resume-if-possible", action="store_true", help="resume when a checkpoint exists, else start")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_device_args(p)
     return p
 
 
@@ -71,8 +70,7 @@ def lr_multiplier(progress: float, warmdown_ratio: float) -> float:
 def run(stage: str, argv, description: str, defaults: dict, mixtures, mask_mode: str) -> int:
     """mixtures(kind) -> (train_task, val_task); mask_mode 'all' (mid) or 'assistant' (SFT)."""
     args = build_parser(stage, description, defaults).parse_args(argv)
-    device = resolve_device(args.device, dist_info())
-    info = init_distributed(device.type)
+    info, device = setup_device(args.device)
     try:
         return train(stage, args, info, device, mixtures, mask_mode)
     finally:

@@ -12,9 +12,9 @@ import json
 
 
 from picochat.checkpoint import load_model
-from picochat.cli import Parser
-from picochat.common import (atomic_write_text, dist_info, init_distributed, picochat_home, print0,
-                             resolve_device, resolve_dtype, shutdown_distributed)
+from picochat.cli import Parser, add_device_args
+from picochat.common import (atomic_write_text, picochat_home, print0, resolve_dtype, setup_device,
+                             shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.evals.bpb import evaluate_bpb
 from picochat.stages.base_train import SAMPLE_PROMPTS
@@ -30,15 +30,13 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample")
     p.add_argument("--num-unconditioned", type=int, default=4,
                    help="samples from just <|bos|> at temperature 1.0")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_device_args(p)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device, dist_info())
-    info = init_distributed(device.type)
+    info, device = setup_device(args.device)
     try:
         return evaluate(args, info, device)
     finally:

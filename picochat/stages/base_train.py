@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import save_checkpoint
-from picochat.cli import Parser, int_or_auto
-from picochat.common import (PicochatError, checkpoint_dir, dist_info, init_distributed, peak_flops,
-                             print0, resolve_device, resolve_dtype, seed_everything, shutdown_distributed)
+from picochat.cli import Parser, add_device_args, int_or_auto
+from picochat.common import (PicochatError, checkpoint_dir, peak_flops, print0, resolve_dtype,
+                             seed_everything, setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT, config_from_depth, head_loss
@@ -74,8 +74,7 @@ def build_parser() -> Parser:
     g.add_argument("--model-tag", default="", help="checkpoint directory name (default: d<depth>)")
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=int, default=42, help="seed of the weight init")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_device_args(g)
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                    help="torch.compile the model (auto: on CUDA only)")
     return p
@@ -85,8 +84,7 @@ def build_parser() -> Parser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device, dist_info())
-    info = init_distributed(device.type)
+    info, device = setup_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:
         return train(args, info, device, dtype)

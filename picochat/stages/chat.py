@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from picochat.checkpoint import load_model
-from picochat.cli import Parser
+from picochat.cli import Parser, add_device_args
 from picochat.common import PicochatError, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine, StreamDecoder
 from picochat.tokenizer import get_tokenizer
@@ -41,8 +41,7 @@ def build_parser() -> Parser:
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42, help="sampling seed; reply i uses seed + i")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
+    add_device_args(p)
     p.add_argument("--plain", action="store_true", help="no ANSI colours")
     return p
 

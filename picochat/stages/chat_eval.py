@@ -14,9 +14,9 @@ import json
 import time
 
 from picochat.checkpoint import load_model
-from picochat.cli import Parser
-from picochat.common import (PicochatError, atomic_write_text, dist_info, init_distributed, picochat_home,
-                             print0, resolve_device, resolve_dtype, shutdown_distributed)
+from picochat.cli import Parser, add_device_args
+from picochat.common import (PicochatError, atomic_write_text, picochat_home, print0,
+                             resolve_dtype, setup_device, shutdown_distributed)
 from picochat.evals.chat_eval import BASELINES, chatcore, constant_answer_baseline, evaluate_task
 
 
@@ -53,15 +53,13 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per sample")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bfloat16 or float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_device_args(p)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device, dist_info())
-    info = init_distributed(device.type)
+    info, device = setup_device(args.device)
     try:
         from picochat.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
