@@ -162,7 +162,8 @@ def train(stage, args, info, device, mixtures, mask_mode):
             return float("nan")
         model.eval()
         result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"),
-                              (p.next_batch() for _ in range(steps) for p in val if p.epoch == 0), token_bytes)
+                              (p.next_batch() for p in val for _ in range(steps) if p.consumed < p.stream_size),
+                              token_bytes)
         model.train()
         return result
 

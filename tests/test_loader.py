@@ -87,3 +87,15 @@ def test_truncated_shard_gives_an_error_naming_the_file(home, byte_tokenizer):
 def test_missing_dataset_says_how_to_get_it(home, byte_tokenizer):
     with pytest.raises(PicochatError, match="picochat data demo"):
         PackingLoader("demo", "train", byte_tokenizer, 2, 32)
+
+
+def test_one_pass_stops_after_every_document_was_packed_once(home, byte_tokenizer):
+    make_dataset(shards=1, docs_per_shard=40, row_group_size=10)
+    loader = PackingLoader("toy", "train", byte_tokenizer, batch_size=2, seq_len=64, buffer_docs=8)
+    seen = set()
+    batches = list(loader.one_pass(max_batches=1000))
+    for x, _ in batches:
+        seen |= doc_ids_in(x, byte_tokenizer)
+    assert 0 < len(batches) < 1000
+    assert loader.docs_packed >= 40 and loader.docs_packed < 40 + 2 * 64  # about one pass, not many
+    assert len(seen) >= 30  # nearly every document starts inside some row

@@ -48,6 +48,7 @@ class PackingLoader:
         self._row_groups = {}  # file index -> number of row groups (lazily read footers)
         self.cropped_tokens = 0
         self.total_tokens = 0
+        self.docs_packed = 0  # documents placed in rows so far (not saved: evaluation only)
         if state is not None:
             self.load_state_dict(state)
         use_pinned = self.device.type == "cuda"
@@ -112,7 +113,23 @@ class PackingLoader:
                 ids = ids[:remaining]
             out[filled:filled + len(ids)] = torch.tensor(ids, dtype=torch.long)
             filled += len(ids)
+            self.docs_packed += 1
         self.total_tokens += capacity
+
+    def stream_docs(self) -> int:
+        """About how many documents one pass over this stream's share of the split holds."""
+        total = sum(open_shard(p).metadata.num_rows for p in self.paths)
+        return max(1, total // self.num_streams)
+
+    def one_pass(self, max_batches: int):
+        """Up to `max_batches` batches, stopping once a whole pass over the stream is packed
+        (evaluating a document twice adds nothing). Use a buffer well below the split's size, or
+        best fit keeps picking the same large documents from a buffer that holds several copies."""
+        limit = self.stream_docs()
+        for _ in range(max_batches):
+            if self.docs_packed >= limit:
+                return
+            yield self.next_batch()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.empty((self.B, self.T + 1), dtype=torch.long)

@@ -62,11 +62,10 @@ def evaluate(args, info, device):
     steps = max(1, args.eval_tokens // (B * T * W))
     for split in ("train", "val"):
         loader = PackingLoader(args.dataset, split, tokenizer, B, T, stream=info.rank, num_streams=W,
-                               device=device)
-        batches = (loader.next_batch() for _ in range(steps) if loader.epoch == 0)  # one pass at most
-        bpb = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), batches, token_bytes)
+                               buffer_docs=100, device=device)
+        bpb = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), loader.one_pass(steps), token_bytes)
         results[f"{split}_bpb"] = bpb
-        print0(f"{split} bpb: {bpb:.4f}  ({steps * B * T * W:,} tokens)")
+        print0(f"{split} bpb: {bpb:.4f}  ({loader.total_tokens:,} tokens on rank 0; at most one pass over the split)")
 
     if info.is_master:
         samples = {}

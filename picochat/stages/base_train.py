@@ -187,9 +187,9 @@ def train(args, info, device, dtype):
         # Same streams as training, so the numbers do not depend on the number of processes.
         steps = max(1, args.eval_tokens // (device_batch * T * num_streams))
         loaders = [PackingLoader(args.dataset, "val", tokenizer, device_batch, T, stream=info.rank + k * W,
-                                 num_streams=num_streams, device=device) for k in range(grad_accum)]
-        # at most one pass over the validation split: repeating it would add nothing
-        batches = (ld.next_batch() for _ in range(steps) for ld in loaders if ld.epoch == 0)
+                                 num_streams=num_streams, buffer_docs=100, device=device)
+                   for k in range(grad_accum)]
+        batches = (batch for ld in loaders for batch in ld.one_pass(steps))
         model.eval()
         result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), batches, token_bytes)
         model.train()
