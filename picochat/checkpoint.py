@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import PicochatError, atomic_path, checkpoint_dir, dist_info, fsync_dir
+from picochat.common import PicochatError, atomic_path, checkpoint_dir, dist_info, fsync_dir, picochat_home
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -104,7 +104,7 @@ def resolve_model_dir(stage: str, model_tag: str | None) -> Path:
         if latest_step(root) is None:
             raise PicochatError(f"no {stage} checkpoint with tag {model_tag!r} in {root}")
         return root
-    base = checkpoint_dir(stage, "x").parent
+    base = picochat_home() / "checkpoints" / stage
     tags = sorted(p.name for p in base.iterdir() if p.is_dir() and list_steps(p)) if base.is_dir() else []
     if not tags:
         raise PicochatError(f"no {stage} checkpoints in {base}; train one first")

@@ -18,17 +18,19 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def int_or_auto(text: str):
-    """A positive integer, or the word 'auto'."""
-    if text == "auto":
-        return text
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def int_or_auto(text: str):
+    """A positive integer, or the word 'auto'."""
+    return text if text == "auto" else positive_int(text)
 
 
 def add_device_args(parser) -> None:

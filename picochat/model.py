@@ -374,32 +374,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
-    # --- sampling -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 42, stop_token: int | None = None):
-        """Yield up to `max_tokens` new token ids for one prompt, decoding with a KV cache."""
-        device = self.lm_head.weight.device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache(self.config, 1, len(tokens) + max_tokens, device, self.compute_dtype)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self(ids, kv_cache=cache)[:, -1, :]
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None and top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=gen)
-            token = next_id.item()
-            if stop_token is not None and token == stop_token:
-                return
-            yield token
-            ids = next_id
-
 
 # -----------------------------------------------------------------------------
 # Loss: head + softcap + cross-entropy

@@ -46,7 +46,6 @@ class PackingLoader:
         self.lengths: list[int] = []
         self.docs: list[list[int]] = []
         self._row_groups = {}  # file index -> number of row groups (lazily read footers)
-        self.cropped_tokens = 0
         self.total_tokens = 0
         self.docs_packed = 0  # documents placed in rows so far (not saved: evaluation only)
         if state is not None:
@@ -109,7 +108,6 @@ class PackingLoader:
             else:  # nothing fits: crop the shortest document to fill the row exactly
                 ids = self.docs.pop(0)
                 self.lengths.pop(0)
-                self.cropped_tokens += len(ids) - remaining
                 ids = ids[:remaining]
             out[filled:filled + len(ids)] = torch.tensor(ids, dtype=torch.long)
             filled += len(ids)

@@ -16,6 +16,7 @@ from picochat.cli import Parser, add_device_args
 from picochat.common import (atomic_write_text, picochat_home, print0, resolve_dtype, setup_device,
                              shutdown_distributed)
 from picochat.data.loader import PackingLoader
+from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.stages.base_train import SAMPLE_PROMPTS
 
@@ -68,19 +69,20 @@ def evaluate(args, info, device):
         print0(f"{split} bpb: {bpb:.4f}  ({loader.total_tokens:,} tokens on rank 0; at most one pass over the split)")
 
     if info.is_master:
-        samples = {}
+        samples, engine = {}, Engine(model, tokenizer)
         print0("samples (greedy):")
         for prompt in SAMPLE_PROMPTS:
             ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-            text = tokenizer.decode(list(model.generate(ids, args.max_new_tokens, temperature=0.0)))
+            out = engine.generate_batch(ids, max_tokens=args.max_new_tokens, temperature=0.0)[0][0][len(ids):]
+            text = tokenizer.decode(out)
             samples[prompt] = text
             print0(f"  {prompt}{text}")
         print0("samples (unconditioned, temperature 1.0):")
         unconditioned = []
         for i in range(args.num_unconditioned):
-            out = model.generate([tokenizer.bos_id], args.max_new_tokens * 2, temperature=1.0, seed=i,
-                                 stop_token=tokenizer.bos_id)
-            unconditioned.append(tokenizer.decode(list(out)))
+            out = engine.generate_batch([tokenizer.bos_id], max_tokens=args.max_new_tokens * 2,
+                                        temperature=1.0, seed=i)[0][0][1:]
+            unconditioned.append(tokenizer.decode(out))
             print0(f"  [{i}] {unconditioned[-1]!r}")
         results["samples"] = samples
         results["unconditioned_samples"] = unconditioned

@@ -23,6 +23,7 @@ from picochat.cli import Parser, add_device_args, int_or_auto
 from picochat.common import (PicochatError, checkpoint_dir, peak_flops, print0, resolve_dtype,
                              seed_everything, setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
+from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT, config_from_depth, head_loss
 from picochat.training import (append_metrics, batch_layout, estimate_memory_gib, load_for_resume,
@@ -199,9 +200,10 @@ def train(args, info, device, dtype):
         if not info.is_master:
             return
         model.eval()
+        engine = Engine(model, tokenizer)
         for prompt in SAMPLE_PROMPTS:
             ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-            out = list(model.generate(ids, max_tokens=16, temperature=0.0))
+            out = engine.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
             print0(f"  {prompt!r} → {tokenizer.decode(out)!r}")
         model.train()
 

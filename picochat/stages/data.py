@@ -13,19 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from picochat.cli import Parser
+from picochat.cli import Parser, positive_int
 from picochat.data.download import HUB_DATASETS, download_shards
 from picochat.data.sources import build_demo, import_files
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def fraction(text: str) -> float:
