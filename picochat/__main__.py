@@ -19,6 +19,8 @@ STAGES = {
     "sft": "supervised fine-tuning on assistant tokens only",
     "chat_eval": "accuracy of a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee",
     "chat": "talk to a chat model in the terminal (interactive or -p)",
+    "serve": "OpenAI-compatible API and web chat UI with continuous batching",
+    "report": "write the report card of a run: environment, stages, summary table, plots",
 }
 
 
