@@ -8,10 +8,19 @@ import argparse
 import sys
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to each flag's help, unless the help already says its default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def __init__(self, prog: str, description: str):
         super().__init__(prog=f"picochat {prog}", description=description,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsHelpFormatter)
 
     def error(self, message: str):
         sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -27,7 +27,7 @@ from picochat.training import (append_metrics, batch_layout, load_for_resume, mu
 
 
 def build_parser(stage: str, description: str, defaults: dict) -> Parser:
-    p = Parser(stage, description)
+    p = Parser({"mid": "mid_train"}.get(stage, stage), description)  # the command's name
     p.add_argument("--mixture", default="full",
                    help="'full': the Hub datasets (nanochat's mixture); 'demo': offline data only; "
                         "or a .jsonl file of your own conversations")
