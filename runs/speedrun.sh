@@ -57,6 +57,12 @@ d20)
         --depth 20 --model-tag "$TAG" --save-every 1000 --resume-if-possible
     stamp "base model evaluation"
     torchrun --standalone --nproc_per_node="$NPROC" -m picochat base_eval --dataset fineweb-edu --model-tag "$TAG"
+    stamp "midtraining (SmolTalk, MMLU auxiliary train, GSM8K, identity, spelling)"
+    torchrun --standalone --nproc_per_node="$NPROC" -m picochat mid_train --source-tag "$TAG" --resume-if-possible
+    torchrun --standalone --nproc_per_node="$NPROC" -m picochat chat_eval --source mid --model-tag "$TAG"
+    stamp "SFT"
+    torchrun --standalone --nproc_per_node="$NPROC" -m picochat sft --source-tag "$TAG" --resume-if-possible
+    torchrun --standalone --nproc_per_node="$NPROC" -m picochat chat_eval --source sft --model-tag "$TAG"
     ;;
 *)
     echo "speedrun: unknown preset '$PRESET' (choose auto, demo or d20)" >&2
