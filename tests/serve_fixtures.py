@@ -1,0 +1,88 @@
+"""Helpers for tests of `picochat serve` (tests/test_serve.py, tests/test_web_ui.py): a tiny random
+chat model written as an SFT checkpoint, and a real server process on a free port.
+
+    tag = make_tiny_chat_model(tiny_home)            # tiny_home: conftest's session fixture
+    with running_server(tiny_home, "--max-batch-size", "4") as url:
+        httpx.get(url + "/health").json()            # {"status": "ok", "model": "tiny", ...}
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from picochat.checkpoint import save_checkpoint
+from picochat.model import GPT, GPTConfig
+from picochat.tokenizer import Tokenizer
+from stagerun import env_for  # tests/ is on sys.path under pytest
+
+TINY_TAG = "tiny"
+
+
+def make_tiny_chat_model(home: Path, tag: str = TINY_TAG, sequence_len: int = 256) -> str:
+    """Write a randomly initialised depth-2 `sft` checkpoint for the tokenizer in `home`; returns its
+    tag. The zero-initialised head and output projections are perturbed so that the logits differ
+    from token to token (greedy decoding then says something other than one token forever)."""
+    home = Path(home)
+    tokenizer = Tokenizer.load(home / "tokenizer")
+    # n_kv_head < n_head: grouped-query attention goes through the serving cache too
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.vocab_size, n_layer=2,
+                       n_head=2, n_kv_head=1, n_embd=64)
+    model = GPT(config)
+    model.init_weights(seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    meta = {"step": 1, "model_config": config.to_dict(), "user_config": {"model_tag": tag},
+            "compute_dtype": "float32"}
+    save_checkpoint(home / "checkpoints" / "sft" / tag, 1, model.state_dict(), meta, rank_state={})
+    return tag
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(home: Path, *extra_args: str, timeout: float = 120.0):
+    """Run `picochat serve --port <free> --device cpu --dtype float32 *extra_args` with
+    PICOCHAT_HOME=home, wait until /health answers, yield its base URL (http://127.0.0.1:PORT),
+    then stop it. If the server dies or never gets healthy, fail with what it printed."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "picochat", "serve", "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", *extra_args]
+    log = Path(home) / f"serve_{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env_for(Path(home)), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"picochat serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"picochat serve not healthy after {timeout} s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
