@@ -40,15 +40,32 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"picochat: error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}\n")
         return 2
     tune_cpu_allocator()  # before the stage allocates anything
-    module = importlib.import_module(f"picochat.stages.{stage}")
+    import time
+    start, code = time.time(), 1  # 1 unless the stage returns or fails in a way we know
     try:
-        return module.main(rest) or 0
+        module = importlib.import_module(f"picochat.stages.{stage}")
+        code = module.main(rest) or 0
+        return code
     except PicochatError as e:
         sys.stderr.write(f"picochat {stage}: error: {e}\n")
-        return 2
+        code = 2
+        return code
     except KeyboardInterrupt:
         sys.stderr.write(f"picochat {stage}: interrupted\n")
-        return 130
+        code = 130
+        return code
+    except SystemExit:  # argparse: --help or a bad flag; nothing ran, nothing to log
+        code = None
+        raise
+    finally:
+        # One line in $PICOCHAT_HOME/report/runs.jsonl for the report card (rank 0). Best effort:
+        # a full disk or a read-only home must never turn a finished stage into a failed one.
+        try:
+            if code is not None:
+                from picochat.report import log_run
+                log_run(stage, rest, start, time.time(), code)
+        except Exception as e:  # noqa: BLE001
+            sys.stderr.write(f"picochat {stage}: warning: could not append to the run log: {e}\n")
 
 
 if __name__ == "__main__":
