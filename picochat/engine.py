@@ -35,30 +35,48 @@ from picochat.model import KVCache
 # Sampling
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B,), each row with its own settings, (B,) tensors:
+    temperature (0: greedy, argmax), top_k (keep the k likeliest; 0: all) and top_p (then keep the
+    smallest set of those whose probability reaches p; 1: all). `generator` is one generator for
+    every row, or one per row, so a row's draws do not depend on the other rows (serving)."""
+    vocab = logits.size(-1)
+    greedy = logits.argmax(dim=-1)
+    sampling = temperature > 0
+    if not bool(sampling.any()):
+        return greedy
+    top_k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    # Only the k likeliest tokens of the widest row can be drawn: sort just those, once.
+    k_max = int(top_k.max())
+    scale = torch.where(sampling, temperature, 1.0).unsqueeze(1).to(logits.device, torch.float32)
+    candidates, order = torch.topk(logits.float() / scale, k_max, dim=-1)  # sorted, descending
+    rank = torch.arange(k_max, device=logits.device)
+    candidates = candidates.masked_fill(rank >= top_k.to(logits.device).unsqueeze(1), float("-inf"))
+    probs = F.softmax(candidates, dim=-1)
+    # Nucleus: drop a token when the tokens ranked above it already reach top_p; the first stays.
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p.to(logits.device).unsqueeze(1)
+    probs = F.softmax(candidates.masked_fill(drop, float("-inf")), dim=-1)
+    if isinstance(generator, torch.Generator):
+        picks = torch.multinomial(probs, 1, generator=generator)
+    else:
+        picks = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)
+                           for i, g in enumerate(generator)])
+    return torch.where(sampling.to(logits.device), order.gather(1, picks).squeeze(1), greedy)
+
+
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B,). Temperature 0 is greedy (argmax); otherwise keep
-    the top_k logits and/or the smallest set of tokens whose probability reaches top_p (nucleus),
-    and sample each row independently from the softmax at `temperature`."""
+    """One token per row of logits (B, V) -> (B,), every row with the same settings (see sample_rows;
+    top_k None and top_p None keep every token)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        if top_p <= 0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    rows = logits.size(0)
+    return sample_rows(logits, torch.full((rows,), float(temperature)),
+                       torch.full((rows,), top_k or 0), torch.full((rows,), 1.0 if top_p is None else top_p),
+                       generator)
 
 
 # -----------------------------------------------------------------------------
@@ -157,26 +175,32 @@ class Engine:
                 token = row.forced.popleft() if forced else sample
                 token_column.append(token)
                 mask_column.append(0 if forced else 1)
-                if not row.done:
-                    self._advance(row, token)
+                if not row.done and (code := self.advance(row, token)) is not None:
+                    self.force_output(row, self.run_tool(code))
             yield token_column, mask_column
             if all(row.done for row in rows) or step == steps - 1:
                 return
             ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
             logits = model(ids, kv_cache=cache)[:, -1, :]
 
-    def _advance(self, row: RowState, token: int) -> None:
-        """The tool-use state machine of one row, after it emitted `token`."""
+    def advance(self, row: RowState, token: int) -> str | None:
+        """The tool-use state machine of one row, after it emitted `token`. When the token closes
+        a tool call, returns the call's code for the caller to run (here in line; the server in a
+        worker thread) and hand back through force_output; None otherwise."""
         if token in self.stop_tokens:
             row.done = True
         elif token == self.python_start:
             row.in_python, row.python_tokens = True, []
         elif token == self.python_end and row.in_python:
             row.in_python = False
-            result = self.run_tool(self.tokenizer.decode(row.python_tokens))
-            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            return self.tokenizer.decode(row.python_tokens)
         elif row.in_python:
             row.python_tokens.append(token)
+        return None
+
+    def force_output(self, row: RowState, result: str) -> None:
+        """Queue <|output_start|> result <|output_end|> as the row's next tokens."""
+        row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs
                        ) -> tuple[list[list[int]], list[list[int]]]:

@@ -211,6 +211,64 @@ class KVCache:
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
 
+class RowKVCache:
+    """A decode cache whose rows are each at their own position, for continuous batching: requests
+    join and leave between steps, so one row may be 300 tokens in while its neighbour has 12.
+    Keys and values (n_layer, max_rows, H_kv, T_max, D) and a per-row length.
+
+    A forward uses the first `rows` rows (the server keeps its active requests at the front; see
+    move_row), writes each row's new keys at that row's own length, and attends through a per-row
+    mask that hides everything past it. Rows at equal lengths give what KVCache gives (tests)."""
+
+    def __init__(self, config: GPTConfig, max_rows: int, max_len: int, device, dtype):
+        shape = (config.n_layer, max_rows, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = [0] * max_rows  # host-side, so no step waits on the device to read them
+        self.rows = 0
+        self.max_len = max_len
+        self.n_layer = config.n_layer
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(rows, T): the positions the next T tokens of each row will take. Called once per
+        forward (by GPT.trunk), before the layers insert."""
+        lengths = self.lengths[:self.rows]
+        if max(lengths) + T > self.max_len:
+            raise RuntimeError(f"KV cache full: {max(lengths) + T} positions needed, {self.max_len} allocated")
+        start = torch.tensor(lengths, device=self.k.device)
+        self._pos = start.unsqueeze(1) + torch.arange(T, device=self.k.device)
+        self.end = max(lengths) + T
+        # query t of row b sees the keys up to its own position: (rows, 1, T, end)
+        self._mask = (torch.arange(self.end, device=self.k.device) <= self._pos.unsqueeze(-1)).unsqueeze(1)
+        return self._pos
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (rows, H_kv, T, D) at each row's positions; return this layer's keys, values
+        and the attention mask."""
+        pos, rows = self._pos, torch.arange(self.rows, device=k.device).unsqueeze(1)
+        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # (rows, T) index -> (rows, T, H_kv, D)
+        self.v[layer, rows, :, pos] = v.transpose(1, 2)
+        if layer == self.n_layer - 1:
+            self.lengths[:self.rows] = [n + k.size(2) for n in self.lengths[:self.rows]]
+        return self.k[layer, :self.rows, :, :self.end], self.v[layer, :self.rows, :, :self.end], self._mask
+
+    def load_row(self, row: int, prefill: "KVCache") -> None:
+        """Copy a batch-1 cache (a prompt prefilled alone) into `row`."""
+        n = prefill.pos
+        if n > self.max_len:
+            raise RuntimeError(f"a prefix of {n} tokens does not fit a cache of {self.max_len}")
+        self.k[:, row, :, :n] = prefill.k[:, 0, :, :n]
+        self.v[:, row, :, :n] = prefill.v[:, 0, :, :n]
+        self.lengths[row] = n
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src over row dst (to fill a hole left by a finished request)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -232,6 +290,9 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(kv_cache, RowKVCache):  # each row at its own position
+            k, v, mask = kv_cache.insert(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             prefix = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)
@@ -360,15 +421,23 @@ class GPT(nn.Module):
         """Everything but the head: the final normalized hidden states (B, T, d). This is the
         part base_train compiles; the head loss stays eager (it is already one fused pass)."""
         B, T = idx.shape
-        t0 = kv_cache.pos if kv_cache is not None else 0
-        if t0 + T > self.rotary_len:
-            raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.rotary_len})")
-        cos = self.cos[:, t0:t0 + T].to(self.compute_dtype)
-        sin = self.sin[:, t0:t0 + T].to(self.compute_dtype)
+        if isinstance(kv_cache, RowKVCache):  # each row at its own positions
+            pos = kv_cache.positions(T)
+            self._check_length(kv_cache.end)
+            cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, T, 1, D/2)
+        else:
+            t0 = kv_cache.pos if kv_cache is not None else 0
+            self._check_length(t0 + T)
+            cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]  # (1, T, 1, D/2)
+        cos, sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         return norm(x)
+
+    def _check_length(self, end: int) -> None:
+        if end > self.rotary_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})")
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x).float()

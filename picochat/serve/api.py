@@ -1,0 +1,241 @@
+"""
+The OpenAI chat-completions schema, as picochat speaks it: request validation with nanochat's
+limits (spec §9.1), messages to a token prompt, and the JSON shapes of replies, chunks and errors.
+No HTTP here (that is picochat/serve/app.py), so every rule is testable as a plain function.
+
+Limits, each a 400 naming the limit and the value seen: at most 500 messages, 8,000 characters per
+message and 32,000 in all, no empty message; roles user and assistant, alternating, starting and
+ending with user, and one optional leading system message (prepended to the first user message:
+the model has no system role); temperature in [0, 2], top_k in [1, 200] (0: no top-k),
+top_p in (0, 1], max_tokens in [1, 4096], n in [1, 8], at most 4 stop strings; the prompt plus
+max_tokens must fit the model's context.
+
+Tool calls travel inside the text: an assistant message containing
+`<|python_start|>code<|python_end|><|output_start|>result<|output_end|>` (what the server streamed)
+is parsed back into python / python_output parts, so it renders to the very tokens the model made.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+# nanochat's abuse limits (spec §9.1)
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 200
+MAX_TOKENS = 4096
+MAX_N = 8
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+TOOL_MARKERS = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>",
+                          re.DOTALL)
+
+
+class InvalidRequest(Exception):
+    """A request we refuse; becomes an OpenAI-style error body with this HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Defaults:
+    """What a request gets for the settings it leaves out (picochat serve's flags; top_k 0: none)."""
+    temperature: float = 0.8
+    top_k: int = 50
+    max_tokens: int = 512
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # in picochat.tokenizer's conversation format
+    stream: bool = False
+    n: int = 1
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    max_tokens: int | None = None  # None: the server's default, cut to what the context has left
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+
+
+# -----------------------------------------------------------------------------
+# Validation
+
+
+def _number(body: dict, name: str, default, low, high, integer: bool, low_open: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequest(f"{name} must be {kind}, got {value!r}", name)
+    if value < low or value > high or (low_open and value == low):
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise InvalidRequest(f"{name} must be in {interval}, got {value}", name)
+    return int(value) if integer else float(value)
+
+
+def _content_text(content, where: str) -> str:
+    """A message's content as one string: a string, or OpenAI's list of {"type": "text"} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{where}.content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                                     f"are supported, got {str(part)[:80]}", f"{where}.content")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequest(f"{where}.content must be a string, got {type(content).__name__}", f"{where}.content")
+
+
+def parse_assistant_content(text: str) -> str | list[dict]:
+    """Assistant text with tool markers -> picochat content parts (text, python, python_output);
+    text without markers stays a string."""
+    parts, pos = [], 0
+    for match in TOOL_MARKERS.finditer(text):
+        if match.start() > pos:
+            parts.append({"type": "text", "text": text[pos:match.start()]})
+        if match.group(1) is not None:
+            parts.append({"type": "python", "text": match.group(1)})
+        else:
+            parts.append({"type": "python_output", "text": match.group(2)})
+        pos = match.end()
+    if not parts:
+        return text
+    if pos < len(text):
+        parts.append({"type": "text", "text": text[pos:]})
+    return parts
+
+
+def parse_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"messages has {len(messages)} entries; the limit is {MAX_MESSAGES}", "messages")
+    out, total, turns = [], 0, 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"{where} must be an object with role and content", where)
+        role = message.get("role")
+        text = _content_text(message.get("content"), where)
+        if not text.strip():
+            raise InvalidRequest(f"{where} is empty; every message needs some text", f"{where}.content")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise InvalidRequest(f"{where} has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,} "
+                                 f"per message", f"{where}.content")
+        total += len(text)
+        if role == "system" and i == 0:
+            out.append({"role": "system", "content": text})
+            continue
+        expected = "user" if turns % 2 == 0 else "assistant"
+        turns += 1
+        if role != expected:
+            allowed = "user or assistant (system only as the first message)"
+            got = f"role {role!r}" if role in ("user", "assistant", "system") else f"unknown role {role!r}"
+            raise InvalidRequest(f"{where} has {got} where {expected!r} was expected: roles are {allowed}, "
+                                 f"alternating, starting with user", f"{where}.role")
+        out.append({"role": role, "content": parse_assistant_content(text) if role == "assistant" else text})
+    if total > MAX_TOTAL_CHARS:
+        raise InvalidRequest(f"the messages have {total:,} characters in all; the limit is {MAX_TOTAL_CHARS:,}",
+                             "messages")
+    if out[-1]["role"] != "user":
+        raise InvalidRequest(f"the last message must be from the user (it is {out[-1]['role']!r}): "
+                             f"the reply continues the conversation from there", "messages")
+    return out
+
+
+def parse_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequest(f"stop must be a non-empty string or a list of them, got {stop!r}", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}", "stop")
+    return stops
+
+
+def parse_chat_request(body, defaults: Defaults) -> ChatRequest:
+    """A decoded JSON body -> ChatRequest, or InvalidRequest naming the first rule it breaks."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest(f"stream must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidRequest(f"seed must be an integer, got {seed!r}", "seed")
+    return ChatRequest(
+        messages=parse_messages(body.get("messages")),
+        stream=stream,
+        n=_number(body, "n", 1, 1, MAX_N, integer=True),
+        temperature=_number(body, "temperature", defaults.temperature, 0.0, MAX_TEMPERATURE, integer=False),
+        top_k=0 if type(body.get("top_k")) is int and body["top_k"] == 0 else _number(body, "top_k", defaults.top_k, 1, MAX_TOP_K, integer=True),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, integer=False, low_open=True),
+        max_tokens=_number(body, "max_tokens", None, 1, MAX_TOKENS, integer=True),
+        seed=None if seed is None else seed % 2**63,
+        stop=parse_stop(body.get("stop")),
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+    )
+
+
+def fit_max_tokens(request: ChatRequest, prompt_len: int, context: int, default: int) -> int:
+    """How many tokens the reply may have: the request's max_tokens if prompt + max_tokens fits
+    the model's context (else a 400 saying what fits), or the server's default cut to fit."""
+    room = context - prompt_len
+    if room < 1:
+        raise InvalidRequest(f"the conversation is {prompt_len} tokens; the model's context is {context} "
+                             f"tokens, with room for the reply: shorten the conversation", "messages",
+                             code="context_length_exceeded")
+    if request.max_tokens is None:
+        return min(default, room)
+    if request.max_tokens > room:
+        raise InvalidRequest(f"the conversation ({prompt_len} tokens) plus max_tokens ({request.max_tokens}) "
+                             f"exceeds the model's context of {context} tokens: ask for at most {room}",
+                             "max_tokens", code="context_length_exceeded")
+    return request.max_tokens
+
+
+# -----------------------------------------------------------------------------
+# Reply shapes
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def completion_response(cid: str, model: str, texts: list[str], reasons: list[str],
+                        prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                    for i, (text, reason) in enumerate(zip(texts, reasons))],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chunk(cid: str, model: str, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}

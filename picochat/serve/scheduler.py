@@ -1,0 +1,357 @@
+"""
+Continuous batching: one background thread per engine (model replica) that serves every active
+request in each decode step.
+
+A `Job` is one API request: a prompt and `n` choices, each choice a row of the decode cache
+(picochat.model.RowKVCache, rows at their own positions). Between two steps the scheduler
+  1. drops the rows whose client went away or whose time ran out (so a slot frees within one step),
+  2. admits queued jobs while slots are free: the prompt is prefilled alone (batch 1), copied into
+     one row per choice, and each choice's first token is sampled from the prefill's logits;
+then it runs one forward over all active rows (one token each), samples every row with its own
+settings and random generator (engine.sample_rows), and streams the text of each row to its job.
+Finished rows leave; the last row moves into the hole, so the active rows are always the first
+`cache.rows`.
+
+Greedy rows give the same tokens whatever else is in the batch (up to float rounding in batched
+matmuls; equal in fp32 on CPU in tests/test_serve.py), and a seeded row draws the same samples.
+Tool calls use the Engine's state machine (engine.advance / force_output); the tool itself runs in a
+worker thread so the other rows keep decoding, and the calling row sits out the steps until the
+result is forced in. `EnginePool` sends each job to the least loaded of several schedulers (one per
+GPU).
+
+    scheduler = Scheduler(Engine(model, tokenizer), max_rows=8, max_queue=64)
+    scheduler.start()
+    scheduler.submit(Job(prompt, emit=print, max_tokens=32, temperature=0.0))
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from picochat.engine import Engine, RowState, StreamDecoder, sample_rows
+from picochat.model import KVCache, RowKVCache
+
+
+class QueueFull(Exception):
+    """Every engine's queue is full: the caller should answer 429 and ask the client to retry."""
+
+
+@dataclass
+class Delta:
+    """What a job's consumer receives: new text of choice `index`, and once, its finish_reason
+    ("stop", "length" or "error") with the number of tokens generated."""
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    emit: Callable[[Delta], None]  # called from the scheduler thread: must be thread-safe
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    top_p: float = 1.0
+    seed: int | None = None  # None: a random seed; choice i uses seed + i
+    stop: list[str] = field(default_factory=list)
+    timeout: float | None = None  # seconds from submission, then finish_reason "length"
+    cancelled: bool = False  # set by the consumer when its client went away
+
+    def __post_init__(self):
+        self.submitted = time.monotonic()
+        self.deadline = None if self.timeout is None else self.submitted + self.timeout
+        if self.seed is None:
+            self.seed = random.SystemRandom().randrange(2**31)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+
+@dataclass
+class Row:
+    """One choice of one job, in one row of the decode cache."""
+    job: Job
+    index: int
+    generator: torch.Generator
+    stream: StreamDecoder
+    state: RowState = field(default_factory=RowState)
+    last: int = 0  # the token emitted last, fed to the model in the next step
+    tokens: int = 0  # tokens generated so far
+    text: str = ""  # text decoded so far
+    sent: int = 0  # how much of text has been emitted
+    tool: Future | None = None  # a tool call in flight: the row waits for it
+    finished: bool = False
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_rows: int = 8, max_queue: int = 64, tool_workers: int = 2):
+        self.engine = engine
+        model = engine.model
+        self.device = next(model.parameters()).device
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.max_len = model.config.sequence_len
+        self.cache = RowKVCache(model.config, max_rows, self.max_len, self.device, model.compute_dtype)
+        self.rows: list[Row] = []  # rows[i] lives in cache row i
+        self.queue: deque[Job] = deque()
+        self.lock = threading.Lock()  # guards queue (submit runs on the HTTP thread)
+        self.wakeup = threading.Event()
+        self.tools = ThreadPoolExecutor(tool_workers, thread_name_prefix="picochat-tool")
+        self.tokens_generated = 0  # counters read by /metrics
+        self.steps = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- the HTTP side ----------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        if job.n > self.max_rows:
+            raise ValueError(f"n={job.n} is more than this server's {self.max_rows} slots")
+        with self.lock:
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are already waiting")
+            self.queue.append(job)
+        self.wakeup.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def load(self) -> int:
+        """Rows busy or asked for: what the pool balances."""
+        return len(self.rows) + sum(job.n for job in list(self.queue))
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self.run, name="picochat-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.tools.shutdown(wait=False, cancel_futures=True)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stopping:
+            try:
+                self.drop_gone_rows()
+                self.admit()
+                if not self.rows or all(self.waiting(row) for row in self.rows):
+                    self.wakeup.wait(timeout=0.05)  # idle, or every row waits for a tool
+                    self.wakeup.clear()
+                    continue
+                self.step()
+            except Exception:  # a failed step (out of memory, a bug) must not kill the server
+                traceback.print_exc()
+                for row in self.rows:
+                    self.finish(row, "error")
+                self.remove_finished()
+
+    def waiting(self, row: Row) -> bool:
+        if row.tool is not None and row.tool.done():
+            self.engine.force_output(row.state, row.tool.result())
+            row.tool = None
+        return row.tool is not None
+
+    def drop_gone_rows(self) -> None:
+        """Rows of cancelled jobs leave silently; rows out of time finish with "length"."""
+        now = time.monotonic()
+        for row in self.rows:
+            if row.job.cancelled:
+                row.finished = True
+            elif row.job.expired(now):
+                self.finish(row, "length")
+        self.remove_finished()
+
+    def admit(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue or self.queue[0].n > self.max_rows - len(self.rows):
+                    return
+                job = self.queue.popleft()
+            if job.cancelled:
+                continue
+            if job.expired(time.monotonic()):  # timed out while queued
+                for i in range(job.n):
+                    job.emit(Delta(i, finish_reason="length"))
+                continue
+            try:
+                self.prefill(job)
+            except Exception:  # this prompt failed (out of memory?): say so, keep serving the rest
+                traceback.print_exc()
+                for i in range(job.n):
+                    job.emit(Delta(i, finish_reason="error"))
+
+    @torch.no_grad()
+    def prefill(self, job: Job) -> None:
+        """Run the prompt alone, copy it into one free row per choice, sample the first tokens."""
+        model = self.engine.model
+        prefill = KVCache(model.config, 1, len(job.prompt), self.device, model.compute_dtype)
+        ids = torch.tensor([job.prompt], dtype=torch.long, device=self.device)
+        logits = model(ids, kv_cache=prefill)[:, -1, :]
+        new = []
+        for i in range(job.n):
+            self.cache.load_row(len(self.rows), prefill)
+            generator = torch.Generator(device=self.device).manual_seed(job.seed + i)
+            row = Row(job, i, generator, StreamDecoder(self.engine.tokenizer))
+            self.rows.append(row)
+            new.append(row)
+        self.cache.rows = len(self.rows)
+        self.sample_and_emit(new, logits.expand(job.n, -1))
+        self.remove_finished()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One token for every active row. A row waiting for a tool is fed its last token again and
+        its cache length is stepped back afterwards, so that write is simply redone later."""
+        waiting = [self.waiting(row) for row in self.rows]
+        ids = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.device)
+        logits = self.engine.model(ids, kv_cache=self.cache)[:, -1, :]
+        for i, wait in enumerate(waiting):
+            if wait:
+                self.cache.lengths[i] -= 1
+        ready = [i for i, wait in enumerate(waiting) if not wait]
+        self.sample_and_emit([self.rows[i] for i in ready], logits[ready])
+        self.steps += 1
+        self.remove_finished()
+
+    def sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        jobs = [row.job for row in rows]
+        sampled = sample_rows(logits, torch.tensor([j.temperature for j in jobs]),
+                              torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
+                              [row.generator for row in rows]).tolist()
+        for row, token in zip(rows, sampled):
+            if row.state.forced:  # the tool's output overrides what was sampled
+                token = row.state.forced.popleft()
+            self.advance(row, token)
+
+    def advance(self, row: Row, token: int) -> None:
+        """Record one new token of a row: tool state, text, and whether the row is done."""
+        engine, job = self.engine, row.job
+        row.last = token
+        self.tokens_generated += 1
+        code = engine.advance(row.state, token)
+        if row.state.done:  # <|assistant_end|> or <|bos|>: not part of the text
+            return self.finish(row, "stop")
+        row.tokens += 1
+        if code is not None:
+            row.tool = self.tools.submit(engine.run_tool, code)
+            row.tool.add_done_callback(lambda _: self.wakeup.set())
+        row.text += row.stream.feed(token)
+        if self.emit_text(row):
+            return self.finish(row, "stop", flush=False)
+        # The last token sampled is never fed back: the cache needs prompt + max_tokens - 1 rows.
+        if row.tokens >= job.max_tokens or len(job.prompt) + row.tokens >= self.max_len + 1:
+            self.finish(row, "length")
+
+    def emit_text(self, row: Row) -> bool:
+        """Send the row's new text, holding back what could be the start of a stop string.
+        Returns True when a stop string appeared (the text before it is sent, not the string)."""
+        stops = row.job.stop
+        end = len(row.text)
+        for stop in stops:
+            at = row.text.find(stop, max(0, row.sent - len(stop) + 1))
+            if at != -1:
+                end = min(end, at)
+        if end < len(row.text):
+            self.send(row, row.text[row.sent:end])
+            return True
+        hold = max((n for stop in stops for n in range(1, len(stop)) if row.text.endswith(stop[:n])), default=0)
+        self.send(row, row.text[row.sent:len(row.text) - hold])
+        return False
+
+    def send(self, row: Row, text: str) -> None:
+        if text:
+            row.sent += len(text)
+            row.job.emit(Delta(row.index, text))
+
+    def finish(self, row: Row, reason: str, flush: bool = True) -> None:
+        if row.finished:
+            return
+        row.finished = True
+        if flush:  # the rest of the text, held-back stop-string prefixes and partial characters
+            row.text += row.stream.flush()
+            self.send(row, row.text[row.sent:])
+        row.job.emit(Delta(row.index, finish_reason=reason, completion_tokens=row.tokens))
+
+    def remove_finished(self) -> None:
+        """Free the rows that are done: the last active row moves into each hole."""
+        i = 0
+        while i < len(self.rows):
+            if self.rows[i].finished:
+                last = len(self.rows) - 1
+                if i != last:
+                    self.cache.move_row(last, i)
+                    self.rows[i] = self.rows[last]
+                self.rows.pop()
+            else:
+                i += 1
+        self.cache.rows = len(self.rows)
+
+
+class EnginePool:
+    """Several schedulers (one per GPU): each job goes to the least loaded one with queue room."""
+
+    def __init__(self, schedulers: list[Scheduler]):
+        if not schedulers:
+            raise ValueError("an engine pool needs at least one scheduler")
+        self.schedulers = schedulers
+
+    def submit(self, job: Job) -> Scheduler:
+        for scheduler in sorted(self.schedulers, key=Scheduler.load):
+            try:
+                scheduler.submit(job)
+                return scheduler
+            except QueueFull:
+                continue
+        raise QueueFull("every engine's queue is full")
+
+    @property
+    def max_rows(self) -> int:
+        return self.schedulers[0].max_rows
+
+    @property
+    def active(self) -> int:
+        return sum(s.active for s in self.schedulers)
+
+    @property
+    def queued(self) -> int:
+        return sum(s.queued for s in self.schedulers)
+
+    @property
+    def slots(self) -> int:
+        return sum(s.max_rows for s in self.schedulers)
+
+    @property
+    def tokens_generated(self) -> int:
+        return sum(s.tokens_generated for s in self.schedulers)
+
+    def start(self) -> "EnginePool":
+        for s in self.schedulers:
+            s.start()
+        return self
+
+    def stop(self) -> None:
+        for s in self.schedulers:
+            s.stop()
