@@ -375,7 +375,7 @@ def runs_table(log: list[dict]) -> str:
     if not log:
         return "No run log (report/runs.jsonl): stages were run by an older picochat or outside the CLI."
     rows = [[r.get("start", DASH), r.get("stage"), fmt_duration(r.get("duration_s", 0)), r.get("exit_code"),
-             "`" + " ".join(shlex.quote(a) for a in r.get("argv", []))[:200] + "`"] for r in log]
+             "`" + " ".join(shlex.quote(a) for a in r.get("argv", [])) + "`"] for r in log]
     return table(["start (UTC)", "stage", "duration", "exit code", "flags"], rows)
 
 

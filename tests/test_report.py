@@ -200,7 +200,7 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
     picochat(home, "base_train", "--dataset", "tiny", "--depth", "2", "--max-seq-len", "64",
              "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "6",
              "--eval-every", "3", "--eval-tokens", "1024", "--sample-every", "-1", "--model-tag", "e2e", *CPU)
-    picochat(home, "base_eval", "--dataset", "tiny", "--eval-tokens", "512", "--device-batch-size", "4",
+    picochat(home, "base_eval", "--eval", "bpb,sample", "--dataset", "tiny", "--eval-tokens", "512", "--device-batch-size", "4",
              "--max-new-tokens", "4", "--num-unconditioned", "1", *CPU)
     for stage, source in (("mid_train", "base"), ("sft", "mid")):
         picochat(home, stage, "--mixture", str(chats), "--source", source, "--device-batch-size", "4",
@@ -216,7 +216,7 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
     sft_eval = json.loads(next((home / "evals").glob("chat_sft_e2e_step*.json")).read_text())
     table = summary_table(text)
     assert table["SpellingBee"] == ["–", "–", f"{sft_eval['results']['SpellingBee']:.4f}", "–"]
-    assert table["CORE"] == ["–"] * 4  # base_eval here does not run CORE
+    assert table["CORE"] == ["–"] * 4  # CORE was not asked for (--eval bpb,sample)
     log_rows = [line for line in text.split("## Run log")[1].split("## ")[0].splitlines() if line.startswith("| 20")]
     logged = [line.split("|")[2].strip() for line in log_rows]
     assert logged == ["base_train", "base_eval", "mid_train", "sft", "chat_eval"]
