@@ -55,12 +55,15 @@ def free_port() -> int:
 def running_server(home: Path, *extra_args: str, timeout: float = 120.0):
     """Run `picochat serve --port <free> --device cpu --dtype float32 *extra_args` with
     PICOCHAT_HOME=home, wait until /health answers, yield its base URL (http://127.0.0.1:PORT),
-    then stop it. If the server dies or never gets healthy, fail with what it printed."""
+    then stop it. If the server dies or never gets healthy, fail with what it printed.
+    Serves make_tiny_chat_model's tag unless extra_args name a --model-tag (other tests write
+    their own SFT checkpoints into the shared tiny_home)."""
     import httpx
 
     port = free_port()
+    tag = [] if "--model-tag" in extra_args else ["--model-tag", TINY_TAG]
     cmd = [sys.executable, "-m", "picochat", "serve", "--port", str(port), "--device", "cpu",
-           "--dtype", "float32", *extra_args]
+           "--dtype", "float32", *tag, *extra_args]
     log = Path(home) / f"serve_{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env_for(Path(home)), stdout=out, stderr=subprocess.STDOUT)
