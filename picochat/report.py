@@ -143,9 +143,11 @@ def gpu_hourly_usd(name: str) -> float:
 def environment(package_dir: Path, gpu_list: list[tuple[str, float]]) -> list[tuple[str, str]]:
     import torch
     import picochat
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = total_ram_gib()
     rows = [("host", socket.gethostname()), ("platform", platform.platform()),
-            ("CPUs", f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} usable"),
-            ("RAM", f"{total_ram_gib():.1f} GiB" if total_ram_gib() else DASH)]
+            ("CPUs", f"{os.cpu_count()} logical, {usable} usable by this process"),
+            ("RAM", f"{ram:.1f} GiB" if ram else DASH)]
     if gpu_list:
         names = sorted({n for n, _ in gpu_list})
         rows += [("GPUs", f"{len(gpu_list)} × {', '.join(names)}"),
@@ -204,8 +206,10 @@ def load_stage_run(stage: str, root: Path) -> StageRun:
 def tags_newest_first(stage: str, home: Path) -> list[str]:
     base = home / "checkpoints" / stage
     roots = [p for p in base.iterdir() if p.is_dir() and list_steps(p)] if base.is_dir() else []
-    mtime = lambda p: max(q.stat().st_mtime for q in [p, *p.iterdir()])  # noqa: E731
-    return [p.name for p in sorted(roots, key=mtime, reverse=True)]
+
+    def modified(root: Path) -> float:  # the directory, or the newest file or checkpoint in it
+        return max(p.stat().st_mtime for p in [root, *root.iterdir()])
+    return [p.name for p in sorted(roots, key=modified, reverse=True)]
 
 
 def select_runs(home: Path, model_tag: str | None = None) -> dict[str, StageRun]:

@@ -132,6 +132,15 @@ def test_report_has_every_section_and_the_exact_numbers_of_the_evals(fabricated_
         assert_is_png(path.parent / name)
 
 
+def test_cost_is_wall_time_times_the_hourly_price_of_the_gpus(fabricated_run, monkeypatch):
+    import picochat.report
+    monkeypatch.setattr(picochat.report, "gpus", lambda: [("NVIDIA H100 80GB HBM3", 79.2)] * 8)
+    text = write_report().read_text()
+    assert "| GPUs | 8 × NVIDIA H100 80GB HBM3 |" in text
+    # 3m10s of stages at 8 × $3.00 per hour
+    assert f"estimated cost: ${8 * 3.00 * 190 / 3600:,.2f} ($24.00/hour for 8 GPU(s))" in text
+
+
 def test_report_writes_where_asked_and_labels_full_core_plainly(fabricated_run, tmp_path):
     out = write_report(tmp_path / "out" / "card.md", model_tag="unrelated")
     text = out.read_text()
