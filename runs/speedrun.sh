@@ -37,6 +37,8 @@ demo)
     stamp "held-out letter counting (SpellingBee test words): base vs SFT"
     picochat chat_eval --source base --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
     picochat chat_eval --source sft --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
+    stamp "report card"
+    picochat report --model-tag "$TAG"
     stamp "one chat answer"
     picochat chat --source sft --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 300 --plain
     ;;
@@ -63,6 +65,8 @@ d20)
     stamp "SFT"
     torchrun --standalone --nproc_per_node="$NPROC" -m picochat sft --source-tag "$TAG" --resume-if-possible
     torchrun --standalone --nproc_per_node="$NPROC" -m picochat chat_eval --source sft --model-tag "$TAG"
+    stamp "report card"
+    picochat report --model-tag "$TAG"
     ;;
 *)
     echo "speedrun: unknown preset '$PRESET' (choose auto, demo or d20)" >&2
