@@ -57,11 +57,14 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     # Nucleus: drop a token when the tokens ranked above it already reach top_p; the first stays.
     drop = (probs.cumsum(dim=-1) - probs) >= top_p.to(logits.device).unsqueeze(1)
     probs = F.softmax(candidates.masked_fill(drop, float("-inf")), dim=-1)
+    # Inverse CDF with one uniform per row: a row's draw depends only on its own generator and
+    # distribution, not on how many candidates the widest row in the batch needed.
     if isinstance(generator, torch.Generator):
-        picks = torch.multinomial(probs, 1, generator=generator)
+        u = torch.rand(probs.size(0), generator=generator, device=generator.device)
     else:
-        picks = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)
-                           for i, g in enumerate(generator)])
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator])
+    cdf = probs.cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, u.to(cdf.device).unsqueeze(1) * cdf[:, -1:]).clamp_(max=k_max - 1)
     return torch.where(sampling.to(logits.device), order.gather(1, picks).squeeze(1), greedy)
 
 

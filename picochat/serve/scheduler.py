@@ -154,19 +154,25 @@ class Scheduler:
 
     def run(self) -> None:
         while not self._stopping:
-            try:
-                self.drop_gone_rows()
-                self.admit()
-                if not self.rows or all(self.waiting(row) for row in self.rows):
-                    self.wakeup.wait(timeout=0.05)  # idle, or every row waits for a tool
-                    self.wakeup.clear()
-                    continue
-                self.step()
-            except Exception:  # a failed step (out of memory, a bug) must not kill the server
-                traceback.print_exc()
-                for row in self.rows:
-                    self.finish(row, "error")
-                self.remove_finished()
+            if not self.run_once():
+                self.wakeup.wait(timeout=0.05)  # idle, or every row waits for a tool
+                self.wakeup.clear()
+
+    def run_once(self) -> bool:
+        """One turn of the loop: free the rows of gone clients, admit queued jobs, decode one
+        step. Returns False when there was nothing to decode."""
+        try:
+            self.drop_gone_rows()
+            self.admit()
+            if not self.rows or all(self.waiting(row) for row in self.rows):
+                return False
+            self.step()
+        except Exception:  # a failed step (out of memory, a bug) must not kill the server
+            traceback.print_exc()
+            for row in self.rows:
+                self.finish(row, "error")
+            self.remove_finished()
+        return True
 
     def waiting(self, row: Row) -> bool:
         if row.tool is not None and row.tool.done():

@@ -1,0 +1,484 @@
+"""
+Tests for `picochat serve`: the per-row KV cache, the continuous-batching scheduler, the OpenAI API
+(limits, errors, streaming, metrics) and one real server process.
+
+Most tests run the app in this process (uvicorn in a thread, real HTTP through httpx) on the tiny
+random model of tests/serve_fixtures.py in fp32, where greedy decoding is deterministic. A "slow"
+model sleeps in every forward so that a generation outlasts what the test does meanwhile.
+
+    pytest -q tests/test_serve.py
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from picochat.__main__ import main as picochat_main
+from picochat.checkpoint import load_checkpoint
+from picochat.engine import Engine
+from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
+from picochat.serve.api import Defaults, parse_messages
+from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app
+from picochat.serve.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler
+from picochat.tokenizer import Tokenizer
+from serve_fixtures import free_port, make_tiny_chat_model, running_server
+
+GREEDY = Defaults(temperature=0.0, top_k=50, max_tokens=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model gains nothing from threads on a shared 2-core machine (see test_engine.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_home):
+    """(model, tokenizer) of the tiny SFT checkpoint, fp32 on the CPU."""
+    tag = make_tiny_chat_model(tiny_home)
+    state, meta, _ = load_checkpoint(tiny_home / "checkpoints" / "sft" / tag, 1, "cpu")
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(state)
+    return model.eval(), Tokenizer.load(tiny_home / "tokenizer")
+
+
+def slowed(model: GPT, seconds: float) -> GPT:
+    """The same model, sleeping before every forward: a generation of n tokens takes > n·seconds."""
+    slow = GPT(model.config)
+    slow.load_state_dict(model.state_dict())
+    forward = slow.forward
+    slow.forward = lambda *a, **k: (time.sleep(seconds), forward(*a, **k))[1]
+    return slow.eval()
+
+
+@contextlib.contextmanager
+def serving(model, tok, *, max_rows=8, max_queue=64, api_key=None, timeout=300.0, defaults=GREEDY):
+    """The app on a free port in this process; yields (base_url, pool)."""
+    import uvicorn
+    pool = EnginePool([Scheduler(Engine(model, tok), max_rows, max_queue)])
+    app = create_app(pool, tok, "tiny", model.config.sequence_len, defaults, api_key, timeout)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", pool
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def ask(text: str, **settings) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": text}], **settings}
+
+
+def stream_text(client: httpx.Client, url: str, body: dict) -> tuple[str, str]:
+    """(content, finish_reason) of a streamed completion, read chunk by chunk until [DONE]."""
+    text, reason, done = "", None, False
+    with client.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True)) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ") and not done
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            assert chunk["object"] == "chat.completion.chunk"
+            text += chunk["choices"][0]["delta"].get("content", "")
+            reason = chunk["choices"][0]["finish_reason"] or reason
+    assert done, "the stream ended without data: [DONE]"
+    return text, reason
+
+
+def prompts(n: int) -> list[str]:
+    return [f"question number {i}: what shall we do?" for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# The per-row KV cache
+
+
+def test_rows_at_different_positions_decode_as_if_each_ran_alone():
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = GPT(config)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape))
+        seqs = [torch.randint(0, 97, (n,)).tolist() for n in (5, 17, 2)]
+        cache = RowKVCache(config, 4, 40, "cpu", torch.float32)
+        for row, seq in enumerate(seqs):  # prefill each alone, then share one decode cache
+            prefill = KVCache(config, 1, len(seq) - 1, "cpu", torch.float32)
+            model(torch.tensor([seq[:-1]]), kv_cache=prefill)
+            cache.load_row(row, prefill)
+        cache.rows = 3
+        for _ in range(5):
+            batched = model(torch.tensor([[seq[-1]] for seq in seqs]), kv_cache=cache)[:, -1]
+            for row, seq in enumerate(seqs):  # the slow, obvious reference: the whole sequence again
+                alone = model(torch.tensor([seq]))[0, -1]
+                torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)
+                seq.append(int(alone.argmax()))
+        assert cache.lengths[:3] == [len(seq) - 1 for seq in seqs]
+
+
+# -----------------------------------------------------------------------------
+# The scheduler, driven step by step
+
+
+def collect(job_deltas: list[Delta]) -> tuple[str, str | None]:
+    text = "".join(d.text for d in job_deltas)
+    reasons = [d.finish_reason for d in job_deltas if d.finish_reason]
+    return text, reasons[0] if reasons else None
+
+
+def test_scheduler_matches_the_engine_and_frees_a_cancelled_row_within_one_step(tiny):
+    model, tok = tiny
+    scheduler = Scheduler(Engine(model, tok), max_rows=4)
+    outputs = {i: [] for i in range(3)}
+    jobs = [Job(tok.render_for_completion(ask(p)), emit=outputs[i].append, max_tokens=40, temperature=0.0)
+            for i, p in enumerate(prompts(3))]
+    for job in jobs:
+        scheduler.submit(job)
+    scheduler.run_once()
+    assert scheduler.active == 3
+    for _ in range(5):
+        scheduler.run_once()
+    jobs[1].cancel()
+    seen = len(outputs[1])
+    scheduler.run_once()
+    assert scheduler.active == 2 and len(outputs[1]) == seen  # gone before the next step, silently
+    while scheduler.run_once():
+        pass
+    engine = Engine(model, tok)
+    for i in (0, 2):
+        prompt = jobs[i].prompt
+        ids, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
+        assert collect(outputs[i])[0] == tok.decode(ids[0][len(prompt):])
+
+
+def test_a_row_waiting_for_its_tool_does_not_hold_up_the_others(tiny):
+    """A model that always calls the tool (after <|assistant_start|> comes <|python_start|> and
+    so on); the tool blocks until released, and a plain request finishes meanwhile."""
+    model, tok = tiny
+    sp = tok.encode_special
+    call = [sp("<|assistant_start|>"), sp("<|python_start|>")] + tok.encode("6*7") + [sp("<|python_end|>")]
+    script = dict(zip(call, call[1:])) | {sp("<|output_end|>"): sp("<|assistant_end|>")}
+
+    class ToolCaller(GPT):
+        """Row 0, the first request, follows the script; the rest is the tiny model as it is."""
+        prefills = 0
+
+        def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+            logits = super().forward(idx, kv_cache=kv_cache)
+            if isinstance(kv_cache, KVCache):  # a prompt prefilled alone
+                self.prefills += 1
+                if self.prefills > 1:
+                    return logits
+            target = script.get(idx[0, -1].item())
+            if target is not None:
+                logits[0, -1] = -10.0
+                logits[0, -1, target] = 10.0
+            return logits
+
+    caller = ToolCaller(model.config)
+    caller.load_state_dict(model.state_dict())
+    release, calls = threading.Event(), []
+
+    def tool(code):
+        calls.append(code)
+        release.wait(10)
+        return "42"
+
+    scheduler = Scheduler(Engine(caller.eval(), tok, tool=tool), max_rows=2)
+    tool_out, plain_out = [], []
+    scheduler.submit(Job(tok.render_for_completion(ask("6*7?")), emit=tool_out.append, max_tokens=20,
+                         temperature=0.0))
+    scheduler.run_once()  # the tool-calling job prefills alone: row 0
+    scheduler.submit(Job(tok.render_for_completion(ask(prompts(3)[2])), emit=plain_out.append,
+                         max_tokens=30, temperature=0.0))
+    for _ in range(200):
+        if collect(plain_out)[1]:
+            break
+        scheduler.run_once()
+    assert calls == ["6*7"] and collect(plain_out)[1] == "length"
+    assert collect(tool_out) == ("<|python_start|>6*7<|python_end|>", None)  # still waiting
+    release.set()
+    deadline = time.monotonic() + 10
+    while not collect(tool_out)[1] and time.monotonic() < deadline:
+        if not scheduler.run_once():
+            time.sleep(0.01)
+    assert collect(tool_out) == ("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>", "stop")
+    scheduler.tools.shutdown()
+
+
+def test_requests_go_to_the_least_loaded_engine(tiny):
+    model, tok = tiny
+    a, b = Scheduler(Engine(model, tok), max_rows=2, max_queue=2), Scheduler(Engine(model, tok), max_rows=2, max_queue=2)
+    pool = EnginePool([a, b])
+    job = lambda n=1: Job([tok.bos_id], emit=lambda d: None, n=n)
+    assert pool.submit(job(2)) is a
+    assert pool.submit(job()) is b
+    assert pool.submit(job()) is b
+    assert pool.submit(job()) is a  # both have 2 rows asked for: the first of equals
+    assert (a.queued, b.queued) == (2, 2)
+    with pytest.raises(QueueFull):
+        pool.submit(job())
+
+
+# -----------------------------------------------------------------------------
+# The API over HTTP
+
+
+def test_openai_client_gets_a_streamed_and_a_plain_completion(tiny):
+    import openai
+    model, tok = tiny
+    with serving(model, tok, api_key="sekret") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=12, temperature=0)
+        choice = reply.choices[0]
+        assert choice.message.role == "assistant" and choice.message.content
+        assert choice.finish_reason in ("stop", "length")
+        assert reply.usage.prompt_tokens == len(tok.render_for_completion(ask("hi")))
+        assert 1 <= reply.usage.completion_tokens <= 12
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=12, temperature=0, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_16_concurrent_streams_give_what_each_request_gives_alone(tiny):
+    """Rows join and leave mid-stream (8 slots, 16 clients, replies of different lengths); greedy
+    and seeded sampled replies are the same as when served one at a time."""
+    model, tok = tiny
+    bodies = [ask(p, max_tokens=24 + 4 * (i % 5)) for i, p in enumerate(prompts(16))]
+    for i, body in enumerate(bodies[::4]):  # a few sampled rows in the mix, each with its own seed
+        body.update(temperature=1.0, top_k=40, top_p=0.9, seed=i)
+
+    def one_client(body):
+        with httpx.Client(timeout=60) as client:
+            return stream_text(client, url, body)
+
+    with serving(model, tok, max_rows=8) as (url, pool):
+        scheduler = pool.schedulers[0]
+        alone = [one_client(body) for body in bodies]
+        steps_alone = scheduler.steps
+        with ThreadPoolExecutor(16) as ex:
+            together = list(ex.map(one_client, bodies))
+        steps_together = scheduler.steps - steps_alone
+    assert together == alone
+    assert steps_together < steps_alone / 2  # the requests did share decode steps
+    assert {reason for _, reason in alone} == {"stop", "length"}  # some left early, others ran out
+
+
+def test_n_choices_are_sampled_independently_and_a_seed_repeats_them(tiny):
+    model, tok = tiny
+    with serving(model, tok) as (url, _), httpx.Client(timeout=60) as client:
+        body = ask("hello", n=3, temperature=1.0, top_k=0, max_tokens=16, seed=7)
+        first = client.post(url + "/v1/chat/completions", json=body).json()
+        again = client.post(url + "/v1/chat/completions", json=body).json()
+        texts = [c["message"]["content"] for c in first["choices"]]
+        assert len(set(texts)) == 3
+        assert [c["message"]["content"] for c in again["choices"]] == texts
+
+
+def test_a_stop_string_ends_the_reply_before_it(tiny):
+    model, tok = tiny
+    with serving(model, tok) as (url, _), httpx.Client(timeout=60) as client:
+        full = client.post(url + "/v1/chat/completions", json=ask(prompts(3)[2], max_tokens=40)).json()
+        text = full["choices"][0]["message"]["content"]
+        stop = text[10:13]
+        cut = text[:text.find(stop)]
+        plain = client.post(url + "/v1/chat/completions", json=ask(prompts(3)[2], max_tokens=40, stop=[stop])).json()
+        assert (plain["choices"][0]["message"]["content"], plain["choices"][0]["finish_reason"]) == (cut, "stop")
+        assert stream_text(client, url, ask(prompts(3)[2], max_tokens=40, stop=stop)) == (cut, "stop")
+
+
+LONG = "x" * 8001
+
+
+@pytest.mark.parametrize("body, param, words", [
+    (b"{not json", None, "not valid JSON"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role", "unknown role 'tool'"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role", "'user' was expected"),
+    ({"messages": [{"role": "user", "content": " "}]}, "messages[0].content", "is empty"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "messages[0].content", "8,001 characters; the limit is 8,000"),
+    ({"messages": [{"role": u, "content": "y" * 7000} for u in ["user", "assistant"] * 2 + ["user"]]},
+     "messages", "35,000 characters in all; the limit is 32,000"),
+    ({"messages": [{"role": u, "content": "a"} for u in ["user", "assistant"] * 250 + ["user"]]},
+     "messages", "501 entries; the limit is 500"),
+    (ask("hi", temperature=2.5), "temperature", "[0.0, 2.0], got 2.5"),
+    (ask("hi", top_k=201), "top_k", "[1, 200], got 201"),
+    (ask("hi", top_p=0), "top_p", "(0.0, 1.0], got 0"),
+    (ask("hi", max_tokens=0), "max_tokens", "[1, 4096], got 0"),
+    (ask("hi", n=9), "n", "[1, 8], got 9"),
+    (ask("hi", max_tokens=4000), "max_tokens", "exceeds the model's context of 256 tokens: ask for at most"),
+    (ask("hi " * 300), "messages", "the model's context is 256 tokens"),
+])
+def test_a_request_out_of_limits_gets_a_400_naming_the_limit(tiny, body, param, words):
+    model, tok = tiny
+    with serving(model, tok) as (url, _), httpx.Client(timeout=60) as client:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = client.post(url + "/v1/chat/completions", headers={"content-type": "application/json"}, **kwargs)
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param
+        assert words in error["message"]
+        ok = client.post(url + "/v1/chat/completions", json=ask("hi", max_tokens=3))  # still serving
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_a_missing_or_wrong_api_key_is_a_401_and_health_stays_open(tiny):
+    model, tok = tiny
+    with serving(model, tok, api_key="sekret") as (url, _), httpx.Client(timeout=60) as client:
+        missing = client.post(url + "/v1/chat/completions", json=ask("hi"))
+        wrong = client.post(url + "/v1/chat/completions", json=ask("hi"), headers={"Authorization": "Bearer nope"})
+        assert (missing.status_code, wrong.status_code) == (401, 401)
+        assert "missing API key" in missing.json()["error"]["message"]
+        assert "wrong API key" in wrong.json()["error"]["message"]
+        assert client.get(url + "/metrics").status_code == 401
+        assert client.get(url + "/health").json()["status"] == "ok"
+        good = client.post(url + "/v1/chat/completions", json=ask("hi", max_tokens=3),
+                           headers={"Authorization": "Bearer sekret"})
+        assert good.status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny):
+    model, tok = tiny
+    slow = slowed(model, 0.02)  # 200 tokens: over 4 s
+    with serving(slow, tok, max_rows=1, max_queue=1) as (url, pool), httpx.Client(timeout=60) as client:
+        body = ask(prompts(3)[2], max_tokens=200, stream=True)
+        with client.stream("POST", url + "/v1/chat/completions", json=body) as first:
+            next(first.iter_lines())
+            with httpx.Client(timeout=60) as other, other.stream("POST", url + "/v1/chat/completions", json=body):
+                while pool.queued < 1:
+                    time.sleep(0.01)
+                third = client.post(url + "/v1/chat/completions", json=ask("hi"))
+                assert third.status_code == 429
+                assert int(third.headers["Retry-After"]) >= 1
+                assert third.json()["error"]["type"] == "rate_limit_error"
+                assert "--max-queue" in third.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny):
+    model, tok = tiny
+    slow = slowed(model, 0.02)
+    with serving(slow, tok) as (url, pool), httpx.Client(timeout=60) as client:
+        with client.stream("POST", url + "/v1/chat/completions",
+                           json=ask(prompts(3)[2], max_tokens=200, stream=True)) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+            assert client.get(url + "/health").json()["active_slots"] == 1
+        deadline = time.monotonic() + 2  # 100 steps of this model: the reply would still be running
+        while client.get(url + "/health").json()["active_slots"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get(url + "/health").json()["active_slots"] == 0
+        assert pool.tokens_generated < 100
+
+
+def test_a_request_past_its_timeout_ends_with_length_and_frees_its_slot(tiny):
+    model, tok = tiny
+    with serving(slowed(model, 0.02), tok, timeout=0.5) as (url, pool), httpx.Client(timeout=60) as client:
+        reply = client.post(url + "/v1/chat/completions", json=ask(prompts(3)[2], max_tokens=200)).json()
+        assert reply["choices"][0]["finish_reason"] == "length"
+        assert 0 < reply["usage"]["completion_tokens"] < 100
+        assert client.get(url + "/health").json()["active_slots"] == 0
+
+
+PROMETHEUS_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]+="[^"]*"(,[a-zA-Z_]+="[^"]*")*\})? (\S+)$')
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """The text exposition format, strictly: '# HELP/TYPE' comments and 'name{labels} value'."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* \S", line), line
+            continue
+        match = PROMETHEUS_LINE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(4))
+    return samples
+
+
+def test_metrics_count_requests_tokens_and_latency(tiny):
+    model, tok = tiny
+    with serving(model, tok) as (url, _), httpx.Client(timeout=60) as client:
+        replies = [client.post(url + "/v1/chat/completions", json=ask(p, max_tokens=8)).json() for p in prompts(3)]
+        client.post(url + "/v1/chat/completions", json=ask("hi", n=99))
+        metrics = parse_prometheus(client.get(url + "/metrics").text)
+    ok = 'picochat_requests_total{path="/v1/chat/completions",code="200"}'
+    bad = 'picochat_requests_total{path="/v1/chat/completions",code="400"}'
+    assert (metrics[ok], metrics[bad]) == (3, 1)
+    # every reply token, plus the <|assistant_end|> of replies that stopped
+    tokens = sum(r["usage"]["completion_tokens"] + (r["choices"][0]["finish_reason"] == "stop") for r in replies)
+    assert metrics["picochat_generated_tokens_total"] == tokens
+    assert metrics["picochat_request_duration_seconds_count"] == 4
+    assert metrics['picochat_request_duration_seconds_bucket{le="+Inf"}'] == 4
+    assert (metrics["picochat_active_slots"], metrics["picochat_queue_depth"], metrics["picochat_slots"]) == (0, 0, 8)
+
+
+def test_tool_markers_in_an_assistant_message_render_as_the_tool_tokens(tiny):
+    _, tok = tiny
+    sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "6*7?"},
+            {"role": "assistant", "content": "Let me see. <|python_start|>6*7<|python_end|><|output_start|>42"
+                                             "<|output_end|> It is 42."},
+            {"role": "user", "content": "thanks <|python_start|>"}]
+    ids = tok.render_for_completion({"messages": parse_messages(sent)})
+    assert tok.decode(ids) == ("<|bos|><|user_start|>Be brief.\n\n6*7?<|user_end|><|assistant_start|>Let me see. "
+                               "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> It is 42."
+                               "<|assistant_end|><|user_start|>thanks <|python_start|><|user_end|>"
+                               "<|assistant_start|>")
+    python_start = tok.encode_special("<|python_start|>")
+    assert ids.count(python_start) == 1  # the user's text is only text, never a tool call
+
+
+def test_the_web_page_is_served_at_the_root(tiny):
+    model, tok = tiny
+    with serving(model, tok) as (url, _):
+        page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    index = STATIC_DIR / "index.html"  # written by the web UI; a placeholder line until then
+    assert page.text == (index.read_text() if index.is_file() else PLACEHOLDER)
+
+
+def test_a_public_host_without_an_api_key_is_refused(capsys):
+    rc = picochat_main(["serve", "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("picochat serve: error: --host 0.0.0.0 makes the server reachable") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_picochat_serve_process_answers_the_openai_client(tiny_home, tiny):
+    import openai
+    with running_server(tiny_home, "--api-key", "k", "--max-batch-size", "4") as url:
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "ok" and health["model"] == "tiny" and health["slots"] == 4
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=8, temperature=0, stream=True))
+        plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=8, temperature=0)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
