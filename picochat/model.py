@@ -10,9 +10,11 @@ The GPT (nanochat's seed architecture, spec §1.1), in one file:
 
 Dtypes are explicit: master weights are fp32 and every Linear casts its weight to the activation
 dtype (`compute_dtype`, bf16 on modern GPUs and fast-bf16 CPUs), so there is no autocast anywhere.
-A `KVCache` turns the same forward into incremental decoding. The elementwise ops (RMSNorm,
-RoPE + QK-norm, ReLU²) run as fused autograd Functions, each with its plain reference beside it
-(tests/test_fast_paths.py pins them together; benchmarks/train_throughput.py times both).
+A `KVCache` turns the same forward into incremental decoding; a `RowKVCache` does it for rows
+at different positions (continuous batching in picochat serve; tests/test_serve.py checks it against
+running each row alone). The elementwise ops (RMSNorm, RoPE + QK-norm, ReLU²) run as fused
+autograd Functions, each with its plain reference beside it (tests/test_fast_paths.py pins them
+together; benchmarks/train_throughput.py times both).
 
     model = GPT(config_from_depth(4, vocab_size=4096, sequence_len=512)); model.init_weights()
     loss = model(idx, targets)
