@@ -77,3 +77,51 @@ def test_chatcore_needs_every_task_and_centers_multiple_choice():
             "SpellingBee": 0.0}
     assert chatcore(full) == 0.0
     assert abs(chatcore(dict(full, SpellingBee=0.6)) - 0.1) < 1e-12
+
+
+def test_batched_generative_eval_gives_each_problem_the_completion_it_gets_alone():
+    """Continuous batching across problems (16 rows) must not change what any problem's greedy
+    completion is: the grader sees the same text as with one problem at a time."""
+    from picochat.evals.chat_eval import run_generative
+    from picochat.model import GPT, GPTConfig
+    from picochat.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["How many letters are in the word apple? It is 5. " * 50], 300)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2,
+                          n_kv_head=1, n_embd=32))
+    model.init_weights(seed=0)
+    with torch.no_grad():  # zero-initialized projections: perturb so every problem differs
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+
+    class Words(Task):
+        eval_type = "generative"
+
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def num_examples(self):
+            return 12
+
+        def get_example(self, i):
+            word = "apple pear fig kiwi plum lime date grape melon peach lemon mango".split()[i]
+            return {"messages": [{"role": "user", "content": f"How many letters are in {word}?"},
+                                 {"role": "assistant", "content": "#### 5"}], "i": i}
+
+        def evaluate(self, conv, completion):
+            self.seen[conv["i"]] = completion
+            return "e" in completion
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone, batched = Words(), Words()
+        acc_alone = run_generative(model.eval(), tok, alone, max_new_tokens=12, batch_size=1, tool=str)
+        acc_batched = run_generative(model, tok, batched, max_new_tokens=12, batch_size=16, tool=str)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(alone.seen) == list(range(12))
+    assert batched.seen == alone.seen and acc_batched == acc_alone
+    assert len(set(alone.seen.values())) > 1  # the problems' completions differ: a real comparison

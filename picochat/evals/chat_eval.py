@@ -4,17 +4,21 @@ Chat evaluation (spec §7.3): accuracy of a chat model on tasks.
 - categorical tasks (ARC, MMLU): one forward pass over a batch of prompts; the answer is the
   allowed letter with the highest logit at the prompt's last position (no sampling, and a letter
   outside the allowed set can never be predicted);
-- generative tasks (GSM8K, HumanEval, SpellingBee): the Engine samples `num_samples` completions
-  (with tool use); a problem passes if any completion passes the task's own check (pass@k).
+- generative tasks (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem (with tool
+  use), decoded with continuous batching across problems (picochat/serve/scheduler.py, the server's
+  scheduler); a problem passes if any completion passes the task's own check (pass@k).
 
 Problems are strided across ranks and the counts all-reduced.
 """
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.distributed as dist
 
-from picochat.common import dist_info
+from picochat.common import dist_info, progress
 
 
 @torch.no_grad()
@@ -42,19 +46,47 @@ def run_categorical(model, tokenizer, task, batch_size: int = 8, max_problems: i
 @torch.no_grad()
 def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens: int = 512,
                    temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
-                   tool=None) -> float:
+                   tool=None, batch_size: int = 16) -> float:
+    """pass@num_samples over the task's first `max_problems` problems. Generation is continuously
+    batched (the server's scheduler): up to `batch_size` rows decode together, a finished problem's
+    rows are refilled with the next problem at once. Problem j samples with seed j, whatever the
+    batch. Completions are then graded four at a time (HumanEval's grader is a subprocess)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from picochat.engine import Engine
+    from picochat.serve.scheduler import Job, Scheduler
     info, device = dist_info(), model.lm_head.weight.device
-    engine = Engine(model, tokenizer, tool=tool)
     n = len(task) if max_problems is None else min(max_problems, len(task))
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for j in range(info.rank, n, info.world_size):
-        conv = task[j]
-        prompt = tokenizer.render_for_completion(conv)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, seed=j)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        correct += int(any(task.evaluate(conv, c) for c in completions))
+    mine = list(range(info.rank, n, info.world_size))
+    texts = {j: [""] * num_samples for j in mine}
+    choices_left = {j: num_samples for j in mine}  # a problem is done when all its choices are
+    bar = progress(total=len(mine), desc=f"{type(task).__name__} generating", unit="problem")
+
+    def collect(j, delta):  # called by scheduler.run_once, on this thread
+        texts[j][delta.index] += delta.text
+        if delta.finish_reason is not None:
+            choices_left[j] -= 1
+            if choices_left[j] == 0:
+                del choices_left[j]
+                bar.update(1)
+
+    scheduler = Scheduler(Engine(model, tokenizer, tool=tool), max_rows=max(batch_size, num_samples),
+                          max_queue=max(1, len(mine)))
+    convs = {j: task[j] for j in mine}
+    for j in mine:
+        scheduler.submit(Job(tokenizer.render_for_completion(convs[j]), emit=functools.partial(collect, j),
+                             n=num_samples, max_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k or 0, seed=j))
+    try:
+        while choices_left:
+            if not scheduler.run_once():
+                time.sleep(0.005)  # every active row is waiting for its tool
+    finally:
+        bar.close()
+        scheduler.stop()
+    with ThreadPoolExecutor(4) as pool:
+        passed = pool.map(lambda j: any(task.evaluate(convs[j], c) for c in texts[j]), mine)
+        correct = torch.tensor(sum(passed), dtype=torch.long, device=device)
     return _mean(correct, n)
 
 
@@ -76,7 +108,6 @@ def evaluate_task(model, tokenizer, task, **kwargs) -> float:
     if task.eval_type == "categorical":
         keep = {k: v for k, v in kwargs.items() if k in ("batch_size", "max_problems")}
         return run_categorical(model, tokenizer, task, **keep)
-    kwargs.pop("batch_size", None)
     return run_generative(model, tokenizer, task, **kwargs)
 
 

@@ -48,7 +48,8 @@ def build_parser() -> Parser:
     p.add_argument("--data-source", default="auto", choices=["auto", "hub", "offline"],
                    help="where task data comes from (auto: the Hub when reachable)")
     p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (categorical tasks)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per forward pass (categorical tasks); rows decoding together (generative)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k, generative tasks)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per sample")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
