@@ -371,8 +371,10 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
         with client.stream("POST", url + "/v1/chat/completions", json=body) as first:
             next(first.iter_lines())
             with httpx.Client(timeout=60) as other, other.stream("POST", url + "/v1/chat/completions", json=body):
-                while pool.queued < 1:
+                deadline = time.monotonic() + 10
+                while pool.queued < 1 and time.monotonic() < deadline:
                     time.sleep(0.01)
+                assert pool.queued == 1, "the second request should be waiting for the only slot"
                 third = client.post(url + "/v1/chat/completions", json=ask("hi"))
                 assert third.status_code == 429
                 assert int(third.headers["Retry-After"]) >= 1
