@@ -93,7 +93,7 @@ def main():
     gen_same = sum(ref_seen[i] == seen[i] for i in ref_seen)
 
     print(f"\ndevice {device}, dtype {dtype}, threads {torch.get_num_threads()}, model tag {args.model_tag}")
-    print(f"| eval | how | examples | seconds | examples/s | accuracy |\n|---|---|---:|---:|---:|---:|")
+    print("| eval | how | examples | seconds | examples/s | accuracy |\n|---|---|---:|---:|---:|---:|")
     for what, how, count, dt, acc in rows:
         print(f"| {what} | {how} | {count} | {dt:.1f} | {count / dt:.2f} | {acc:.4f} |")
     print(f"\nmultiple choice: batched is {mc_ratio:.2f}x one item per pass; same accuracy: {mc_same}")
