@@ -19,7 +19,8 @@ random baseline rb in percent.
 
 Notable choices: all the prompts of one item go through one forward pass, right-padded with BOS
 (a causal model never looks right, so padding cannot change a score), and several items share a
-pass up to `batch_rows` rows and a logits-memory budget. Items are strided across ranks and the
+pass up to `batch_rows` rows and PASS_TOKENS tokens, sorted by length within windows of 256
+items so that little of a pass is padding. Items are strided across ranks and the
 per-item correctness all-reduced. The bundle's core.yaml is read by a small reader of the YAML
 that file uses (PyYAML is not a dependency).
 
@@ -54,7 +55,12 @@ NUM_CORE_TASKS = 22        # the DCLM CORE suite (spec §7.2)
 DATA_SHUFFLE_SEED = 1337   # random.Random(1337).shuffle(data), then cut to max_per_task
 FEWSHOT_SEED = 1234        # random.Random(1234 + idx) draws item idx's few-shot examples
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-LOGITS_BUDGET_BYTES = 1 << 30  # fp32 logits of one forward pass stay under 1 GiB (unless one item needs more)
+# Items share a forward pass only up to this many tokens (rows x padded width). Measured on a
+# 2-core CPU with the demo model (docs/EVALS.md): packing short 0-shot prompts (COPA, Winogrande)
+# is 1.2-1.5x faster than one item per pass; long 10-shot ones (PIQA, ARC) gain nothing at 1024
+# tokens and were 1.2x slower at 2048. One item alone may exceed it.
+PASS_TOKENS = 1024
+SORT_WINDOW = 256              # items tokenized, sorted by length and packed together at a time
 
 
 @dataclass
@@ -360,35 +366,39 @@ def score_items(model, items: list[list[Row]], task_type: str, pad_id: int, devi
 
 def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int = -1, batch_rows: int = 32,
                   max_len: int | None = None, bar=None) -> tuple[float, int]:
-    """Accuracy of `model` on `task` and the number of items scored (all ranks together)."""
+    """Accuracy of `model` on `task` and the number of items scored (all ranks together).
+
+    This rank's items are taken SORT_WINDOW at a time, sorted by length, and packed into forward
+    passes of at most `batch_rows` rows (an item's rows are never split), so that padding stays
+    small."""
     info = dist_info()
     device = next(model.parameters()).device
     data = shuffled(task.rows)
     n = len(data) if max_per_task < 0 else min(max_per_task, len(data))
-    vocab = getattr(tokenizer, "vocab_size", 1)  # logits per position, for the memory budget
     correct = torch.zeros(n, dtype=torch.float32, device=device)
-    batch: list[tuple[int, list[Row]]] = []
 
-    def flush():
-        if not batch:
-            return
+    def score(batch: list[tuple[int, list[Row]]]):
         verdicts = score_items(model, [rows for _, rows in batch], task.task_type, tokenizer.bos_id, device)
         for (i, _), verdict in zip(batch, verdicts):
-            gold = data[i].get("gold")
-            correct[i] = float(verdict if task.task_type == "language_modeling" else verdict == gold)
+            correct[i] = float(verdict if task.task_type == "language_modeling" else verdict == data[i]["gold"])
         if bar is not None:
             bar.update(len(batch))
-        batch.clear()
 
-    for i in range(info.rank, n, info.world_size):
-        rows = item_rows(task, tokenizer, data, i, max_len)
-        pending = [r for _, item in batch for r in item] + rows
-        width = max(len(r.ids) for r in pending)
-        too_big = len(pending) > batch_rows or len(pending) * width * vocab * 4 > LOGITS_BUDGET_BYTES
-        if batch and too_big:
-            flush()
-        batch.append((i, rows))
-    flush()
+    mine = list(range(info.rank, n, info.world_size))
+    for w in range(0, len(mine), SORT_WINDOW):
+        items = [(i, item_rows(task, tokenizer, data, i, max_len)) for i in mine[w:w + SORT_WINDOW]]
+        items.sort(key=lambda item: max(len(r.ids) for r in item[1]))
+        batch, rows, width = [], 0, 0
+        for i, item in items:
+            k, longest = len(item), max(len(r.ids) for r in item)
+            fits = rows + k <= batch_rows and (rows + k) * max(width, longest) <= PASS_TOKENS
+            if batch and not fits:
+                score(batch)
+                batch, rows, width = [], 0, 0
+            batch.append((i, item))
+            rows, width = rows + k, max(width, longest)
+        if batch:
+            score(batch)
     if dist.is_initialized():
         dist.all_reduce(correct)
     return (correct.sum().item() / n if n else 0.0), n
