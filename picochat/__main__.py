@@ -14,7 +14,7 @@ STAGES = {
     "tok_train": "train the BPE tokenizer on a dataset",
     "tok_eval": "bytes per token of the tokenizer on held-out text",
     "base_train": "pretrain the base model",
-    "base_eval": "evaluate a base checkpoint: val bits per byte and samples",
+    "base_eval": "evaluate a base checkpoint: CORE, train/val bits per byte, samples",
     "mid_train": "midtrain a base model on conversations, tool use and spelling",
     "sft": "supervised fine-tuning on assistant tokens only",
     "chat_eval": "accuracy of a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee",

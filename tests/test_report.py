@@ -233,3 +233,10 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
     assert f"val bpb | {json.loads(next((home / 'evals').glob('base_e2e_*.json')).read_text())['val_bpb']:.4f}" in text
     for name in PLOTS:
         assert_is_png(home / "report" / name)
+
+
+def test_core_label_says_when_the_score_is_not_the_full_22_task_metric():
+    from picochat.report import core_label
+    assert core_label({"metric": "CORE", "tasks_run": 22, "tasks_total": 22}) == "CORE"
+    assert core_label({"metric": "CORE-subset", "tasks_run": 3, "tasks_total": 22}) == "CORE-subset (3/22)"
+    assert core_label({"metric": "CORE-offline", "tasks_run": 14, "tasks_total": 22}) == "CORE-offline (14/22)"
