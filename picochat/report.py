@@ -60,11 +60,34 @@ def utc_iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
+SECRET_FLAGS = ("--api-key", "--hf-token", "--token")  # their values never reach the log or the report
+
+
+def redact(argv: list[str]) -> list[str]:
+    """argv with the value of every secret flag replaced by ***, in both --flag value and
+    --flag=value forms."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide_next = True
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=***")
+        else:
+            out.append(arg)
+    return out
+
+
 def log_run(stage: str, argv: list[str], start: float, end: float, exit_code: int) -> None:
-    """Append one line to the run log, from rank 0 only (torchrun sets RANK)."""
-    if os.environ.get("RANK", "0") != "0":
+    """Append one line to the run log, from rank 0 only (torchrun sets RANK). Secrets are
+    redacted; `chat` and `serve` are not logged at all (prompts are private, and a server's
+    lifetime is not pipeline time)."""
+    if os.environ.get("RANK", "0") != "0" or stage in ("chat", "serve"):
         return
-    record = {"stage": stage, "argv": list(argv), "start": utc_iso(start), "end": utc_iso(end),
+    record = {"stage": stage, "argv": redact(argv), "start": utc_iso(start), "end": utc_iso(end),
               "duration_s": round(end - start, 3), "exit_code": exit_code, "hostname": socket.gethostname()}
     path = run_log_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -240,3 +240,13 @@ def test_core_label_says_when_the_score_is_not_the_full_22_task_metric():
     assert core_label({"metric": "CORE", "tasks_run": 22, "tasks_total": 22}) == "CORE"
     assert core_label({"metric": "CORE-subset", "tasks_run": 3, "tasks_total": 22}) == "CORE-subset (3/22)"
     assert core_label({"metric": "CORE-offline", "tasks_run": 14, "tasks_total": 22}) == "CORE-offline (14/22)"
+
+
+def test_secrets_and_private_prompts_never_reach_the_run_log(home):
+    from picochat.report import log_run, read_jsonl, run_log_path
+    log_run("base_eval", ["--api-key", "SECRET1", "--token=SECRET2", "--model-tag", "d4"], 0.0, 1.0, 0)
+    log_run("serve", ["--api-key", "SECRET3"], 0.0, 1.0, 0)
+    log_run("chat", ["-p", "my private question"], 0.0, 1.0, 0)
+    text = run_log_path().read_text()
+    assert "SECRET" not in text and "private" not in text
+    assert [r["argv"] for r in read_jsonl(run_log_path())] == [["--api-key", "***", "--token=***", "--model-tag", "d4"]]

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from picochat.__main__ import main as picochat_main
 from picochat.checkpoint import load_checkpoint
@@ -334,6 +335,11 @@ LONG = "x" * 8001
     (ask("hi", n=9), "n", "[1, 8], got 9"),
     (ask("hi", max_tokens=4000), "max_tokens", "exceeds the model's context of 256 tokens: ask for at most"),
     (ask("hi " * 300), "messages", "the model's context is 256 tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}', "max_tokens",
+     "must be an integer, got inf"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature",
+     "must be a number, got nan"),
+    (ask("hi", stop=["z" * 257]), "stop", "257 characters; the limit is 256"),
 ])
 def test_a_request_out_of_limits_gets_a_400_naming_the_limit(tiny, body, param, words):
     model, tok = tiny
@@ -346,6 +352,42 @@ def test_a_request_out_of_limits_gets_a_400_naming_the_limit(tiny, body, param, 
         assert words in error["message"]
         ok = client.post(url + "/v1/chat/completions", json=ask("hi", max_tokens=3))  # still serving
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_only_json_bodies_of_sane_size_from_this_machines_names_are_served(tiny):
+    """What a web page in the user's browser could send without asking (a text/plain POST), a
+    huge body, and a Host that is not loopback (DNS rebinding) are refused; the server goes on."""
+    from picochat.serve.app import LOOPBACK_NAMES
+    model, tok = tiny
+    pool = EnginePool([Scheduler(Engine(model, tok), 2, 4)])
+    app = create_app(pool, tok, "tiny", model.config.sequence_len, GREEDY, allowed_hosts=LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        body = json.dumps(ask("hi", max_tokens=2))
+        plain = client.post("/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+        assert plain.status_code == 415 and "Content-Type: application/json" in plain.json()["error"]["message"]
+        huge = client.post("/v1/chat/completions", content=b" " * (2 << 20), headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+        rebound = client.get("/health", headers={"host": "evil.example:8000"})
+        assert rebound.status_code == 400 and "evil.example" in rebound.json()["error"]["message"]
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+            assert client.get("/health", headers={"host": host}).status_code == 200
+        ok = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert ok.status_code == 200
+
+
+def test_a_cancelled_job_waiting_in_the_queue_holds_no_place(tiny):
+    model, tok = tiny
+    scheduler = Scheduler(Engine(model, tok), max_rows=2, max_queue=1)
+    prompt = tok.render_for_completion(ask("hi"))
+    gone = Job(prompt, emit=lambda d: None, n=2, max_tokens=4, temperature=0.0)
+    scheduler.submit(gone)
+    gone.cancel()
+    outputs = []
+    scheduler.submit(Job(prompt, emit=outputs.append, max_tokens=4, temperature=0.0))  # no QueueFull
+    assert scheduler.load() == 1
+    while scheduler.run_once():
+        pass
+    assert outputs and outputs[-1].finish_reason is not None
 
 
 def test_a_missing_or_wrong_api_key_is_a_401_and_health_stays_open(tiny):

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from picochat.common import dist_info, progress
+from picochat.common import dist_info, print0, progress
 
 
 @torch.no_grad()
@@ -59,14 +59,17 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     n = len(task) if max_problems is None else min(max_problems, len(task))
     mine = list(range(info.rank, n, info.world_size))
     texts = {j: [""] * num_samples for j in mine}
-    choices_left = {j: num_samples for j in mine}  # a problem is done when all its choices are
+    choices_left = {j: set(range(num_samples)) for j in mine}  # a problem is done when all its choices are
+    errors = []  # (problem, choice) that failed on the engine (a prompt longer than the context...)
     bar = progress(total=len(mine), desc=f"{type(task).__name__} generating", unit="problem")
 
     def collect(j, delta):  # called by scheduler.run_once, on this thread
         texts[j][delta.index] += delta.text
-        if delta.finish_reason is not None:
-            choices_left[j] -= 1
-            if choices_left[j] == 0:
+        if delta.finish_reason is not None and delta.index in choices_left.get(j, ()):
+            if delta.finish_reason == "error":
+                errors.append((j, delta.index))
+            choices_left[j].discard(delta.index)
+            if not choices_left[j]:
                 del choices_left[j]
                 bar.update(1)
 
@@ -84,6 +87,9 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     finally:
         bar.close()
         scheduler.stop()
+    if errors:
+        print0(f"warning: {len(errors)} of {len(mine) * num_samples} {type(task).__name__} completions failed "
+               f"on the engine (counted as wrong); e.g. problem {errors[0][0]} (see the traceback above)")
     with ThreadPoolExecutor(4) as pool:
         passed = pool.map(lambda j: any(task.evaluate(convs[j], c) for c in texts[j]), mine)
         correct = torch.tensor(sum(passed), dtype=torch.long, device=device)

@@ -17,6 +17,7 @@ is parsed back into python / python_output parts, so it renders to the very toke
 from __future__ import annotations
 
 import re
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ MAX_TOP_K = 200
 MAX_TOKENS = 4096
 MAX_N = 8
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each; checking a stop string costs its length per token, on the engine's thread
+MAX_BODY_BYTES = 1 << 20  # a request at every limit above is ~130 KB of JSON
 
 TOOL_MARKERS = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>",
                           re.DOTALL)
@@ -79,7 +82,8 @@ def _number(body: dict, name: str, default, low, high, integer: bool, low_open: 
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (integer and value != int(value))):
         kind = "an integer" if integer else "a number"
         raise InvalidRequest(f"{name} must be {kind}, got {value!r}", name)
     if value < low or value > high or (low_open and value == low):
@@ -168,6 +172,9 @@ def parse_stop(stop) -> list[str]:
         raise InvalidRequest(f"stop must be a non-empty string or a list of them, got {stop!r}", "stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}", "stop")
+    longest = max(len(s) for s in stops)
+    if longest > MAX_STOP_CHARS:
+        raise InvalidRequest(f"a stop string has {longest} characters; the limit is {MAX_STOP_CHARS}", "stop")
     return stops
 
 

@@ -26,13 +26,14 @@ import time
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from picochat.serve.api import (Defaults, InvalidRequest, chunk, completion_id, completion_response,
+from picochat.serve.api import (MAX_BODY_BYTES, Defaults, InvalidRequest, chunk, completion_id, completion_response,
                                 error_body, fit_max_tokens, parse_chat_request, usage)
 from picochat.serve.scheduler import Delta, EnginePool, Job, QueueFull
 
@@ -138,8 +139,15 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 # The app
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
 def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, defaults: Defaults,
-               api_key: str | None = None, request_timeout: float | None = 300.0) -> FastAPI:
+               api_key: str | None = None, request_timeout: float | None = 300.0,
+               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """The app. `allowed_hosts`: the only host names the Host header may carry (picochat serve
+    passes the loopback names when it binds to loopback: a web page that points its own domain at
+    127.0.0.1, DNS rebinding, then cannot reach the server); None allows any."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -150,6 +158,15 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next):
+        if allowed_hosts is not None:
+            host = urlsplit("//" + request.headers.get("host", "")).hostname or ""
+            if host not in allowed_hosts:
+                return error_response(400, f"Host {host!r} is not one this server answers to (it is bound to "
+                                           f"loopback: use http://127.0.0.1 or http://localhost)")
+        return await call_next(request)
 
     @app.exception_handler(InvalidRequest)
     async def invalid_request(request, e: InvalidRequest):
@@ -201,8 +218,17 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
+        # JSON only: a form or text/plain POST is what any web page can send without asking (CSRF)
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise InvalidRequest(f"send the body as JSON with 'Content-Type: application/json' "
+                                 f"(got {content_type or 'no Content-Type'!r})", status=415)
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise InvalidRequest(f"the request body is {len(raw):,} bytes; the limit is {MAX_BODY_BYTES:,}",
+                                 status=413)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequest(f"the request body is not valid JSON ({e})")
         chat = parse_chat_request(body, defaults)

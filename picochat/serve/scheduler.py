@@ -121,6 +121,7 @@ class Scheduler:
         if job.n > self.max_rows:
             raise ValueError(f"n={job.n} is more than this server's {self.max_rows} slots")
         with self.lock:
+            self._drop_cancelled()
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are already waiting")
             self.queue.append(job)
@@ -136,7 +137,7 @@ class Scheduler:
 
     def load(self) -> int:
         """Rows busy or asked for: what the pool balances."""
-        return len(self.rows) + sum(job.n for job in list(self.queue))
+        return len(self.rows) + sum(job.n for job in list(self.queue) if not job.cancelled)
 
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self.run, name="picochat-scheduler", daemon=True)
@@ -190,14 +191,18 @@ class Scheduler:
                 self.finish(row, "length")
         self.remove_finished()
 
+    def _drop_cancelled(self) -> None:
+        """Forget queued jobs whose clients went away: they hold no slot and count for no 429."""
+        if any(job.cancelled for job in self.queue):
+            self.queue = deque(job for job in self.queue if not job.cancelled)
+
     def admit(self) -> None:
         while True:
             with self.lock:
+                self._drop_cancelled()
                 if not self.queue or self.queue[0].n > self.max_rows - len(self.rows):
                     return
                 job = self.queue.popleft()
-            if job.cancelled:
-                continue
             if job.expired(time.monotonic()):  # timed out while queued
                 for i in range(job.n):
                     job.emit(Delta(i, finish_reason="length"))
@@ -206,8 +211,14 @@ class Scheduler:
                 self.prefill(job)
             except Exception:  # this prompt failed (out of memory?): say so, keep serving the rest
                 traceback.print_exc()
+                started = {row.index for row in self.rows if row.job is job}
+                for row in self.rows:
+                    if row.job is job:  # no orphan rows decoding for a job that has ended
+                        self.finish(row, "error", flush=False)
+                self.remove_finished()
                 for i in range(job.n):
-                    job.emit(Delta(i, finish_reason="error"))
+                    if i not in started:
+                        job.emit(Delta(i, finish_reason="error"))
 
     @torch.no_grad()
     def prefill(self, job: Job) -> None:

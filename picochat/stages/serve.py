@@ -22,7 +22,7 @@ from picochat.cli import Parser, add_device_args, positive_int
 from picochat.common import PicochatError, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine
 from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
-from picochat.serve.app import create_app
+from picochat.serve.app import LOOPBACK_NAMES, create_app
 from picochat.serve.scheduler import EnginePool, Scheduler
 from picochat.tokenizer import get_tokenizer
 
@@ -72,6 +72,8 @@ def check_args(args) -> None:
 
 
 def engine_devices(requested: str, num_gpus: int) -> list[torch.device]:
+    if num_gpus < 0:
+        raise PicochatError(f"--num-gpus must be 0 (all) or a positive count, got {num_gpus}")
     device = resolve_device(requested, dist_info())
     if device.type != "cuda":
         return [device]
@@ -99,7 +101,8 @@ def main(argv=None):
     config = schedulers[0].engine.model.config
     app = create_app(EnginePool(schedulers), tokenizer, model_name=tag, context_len=config.sequence_len,
                      defaults=Defaults(args.temperature, args.top_k, args.max_tokens),
-                     api_key=args.api_key or None, request_timeout=args.request_timeout)
+                     api_key=args.api_key or None, request_timeout=args.request_timeout,
+                     allowed_hosts=LOOPBACK_NAMES if is_loopback(args.host) else None)
     devices = ", ".join(str(s.device) for s in schedulers)
     print(f"picochat serve: {args.source} model {tag} step {meta['step']} on {devices}, "
           f"{args.max_batch_size} slots per engine, context {config.sequence_len} tokens", flush=True)
