@@ -51,6 +51,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     if not bool(sampling.any()):
         return greedy
     top_k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    top_k = torch.where(sampling, top_k, 1)  # greedy rows need no candidates: keep k_max small
     # Only the k likeliest tokens of the widest row can be drawn: sort just those, once.
     k_max = int(top_k.max())
     scale = torch.where(sampling, temperature, 1.0).unsqueeze(1).to(logits.device, torch.float32)

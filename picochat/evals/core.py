@@ -12,10 +12,12 @@ Three task types, all scored from the logits of one forward pass, no sampling:
 
 Details that decide the numbers, as nanochat has them: BOS first; few-shot examples separated by
 blank lines; data shuffled with random.Random(1337) and then cut to `max_per_task`; the few-shot
-examples of item idx drawn with random.Random(1234 + idx) from the whole task except idx itself
-(from the uncut data, so any `max_per_task`, even 1, still gets its full few-shot count); prompts
-longer than the model's sequence_len cropped from the left; centered = (acc - rb)/(1 - rb) with the
-random baseline rb in percent.
+examples of item idx drawn with random.Random(1234 + idx) from the task except idx itself;
+centered = (acc - rb)/(1 - rb) with the random baseline rb in percent. Two deliberate differences:
+few-shot examples come from the uncut data (nanochat draws from the cut data, so a small
+`max_per_task` changes the prompts and one below the few-shot count fails; full runs are the same),
+and prompts longer than the model's sequence_len are cropped from the left (nanochat crops only
+models that declare a maximum; ours was never trained past sequence_len).
 
 Notable choices: all the prompts of one item go through one forward pass, right-padded with BOS
 (a causal model never looks right, so padding cannot change a score), and several items share a

@@ -124,7 +124,22 @@ def evaluate(args, info, device):
 
 def load_core_tasks(source: str, url: str | None) -> tuple[list[core.CoreTask], str]:
     """The CORE tasks and the name their mean goes by: the bundle's ("CORE") or the offline
-    subset's ("CORE-offline"). 'auto' tries the bundle with two attempts, then falls back."""
+    subset's ("CORE-offline"). 'auto' tries the bundle with two attempts, then falls back.
+    Rank 0 decides and the other ranks follow, so every rank scores the same tasks."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _fetch_core_tasks(source, url)
+    decision = [None]
+    if dist.get_rank() == 0:
+        tasks, metric = _fetch_core_tasks(source, url)
+        decision = [metric]
+    dist.broadcast_object_list(decision, src=0)
+    if dist.get_rank() == 0:
+        return tasks, metric
+    return _fetch_core_tasks("bundle" if decision[0] == "CORE" else "offline", url)  # rank 0 has fetched it
+
+
+def _fetch_core_tasks(source: str, url: str | None) -> tuple[list[core.CoreTask], str]:
     from picochat.evals import core_offline
     if source != "offline":
         try:
