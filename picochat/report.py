@@ -108,10 +108,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def started(run: dict) -> float:
+    return datetime.fromisoformat(run["start"]).timestamp()
+
+
+def ended(run: dict) -> float:
+    return datetime.fromisoformat(run["end"]).timestamp()
+
+
 def busy_seconds(runs: list[dict]) -> float:
     """Seconds covered by at least one run: overlapping runs (a background download) count once."""
-    spans = sorted((datetime.fromisoformat(r["start"]).timestamp(), datetime.fromisoformat(r["end"]).timestamp())
-                   for r in runs)
+    spans = sorted((started(r), ended(r)) for r in runs)
     total, cur_start, cur_end = 0.0, None, None
     for s, e in spans:
         if cur_end is None or s > cur_end:
@@ -368,9 +375,8 @@ def stage_results(run: StageRun) -> list[tuple[str, object]]:
 
 def core_label(core: dict | None) -> str:
     """'CORE' only for the full 22-task metric; a subset says which and how many tasks."""
-    if not core or core.get("metric") == "CORE":
-        return "CORE"
-    return f"{core.get('metric')} ({core.get('tasks_run', '?')}/{core.get('tasks_total', 22)})"
+    from picochat.evals.core import describe
+    return describe(core) if core else "CORE"
 
 
 def summary_rows(base_eval: dict | None, chat_evals: dict[str, dict]) -> list[list]:
@@ -545,7 +551,7 @@ def write_report(output: Path | None = None, model_tag: str | None = None) -> Pa
     if pipeline:
         seconds = busy_seconds(pipeline)
         wall = (f"{fmt_duration(seconds)} (time inside {len(pipeline)} pipeline stage runs from the run log, "
-                f"{pipeline[0]['start']} → {pipeline[-1]['end']})")
+                f"{min(pipeline, key=started)['start']} → {max(pipeline, key=ended)['end']})")
     else:
         seconds = sum(r.meta.get("loop", {}).get("total_time", 0) for r in runs.values())
         wall = f"{fmt_duration(seconds)} (training loops only: no run log in {run_log_path()})"

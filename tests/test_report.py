@@ -109,7 +109,7 @@ def test_report_has_every_section_and_the_exact_numbers_of_the_evals(fabricated_
     headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
     assert headings == SECTIONS
     assert summary_table(text) == {
-        "CORE-offline (13/22)": ["0.0123", "–", "–", "–"],
+        "CORE-offline (13 of 22 tasks)": ["0.0123", "–", "–", "–"],
         "ARC-Easy": ["–", "0.3125", "0.3750", "–"],
         "ARC-Challenge": ["–", "0.2800", "–", "–"],
         "MMLU": ["–", "0.2711", "–", "–"],
@@ -238,8 +238,8 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
 def test_core_label_says_when_the_score_is_not_the_full_22_task_metric():
     from picochat.report import core_label
     assert core_label({"metric": "CORE", "tasks_run": 22, "tasks_total": 22}) == "CORE"
-    assert core_label({"metric": "CORE-subset", "tasks_run": 3, "tasks_total": 22}) == "CORE-subset (3/22)"
-    assert core_label({"metric": "CORE-offline", "tasks_run": 14, "tasks_total": 22}) == "CORE-offline (14/22)"
+    assert core_label({"metric": "CORE-subset", "tasks_run": 3, "tasks_total": 22}) == "CORE-subset (3 of 22 tasks)"
+    assert core_label({"metric": "CORE-offline", "tasks_run": 14, "tasks_total": 22}) == "CORE-offline (14 of 22 tasks)"
 
 
 def test_secrets_and_private_prompts_never_reach_the_run_log(home):
