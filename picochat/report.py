@@ -250,11 +250,11 @@ def select_runs(home: Path, model_tag: str | None = None) -> dict[str, StageRun]
         tags = tags_newest_first(stage, home)
         if model_tag:
             tag = model_tag if model_tag in tags else None
-        elif wanted and wanted[0] == stage and wanted[1] in tags:
-            tag = wanted[1]
+        elif chosen:  # an earlier stage: only the checkpoint the later one started from, if any
+            tag = wanted[1] if wanted and wanted[0] == stage and wanted[1] in tags else None
         else:
             tag = tags[0] if tags else None
-        if tag:
+        if tag:  # (a stage the chain skips, say SFT straight from base, keeps `wanted` as it is)
             chosen[stage] = load_stage_run(stage, home / "checkpoints" / stage / tag)
             src = chosen[stage].meta.get("source")
             wanted = (src.get("stage"), src.get("tag")) if isinstance(src, dict) else None

@@ -250,3 +250,12 @@ def test_secrets_and_private_prompts_never_reach_the_run_log(home):
     text = run_log_path().read_text()
     assert "SECRET" not in text and "private" not in text
     assert [r["argv"] for r in read_jsonl(run_log_path())] == [["--api-key", "***", "--token=***", "--model-tag", "d4"]]
+
+
+def test_sft_trained_straight_from_base_reports_no_unrelated_mid_model(home):
+    fabricate_stage(home, "base", "b", 4, 512)
+    fabricate_stage(home, "mid", "other", 4, 512, source=("base", "other", 4), mixture="demo")
+    fabricate_stage(home, "sft", "b", 2, 256, source=("base", "b", 4), mixture="demo")
+    os.utime(home / "checkpoints" / "mid" / "other", (2e9, 2e9))
+    text = write_report().read_text()
+    assert "base `b` step 4, sft `b` step 2" in text and "other" not in text
