@@ -505,6 +505,8 @@ def test_the_web_page_is_served_at_the_root(tiny):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     index = STATIC_DIR / "index.html"  # written by the web UI; a placeholder line until then
     assert page.text == (index.read_text() if index.is_file() else PLACEHOLDER)
+    csp = page.headers["content-security-policy"]  # the page may talk to this server only
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
 
 
 def test_a_public_host_without_an_api_key_is_refused(capsys):

@@ -174,7 +174,7 @@ def page(browser, fake_server):
     page.goto(fake_server.url + "/")
     page.evaluate("localStorage.clear()")  # settings a previous test saved in this profile
     page.reload()
-    page.wait_for_function("document.getElementById('model-name').textContent === 'fake-d2'")
+    wait_for(page, "document.getElementById('model-name').textContent === 'fake-d2'")
     yield page
     page.close()
 
@@ -184,9 +184,19 @@ def send(page, text: str) -> None:
     page.press("#input", "Enter")
 
 
+def wait_for(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression until it is true. (Playwright's wait_for_function compiles its
+    predicate inside the page, which the server's Content-Security-Policy rightly forbids.)"""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {expression}")
+        time.sleep(0.05)
+
+
 def wait_reply_done(page, n_replies: int = 1) -> None:
     """Until the n-th assistant reply (or an error) has finished streaming."""
-    page.wait_for_function(
+    wait_for(page, 
         f"document.querySelectorAll('.msg.assistant, .msg.error').length >= {n_replies}"
         " && !document.querySelector('.msg.streaming')"
         " && document.getElementById('stop').hidden")
@@ -218,7 +228,7 @@ def test_sends_a_message_to_picochat_serve_and_renders_the_streamed_reply(browse
         page = browser.new_page()
         try:
             page.goto(url + "/")
-            page.wait_for_function("document.getElementById('status-dot').classList.contains('ok')")
+            wait_for(page, "document.getElementById('status-dot').classList.contains('ok')")
             assert page.inner_text("#model-name") == httpx.get(url + "/health", timeout=10).json()["model"]
             # Greedy, so this random model says the same thing to the page and to httpx below.
             page.click("#settings-btn")
@@ -336,7 +346,7 @@ def test_enter_sends_and_shift_enter_makes_a_new_line(page, fake_server):
 
 def test_stop_button_ends_the_stream_and_keeps_what_arrived(page, fake_server):
     send(page, "be slow")
-    page.wait_for_function("(document.querySelector('.msg.assistant .content')?.textContent || '').includes('tick3')")
+    wait_for(page, "(document.querySelector('.msg.assistant .content')?.textContent || '').includes('tick3')")
     assert page.is_visible("#stop") and not page.is_visible("#send")
     page.click("#stop")
     wait_reply_done(page)
@@ -376,7 +386,7 @@ def test_regenerate_asks_again_without_the_last_reply(page, fake_server):
     send(page, "one")
     wait_reply_done(page)
     page.click(".msg.assistant .regenerate")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .regenerate').length === 1")
+    wait_for(page, "document.querySelectorAll('.msg.assistant .regenerate').length === 1")
     wait_reply_done(page)
     assert len(fake_server.requests) == 2
     assert fake_server.requests[-1]["body"]["messages"] == [{"role": "user", "content": "one"}]

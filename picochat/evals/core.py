@@ -21,7 +21,7 @@ models that declare a maximum; ours was never trained past sequence_len).
 
 Notable choices: all the prompts of one item go through one forward pass, right-padded with BOS
 (a causal model never looks right, so padding cannot change a score), and several items share a
-pass up to `batch_rows` rows and PASS_TOKENS tokens, sorted by length within windows of 256
+pass up to `batch_rows` rows and PASS_TOKENS tokens (on a CPU), sorted by length within windows of 256
 items so that little of a pass is padding. Items are strided across ranks and the
 per-item correctness all-reduced. The bundle's core.yaml is read by a small reader of the YAML
 that file uses (PyYAML is not a dependency).
@@ -60,8 +60,10 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Items share a forward pass only up to this many tokens (rows x padded width). Measured on a
 # 2-core CPU with the demo model (docs/EVALS.md): packing short 0-shot prompts (COPA, Winogrande)
 # is 1.2-1.5x faster than one item per pass; long 10-shot ones (PIQA, ARC) gain nothing at 1024
-# tokens and were 1.2x slower at 2048. One item alone may exceed it.
-PASS_TOKENS = 1024
+# tokens and were 1.2x slower at 2048. One item alone may exceed it. A GPU is far from saturated
+# by 1024 tokens; there the limit is `batch_rows` and 32 rows of 2048 (not measured: no GPU here).
+PASS_TOKENS = {"cpu": 1024}
+PASS_TOKENS_DEFAULT = 32 * 2048
 SORT_WINDOW = 256              # items tokenized, sorted by length and packed together at a time
 
 
@@ -386,6 +388,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int = -1, batc
         if bar is not None:
             bar.update(len(batch))
 
+    pass_tokens = PASS_TOKENS.get(device.type, PASS_TOKENS_DEFAULT)
     mine = list(range(info.rank, n, info.world_size))
     for w in range(0, len(mine), SORT_WINDOW):
         items = [(i, item_rows(task, tokenizer, data, i, max_len)) for i in mine[w:w + SORT_WINDOW]]
@@ -393,7 +396,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int = -1, batc
         batch, rows, width = [], 0, 0
         for i, item in items:
             k, longest = len(item), max(len(r.ids) for r in item)
-            fits = rows + k <= batch_rows and (rows + k) * max(width, longest) <= PASS_TOKENS
+            fits = rows + k <= batch_rows and (rows + k) * max(width, longest) <= pass_tokens
             if batch and not fits:
                 score(batch)
                 batch, rows, width = [], 0, 0

@@ -140,6 +140,8 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, defaults: Defaults,
@@ -193,10 +195,14 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
 
     # --- endpoints -----------------------------------------------------------------------
 
+    page = STATIC_DIR / "index.html"
+    page_html = page.read_text() if page.is_file() else PLACEHOLDER
+
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        page = STATIC_DIR / "index.html"
-        return HTMLResponse(page.read_text() if page.is_file() else PLACEHOLDER)
+        # The page talks only to this server: even text that slipped past its escaping could load
+        # nothing from, or send nothing to, anywhere else.
+        return HTMLResponse(page_html, headers={"Content-Security-Policy": PAGE_CSP})
 
     @app.get("/health")
     async def health():
