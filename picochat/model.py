@@ -176,9 +176,9 @@ class ReLUSquared(torch.autograd.Function):
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of a few new query tokens against a KV cache as two plain matmuls: on CPU, torch's
-    SDPA for one query token is ~7x slower in bf16 (1.2 vs 0.17 ms per layer for 16 rows,
-    docs/BENCHMARKS.md). q (B, H, T, D); k, v (B, H_kv, S, D); mask (B or 1, 1, T, S), True =
+    """Attention of a few new query tokens against a KV cache as two plain matmuls: on CPU in bf16,
+    torch's SDPA for one query token is several times slower for a batch of rows (1.2 vs 0.17 ms per
+    layer for 16 rows, docs/BENCHMARKS.md). q (B, H, T, D); k, v (B, H_kv, S, D); mask (B or 1, 1, T, S), True =
     visible. Grouped-query heads share their key/value head without copying the cache."""
     B, H, T, D = q.shape
     G = H // k.size(1)  # query heads per key/value head
@@ -188,6 +188,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.view(B, k.size(1), G, T, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(scores.view(B, k.size(1), G * T, -1), dim=-1).to(v.dtype)
     return (probs @ v).view(B, H, T, D)
+
+
+def prefer_decode_attention(q: torch.Tensor) -> bool:
+    """Where decode_attention beats SDPA for one query token, as measured by
+    benchmarks/decode_step.py (d4, 2-core CPU): bf16 on CPU from 8 rows on (1.06x at 8, 1.15-1.26x
+    at 16); slower in fp32 (0.97x) and with 1-2 rows (0.93x)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(0) >= 8
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +317,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif isinstance(kv_cache, RowKVCache):  # each row at its own position
             k, v, mask = kv_cache.insert(self.layer_idx, k, v)
-            if T == 1 and q.device.type == "cpu":
+            if T == 1 and prefer_decode_attention(q):
                 y = decode_attention(q, k, v, mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -319,7 +326,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert(self.layer_idx, k, v)
             if prefix == 0:  # a fresh prompt: plain causal attention
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1 and q.device.type == "cpu":  # one new token sees everything cached
+            elif T == 1 and prefer_decode_attention(q):  # one new token sees everything cached
                 y = decode_attention(q, k, v)
             elif T == 1:
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
