@@ -516,6 +516,18 @@ def test_a_public_host_without_an_api_key_is_refused(capsys):
     assert err.startswith("picochat serve: error: --host 0.0.0.0 makes the server reachable") and err.count("\n") == 1
 
 
+def test_a_port_already_in_use_is_a_one_line_error(capsys, home):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = picochat_main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"picochat serve: error: cannot listen on 127.0.0.1:{port}") and "--port" in err
+
+
 @pytest.mark.slow
 def test_picochat_serve_process_answers_the_openai_client(tiny_home, tiny):
     import openai

@@ -14,6 +14,7 @@ Binds 127.0.0.1 unless told otherwise, and refuses a non-loopback --host without
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import torch
 
@@ -69,6 +70,19 @@ def check_args(args) -> None:
         raise PicochatError(f"--max-tokens must be in [1, {MAX_TOKENS}], got {args.max_tokens}")
     if args.request_timeout <= 0:
         raise PicochatError(f"--request-timeout must be positive, got {args.request_timeout}")
+    check_port_free(args.host, args.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in one line before loading a model, not with uvicorn's traceback after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise PicochatError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server "
+                                f"running there? choose another --port)")
 
 
 def engine_devices(requested: str, num_gpus: int) -> list[torch.device]:
