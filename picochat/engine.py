@@ -19,7 +19,7 @@ model carries on from there. A row ends at <|assistant_end|> or <|bos|>.
 
 `StreamDecoder` turns a stream of token ids into text without ever printing half a character.
 
-The server (picochat/serve/scheduler.py) shares the pieces: `sample_rows` samples every row with its
+The server (picochat/scheduler.py) shares the pieces: `sample_rows` samples every row with its
 own temperature / top-k / top-p / generator, and `Engine.advance` + `force_output` are the tool-use
 state machine of one row (the server runs the tool itself, in a worker thread).
 """

@@ -28,7 +28,7 @@ from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
 from picochat.serve.api import Defaults, parse_messages
 from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app
-from picochat.serve.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler
+from picochat.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler
 from picochat.tokenizer import Tokenizer
 from serve_fixtures import free_port, make_tiny_chat_model, running_server
 

@@ -5,7 +5,7 @@ Chat evaluation (spec §7.3): accuracy of a chat model on tasks.
   allowed letter with the highest logit at the prompt's last position (no sampling, and a letter
   outside the allowed set can never be predicted);
 - generative tasks (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem (with tool
-  use), decoded with continuous batching across problems (picochat/serve/scheduler.py, the server's
+  use), decoded with continuous batching across problems (picochat/scheduler.py, the server's
   scheduler); a problem passes if any completion passes the task's own check (pass@k).
 
 Problems are strided across ranks and the counts all-reduced.
@@ -54,7 +54,7 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     from concurrent.futures import ThreadPoolExecutor
 
     from picochat.engine import Engine
-    from picochat.serve.scheduler import Job, Scheduler
+    from picochat.scheduler import Job, Scheduler
     info, device = dist_info(), model.lm_head.weight.device
     n = len(task) if max_problems is None else min(max_problems, len(task))
     mine = list(range(info.rank, n, info.world_size))

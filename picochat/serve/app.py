@@ -1,5 +1,5 @@
 """
-The HTTP side of `picochat serve`: a FastAPI app over an EnginePool (picochat/serve/scheduler.py).
+The HTTP side of `picochat serve`: a FastAPI app over an EnginePool (picochat/scheduler.py).
 
   POST /v1/chat/completions  OpenAI chat completions, streamed (server-sent events) or not
   GET  /v1/models            the one model served
@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.serve.api import (MAX_BODY_BYTES, Defaults, InvalidRequest, chunk, completion_id, completion_response,
                                 error_body, fit_max_tokens, parse_chat_request, usage)
-from picochat.serve.scheduler import Delta, EnginePool, Job, QueueFull
+from picochat.scheduler import Delta, EnginePool, Job, QueueFull
 
 STATIC_DIR = Path(__file__).parent / "static"
 PLACEHOLDER = "<!doctype html><p>picochat is serving: POST /v1/chat/completions (the web page is not installed).</p>\n"

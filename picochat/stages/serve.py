@@ -24,7 +24,7 @@ from picochat.common import PicochatError, dist_info, resolve_device, resolve_dt
 from picochat.engine import Engine
 from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
 from picochat.serve.app import LOOPBACK_NAMES, create_app
-from picochat.serve.scheduler import EnginePool, Scheduler
+from picochat.scheduler import EnginePool, Scheduler
 from picochat.tokenizer import get_tokenizer
 
 
