@@ -56,6 +56,9 @@ class Delta:
 
 @dataclass
 class Job:
+    """One request: a prompt, its sampling settings and `n` choices (one cache row each). `emit`
+    receives every Delta of every choice; `cancel()` (the client went away) frees its rows at the
+    start of the next step."""
     prompt: list[int]
     emit: Callable[[Delta], None]  # called from the scheduler thread: must be thread-safe
     n: int = 1
@@ -98,6 +101,9 @@ class Row:
 
 
 class Scheduler:
+    """The decode loop of one engine (one model replica, one device): a bounded queue of jobs and
+    up to `max_rows` active rows. `start()` runs it in a thread (the server); `run_once()` turns it
+    once, for callers that drive it themselves (chat_eval)."""
     def __init__(self, engine: Engine, max_rows: int = 8, max_queue: int = 64, tool_workers: int = 2):
         self.engine = engine
         model = engine.model
@@ -118,6 +124,7 @@ class Scheduler:
     # --- the HTTP side ----------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        """Queue a job (thread-safe); QueueFull when `max_queue` jobs are already waiting."""
         if job.n > self.max_rows:
             raise ValueError(f"n={job.n} is more than this server's {self.max_rows} slots")
         with self.lock:
@@ -336,6 +343,7 @@ class EnginePool:
         self.schedulers = schedulers
 
     def submit(self, job: Job) -> Scheduler:
+        """Give the job to the least loaded engine that has queue room; QueueFull if none has."""
         for scheduler in sorted(self.schedulers, key=Scheduler.load):
             try:
                 scheduler.submit(job)
