@@ -191,10 +191,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def prefer_decode_attention(q: torch.Tensor) -> bool:
-    """Where decode_attention beats SDPA for one query token, as measured by
-    benchmarks/decode_step.py (d4, 2-core CPU): bf16 on CPU from 8 rows on (1.06x at 8, 1.15-1.26x
-    at 16); slower in fp32 (0.97x) and with 1-2 rows (0.93x)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(0) >= 8
+    """Where decode_attention replaces SDPA for one query token, as measured by
+    benchmarks/decode_step.py (d4, 2-core CPU): bf16 on CPU, 1.15-1.26x per 16-row step (0.93x
+    with 1-2 rows, and slower in fp32, where SDPA stays). Not switched by batch size: a row must
+    compute the same numbers alone or in a full batch, or a seeded reply would change with load."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

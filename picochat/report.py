@@ -243,15 +243,15 @@ def tags_newest_first(stage: str, home: Path) -> list[str]:
 
 
 def select_runs(home: Path, model_tag: str | None = None) -> dict[str, StageRun]:
-    """The stage runs to report, in pipeline order: `model_tag` in every stage that has it, or the
-    newest tag of the last stage and the checkpoints it was trained from."""
+    """The stage runs to report, in pipeline order: the last stage trained (with `model_tag`, or
+    its newest tag) and the checkpoints it was trained from, never an unrelated model."""
     chosen, wanted = {}, None  # wanted: (stage, tag) the later stage started from
     for stage in reversed(TRAIN_STAGES):
         tags = tags_newest_first(stage, home)
-        if model_tag:
-            tag = model_tag if model_tag in tags else None
-        elif chosen:  # an earlier stage: only the checkpoint the later one started from, if any
+        if chosen:  # an earlier stage: only the checkpoint the later one started from, if any
             tag = wanted[1] if wanted and wanted[0] == stage and wanted[1] in tags else None
+        elif model_tag:
+            tag = model_tag if model_tag in tags else None
         else:
             tag = tags[0] if tags else None
         if tag:  # (a stage the chain skips, say SFT straight from base, keeps `wanted` as it is)

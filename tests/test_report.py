@@ -215,8 +215,14 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
         picochat(home, stage, "--mixture", str(chats), "--source", source, "--device-batch-size", "4",
                  "--total-batch-size", "512", "--num-iterations", "3", "--eval-every", "-1",
                  "--eval-tokens", "512", *CPU)
+    earlier = home / "evals" / "chat_sft_e2e_step000003.json"  # an earlier chat_eval of this checkpoint
+    earlier.parent.mkdir(parents=True, exist_ok=True)
+    earlier.write_text(json.dumps({"results": {"ARC-Easy": 0.5}, "problems": {"ARC-Easy": 10}}))
     picochat(home, "chat_eval", "--source", "sft", "-a", "SpellingBee", "--max-problems", "2",
              "--max-new-tokens", "8", *CPU)
+    merged = json.loads(earlier.read_text())  # a run of one task keeps the others' scores
+    assert merged["results"]["ARC-Easy"] == 0.5 and "SpellingBee" in merged["results"]
+    assert merged["problems"] == {"ARC-Easy": 10, "SpellingBee": 2}
     out = picochat(home, "report").stdout
     path = home / "report" / "report.md"
     assert str(path) in out
@@ -225,6 +231,7 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
     sft_eval = json.loads(next((home / "evals").glob("chat_sft_e2e_step*.json")).read_text())
     table = summary_table(text)
     assert table["SpellingBee"] == ["–", "–", f"{sft_eval['results']['SpellingBee']:.4f}", "–"]
+    assert table["ARC-Easy"] == ["–", "–", "0.5000", "–"]
     assert table["CORE"] == ["–"] * 4  # CORE was not asked for (--eval bpb,sample)
     log_rows = [line for line in text.split("## Run log")[1].split("## ")[0].splitlines() if line.startswith("| 20")]
     logged = [line.split("|")[2].strip() for line in log_rows]
@@ -259,3 +266,6 @@ def test_sft_trained_straight_from_base_reports_no_unrelated_mid_model(home):
     os.utime(home / "checkpoints" / "mid" / "other", (2e9, 2e9))
     text = write_report().read_text()
     assert "base `b` step 4, sft `b` step 2" in text and "other" not in text
+    fabricate_stage(home, "mid", "b", 4, 512, source=("base", "other", 4), mixture="demo")  # same tag, other chain
+    text = write_report(model_tag="b").read_text()
+    assert "base `b` step 4, sft `b` step 2" in text and "mid `b`" not in text

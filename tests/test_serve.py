@@ -303,6 +303,28 @@ def test_n_choices_are_sampled_independently_and_a_seed_repeats_them(tiny):
         assert [c["message"]["content"] for c in again["choices"]] == texts
 
 
+def test_a_seeded_sampled_reply_is_the_same_alone_or_in_a_full_batch(tiny):
+    """In the dtype picochat serve uses on a CPU (fp32), the same seed gives the same sampled reply
+    whether the request has the server to itself or shares every step with 11 others. (In bf16
+    it would not: bf16 matmuls round differently with the batch's shape.)"""
+    from picochat.stages.serve import serving_dtype
+    assert serving_dtype("auto", torch.device("cpu")) == torch.float32
+    model, tok = tiny
+
+    def replies(max_rows: int) -> list[str]:
+        scheduler = Scheduler(Engine(model, tok), max_rows=max_rows, max_queue=12)
+        outputs = {i: [] for i in range(12)}
+        for i, p in enumerate(prompts(12)):
+            scheduler.submit(Job(tok.render_for_completion(ask(p)), emit=outputs[i].append, max_tokens=24,
+                                 temperature=1.0, seed=100 + i))
+        while scheduler.run_once():
+            pass
+        return [collect(outputs[i])[0] for i in range(12)]
+
+    alone, together = replies(max_rows=1), replies(max_rows=12)
+    assert len(set(alone)) == 12 and together == alone
+
+
 def test_a_stop_string_ends_the_reply_before_it(tiny):
     model, tok = tiny
     with serving(model, tok) as (url, _), httpx.Client(timeout=60) as client:

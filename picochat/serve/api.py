@@ -164,6 +164,16 @@ def parse_messages(messages) -> list[dict]:
     return out
 
 
+def parse_top_k(body: dict, default: int) -> int:
+    """top_k in [1, 200], or 0 for no top-k (picochat's extension)."""
+    if type(body.get("top_k")) is int and body["top_k"] == 0:
+        return 0
+    try:
+        return _number(body, "top_k", default, 1, MAX_TOP_K, integer=True)
+    except InvalidRequest as e:
+        raise InvalidRequest(e.message + " (or 0 for no top-k)", "top_k")
+
+
 def parse_stop(stop) -> list[str]:
     if stop is None:
         return []
@@ -194,7 +204,7 @@ def parse_chat_request(body, defaults: Defaults) -> ChatRequest:
         stream=stream,
         n=_number(body, "n", 1, 1, MAX_N, integer=True),
         temperature=_number(body, "temperature", defaults.temperature, 0.0, MAX_TEMPERATURE, integer=False),
-        top_k=0 if type(body.get("top_k")) is int and body["top_k"] == 0 else _number(body, "top_k", defaults.top_k, 1, MAX_TOP_K, integer=True),
+        top_k=parse_top_k(body, defaults.top_k),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, integer=False, low_open=True),
         max_tokens=_number(body, "max_tokens", None, 1, MAX_TOKENS, integer=True),
         seed=None if seed is None else seed % 2**63,

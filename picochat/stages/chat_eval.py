@@ -41,7 +41,7 @@ def make_task(name: str, source: str):
 
 def build_parser() -> Parser:
     p = Parser("chat_eval", "Accuracy of a chat model on the chat benchmarks (test splits).")
-    p.add_argument("--source", default="sft", help="which stage's model: base, mid, sft or rl")
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("-a", "--tasks", default=",".join(BASELINES), help="comma-separated task names")
@@ -84,13 +84,22 @@ def main(argv=None):
                 results[f"{name}_chance"] = chance
                 line += f"  chance (best constant answer) {chance:.4f}"
             print0(line)
+        # Merge with earlier runs on this checkpoint, so `-a SpellingBee` after a full run keeps the
+        # other tasks (and ChatCORE); `problems` says how many problems each score is over.
+        out = picochat_home() / "evals" / f"chat_{args.source}_{tag}_step{meta['step']:06d}.json"
+        earlier = json.loads(out.read_text()) if out.exists() else {}
+        problems = {**earlier.get("problems", {}),
+                    **{name: len(task) if args.max_problems < 0 else min(args.max_problems, len(task))
+                       for name, task in tasks.items()}}
+        results = {**earlier.get("results", {}), **results}
         score = chatcore({k: v for k, v in results.items() if not k.endswith("_chance")})
         if score is not None:
-            print0(f"{'ChatCORE':<14} {score:.4f}")
+            print0(f"{'ChatCORE':<14} {score:.4f}" + ("  (with earlier results of this checkpoint)"
+                                                     if set(earlier.get("results", {})) - set(names) else ""))
         if info.is_master:
-            out = picochat_home() / "evals" / f"chat_{args.source}_{tag}_step{meta['step']:06d}.json"
             atomic_write_text(out, json.dumps({"source": args.source, "model_tag": tag, "step": meta["step"],
-                                               "results": results, "chatcore": score}, indent=2))
+                                               "results": results, "problems": problems, "chatcore": score},
+                                              indent=2))
             print0(f"wrote {out}")
         return 0
     finally:

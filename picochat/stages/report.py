@@ -15,8 +15,8 @@ from picochat.report import write_report
 def build_parser() -> Parser:
     p = Parser("report", "Write the report card of a run as markdown, with PNG plots next to it.")
     p.add_argument("--model-tag", default="",
-                   help="tag to report in every stage (default: the newest tag of the last stage trained "
-                        "and the checkpoints it started from)")
+                   help="tag of the last stage to report; earlier stages are the checkpoints it started "
+                        "from (default: the newest tag of the last stage trained)")
     p.add_argument("--output", default="", help="markdown file to write (default: $PICOCHAT_HOME/report/report.md)")
     return p
 

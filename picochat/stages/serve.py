@@ -45,7 +45,7 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=int, default=50, help="when a request gives none (0: no top-k)")
     p.add_argument("--max-tokens", type=int, default=512, help="when a request gives none (cut to the context)")
     p.add_argument("--num-gpus", type=int, default=0, help="with --device cuda: engines on GPUs 0..n-1 (0: all)")
-    add_device_args(p)
+    add_device_args(p, auto_dtype="float32 on CPUs, so a reply never depends on the batch; bf16 on GPUs")
     return p
 
 
@@ -68,6 +68,8 @@ def check_args(args) -> None:
         raise PicochatError(f"--top-k must be in [0, {MAX_TOP_K}], got {args.top_k}")
     if not 1 <= args.max_tokens <= MAX_TOKENS:
         raise PicochatError(f"--max-tokens must be in [1, {MAX_TOKENS}], got {args.max_tokens}")
+    if not 0 < args.port < 65536:
+        raise PicochatError(f"--port must be in 1..65535, got {args.port}")
     if args.request_timeout <= 0:
         raise PicochatError(f"--request-timeout must be positive, got {args.request_timeout}")
     check_port_free(args.host, args.port)
@@ -81,8 +83,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise PicochatError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server "
-                                f"running there? choose another --port)")
+            raise PicochatError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server there, "
+                                f"or a port that needs privileges? choose another --port)")
 
 
 def engine_devices(requested: str, num_gpus: int) -> list[torch.device]:
@@ -97,6 +99,16 @@ def engine_devices(requested: str, num_gpus: int) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(num_gpus or available)]
 
 
+def serving_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """'auto' serves in fp32 on a CPU: rows then compute the same numbers alone or in any batch
+    (bf16 matmuls round differently with the batch's shape, which changed 4 of 32 greedy GSM8K
+    answers in benchmarks/eval_speed.py), and decoding a d4 model was faster in fp32 there
+    anyway (10.9 vs 7.5 problems/s). On GPUs 'auto' is bf16, as in training."""
+    if requested == "auto" and device.type == "cpu":
+        return torch.float32
+    return resolve_dtype(requested, device)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -107,7 +119,7 @@ def main(argv=None):
     schedulers = []
     for device in engine_devices(args.device, args.num_gpus):
         model, meta = load_model(args.source, tag, device, step=None if args.step < 0 else args.step,
-                                 compute_dtype=resolve_dtype(args.dtype, device))
+                                 compute_dtype=serving_dtype(args.dtype, device))
         if model.config.vocab_size != tokenizer.vocab_size:
             raise PicochatError(f"the model has vocab {model.config.vocab_size} but the tokenizer "
                                 f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
@@ -118,7 +130,8 @@ def main(argv=None):
                      api_key=args.api_key or None, request_timeout=args.request_timeout,
                      allowed_hosts=LOOPBACK_NAMES if is_loopback(args.host) else None)
     devices = ", ".join(str(s.device) for s in schedulers)
-    print(f"picochat serve: {args.source} model {tag} step {meta['step']} on {devices}, "
+    dtype = str(schedulers[0].engine.model.compute_dtype).removeprefix("torch.")
+    print(f"picochat serve: {args.source} model {tag} step {meta['step']} on {devices} in {dtype}, "
           f"{args.max_batch_size} slots per engine, context {config.sequence_len} tokens", flush=True)
     print(f"picochat serve: http://{args.host}:{args.port}/ (API at /v1, key {'required' if args.api_key else 'off'})",
           flush=True)
