@@ -114,13 +114,17 @@ def resolve_model_dir(stage: str, model_tag: str | None) -> Path:
 
 
 def load_model(stage: str, model_tag: str | None, device, step: int | None = None,
-               compute_dtype: torch.dtype | None = None):
-    """Build a GPT from a checkpoint for inference/eval. Returns (model, meta)."""
+               compute_dtype: torch.dtype | None = None, tokenizer=None):
+    """Build a GPT from a checkpoint for inference/eval. Returns (model, meta). With `tokenizer`,
+    first checks that the model was trained with a tokenizer of its vocabulary size."""
     from picochat.model import GPT, GPTConfig
     root = resolve_model_dir(stage, model_tag)
     step = latest_step(root) if step is None else step
     model_state, meta, _ = load_checkpoint(root, step, device)
     config = GPTConfig(**meta["model_config"])
+    if tokenizer is not None and config.vocab_size != tokenizer.vocab_size:
+        raise PicochatError(f"the model has vocab {config.vocab_size} but the tokenizer "
+                            f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
     dtype = compute_dtype or getattr(torch, meta.get("compute_dtype", "float32"))
     with torch.device("meta"):
         model = GPT(config, compute_dtype=dtype)

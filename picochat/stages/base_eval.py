@@ -72,10 +72,7 @@ def evaluate(args, info, device):
     tokenizer = get_tokenizer()
     dtype = resolve_dtype(args.dtype, device)
     model, meta = load_model("base", args.model_tag or None, device,
-                             step=None if args.step < 0 else args.step, compute_dtype=dtype)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise PicochatError(f"the model has vocab {model.config.vocab_size} but the tokenizer "
-                            f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
+                             step=None if args.step < 0 else args.step, compute_dtype=dtype, tokenizer=tokenizer)
     token_bytes = tokenizer.token_bytes().to(device)
     T, B, W = model.config.sequence_len, args.device_batch_size, info.world_size
     tag, step = meta["user_config"].get("model_tag") or f"d{model.config.n_layer}", meta["step"]

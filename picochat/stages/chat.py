@@ -55,10 +55,7 @@ def main(argv=None):
     tokenizer = get_tokenizer()
     model, meta = load_model(args.source, args.model_tag or None, device,
                              step=None if args.step < 0 else args.step,
-                             compute_dtype=resolve_dtype(args.dtype, device))
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise PicochatError(f"the model has vocab {model.config.vocab_size} but the tokenizer "
-                            f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
+                             compute_dtype=resolve_dtype(args.dtype, device), tokenizer=tokenizer)
     chat = Chat(Engine(model, tokenizer), args)
     if args.prompt:
         chat.reply(args.prompt)

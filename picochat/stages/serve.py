@@ -119,10 +119,7 @@ def main(argv=None):
     schedulers = []
     for device in engine_devices(args.device, args.num_gpus):
         model, meta = load_model(args.source, tag, device, step=None if args.step < 0 else args.step,
-                                 compute_dtype=serving_dtype(args.dtype, device))
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise PicochatError(f"the model has vocab {model.config.vocab_size} but the tokenizer "
-                                f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
+                                 compute_dtype=serving_dtype(args.dtype, device), tokenizer=tokenizer)
         schedulers.append(Scheduler(Engine(model, tokenizer), args.max_batch_size, args.max_queue))
     config = schedulers[0].engine.model.config
     app = create_app(EnginePool(schedulers), tokenizer, model_name=tag, context_len=config.sequence_len,
