@@ -102,9 +102,19 @@ def dist_info() -> DistInfo:
                     int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def threads_per_process(cores: int, local_processes: int) -> int:
+    """CPU threads each process on a node may use: the node's cores shared evenly."""
+    return max(1, cores // max(1, local_processes))
+
+
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun: NCCL on CUDA, gloo elsewhere."""
+    """Join the process group when launched by torchrun: NCCL on CUDA, gloo elsewhere. The node's
+    cores are shared among its processes (torchrun sets LOCAL_WORLD_SIZE), so 8 ranks never run
+    8 × all-cores threads (on CPU that thrashes; on GPU nodes it slows data packing)."""
     info = dist_info()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local > 1:
+        torch.set_num_threads(threads_per_process(len(os.sched_getaffinity(0)), local))
     if info.distributed and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
@@ -144,13 +154,42 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
+def visible_nvidia_gpus() -> list[str]:
+    """The GPUs `nvidia-smi -L` lists (empty when there is no nvidia-smi or it fails)."""
+    import shutil
+    import subprocess
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.stdout.splitlines() if line.startswith("GPU ")] if out.returncode == 0 else []
+
+
+def cuda_unusable_reason() -> str | None:
+    """None when torch can use a CUDA GPU; otherwise why not, in one line a user can act on."""
+    if torch.cuda.is_available():
+        return None
+    gpus = visible_nvidia_gpus()
+    build = f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'})"
+    if gpus:
+        return (f"nvidia-smi lists {len(gpus)} GPU(s) but {build} cannot use them; install a torch "
+                f"build that matches the driver (`make clean-venv venv` picks one; docs/GPU.md)")
+    return f"no CUDA GPU is visible to {build}"
+
+
 def resolve_device(requested: str, info: DistInfo) -> torch.device:
     device_type = autodetect_device_type() if requested in ("", "auto") else requested
+    if requested in ("", "auto") and device_type == "cpu" and visible_nvidia_gpus():
+        # never fall back to a CPU silently on a GPU machine: weeks of training, no error
+        raise PicochatError(f"{cuda_unusable_reason()}; or pass --device cpu to run on the CPU anyway")
     if device_type not in ("cpu", "cuda", "mps"):
         raise PicochatError(f"--device must be auto, cpu, cuda or mps, got {requested!r}")
     if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise PicochatError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        reason = cuda_unusable_reason()
+        if reason:
+            raise PicochatError(f"--device cuda: {reason}")
         return torch.device("cuda", info.local_rank)
     return torch.device(device_type)
 

@@ -19,6 +19,7 @@ from picochat.checkpoint import load_model, save_checkpoint
 from picochat.cli import Parser, add_device_args, int_or_auto
 from picochat.common import (PicochatError, checkpoint_dir, print0, resolve_dtype, setup_device,
                              shutdown_distributed)
+from picochat.data import to_device
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import head_loss
@@ -57,6 +58,8 @@ def build_parser(stage: str, description: str, defaults: dict) -> Parser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
     p.add_argument("--resume-if-possible", action="store_true", help="resume when a checkpoint exists, else start")
     add_device_args(p)
+    p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
+                   help="torch.compile the model (auto: on CUDA only)")
     return p
 
 
@@ -72,12 +75,12 @@ def run(stage: str, argv, description: str, defaults: dict, mixtures, mask_mode:
     args = build_parser(stage, description, defaults).parse_args(argv)
     info, device = setup_device(args.device)
     try:
-        return train(stage, args, info, device, mixtures, mask_mode)
+        return train(stage, args, info, device, mixtures, mask_mode, defaults)
     finally:
         shutdown_distributed()
 
 
-def train(stage, args, info, device, mixtures, mask_mode):
+def train(stage, args, info, device, mixtures, mask_mode, defaults):
     from picochat.tokenizer import get_tokenizer
     W = info.world_size
     tokenizer = get_tokenizer()
@@ -90,7 +93,9 @@ def train(stage, args, info, device, mixtures, mask_mode):
     T = config.sequence_len if args.max_seq_len < 0 else args.max_seq_len
     if T > config.sequence_len * 10:
         raise PicochatError(f"--max-seq-len {T} is beyond the model's rotary table ({config.sequence_len * 10})")
-    device_batch, grad_accum = batch_layout(args.total_batch_size, T, W, args.device_batch_size, model, device, dtype)
+    layout = batch_layout(args.total_batch_size, T, W, args.device_batch_size, model, device, dtype,
+                          total_is_default=args.total_batch_size == defaults["total_batch_size"])
+    total_batch, device_batch, grad_accum = layout.total_batch, layout.device_batch, layout.grad_accum
     num_streams = grad_accum * W
     if args.mixture.endswith(".jsonl"):
         from picochat.tasks.customjson import file_mixture
@@ -113,7 +118,8 @@ def train(stage, args, info, device, mixtures, mask_mode):
         ("source", f"{args.source} checkpoint {source_tag} step {source_meta['step']}"),
         ("model", f"depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} parameters, {dtype}"),
         ("mixture", f"{args.mixture}: {len(train_task):,} train / {len(val_task):,} val conversations"),
-        ("total batch", f"{args.total_batch_size:,} tokens = {device_batch} rows × {T} × {W} proc × {grad_accum} accum"),
+        *[("adjusted", note) for note in layout.notes],
+        ("total batch", f"{total_batch:,} tokens = {device_batch} rows × {T} × {W} proc × {grad_accum} accum"),
         ("horizon", horizon), ("loss on", "assistant tokens only" if mask_mode == "assistant" else "every token"),
         ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
         ("checkpoints", str(ckpt_root)),
@@ -122,14 +128,15 @@ def train(stage, args, info, device, mixtures, mask_mode):
 
     step, loop, states = 0, {"smooth_loss": 0.0, "total_time": 0.0, "last_metrics": {}}, [None] * grad_accum
     resumed_after_final_save = False
-    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, device, info.rank,
+    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, info.rank,
                               {"model_config": config.to_dict(), "world_size": W,
-                               "device_batch_size": device_batch, "total_batch_size": args.total_batch_size})
+                               "device_batch_size": device_batch, "total_batch_size": total_batch})
     if resumed:
         resume_step, meta, model_state, rank_state = resumed
         model.load_state_dict(model_state)
         optimizer.load_state_dict(rank_state["optimizer"])
         states, step, loop = rank_state["loaders"], resume_step, meta["loop"]
+        del resumed, model_state, rank_state  # host copies; the model and optimizer hold their own
         if info.is_master:
             truncate_metrics(metrics_path, step)
         print0(f"resumed from step {step}")
@@ -143,16 +150,24 @@ def train(stage, args, info, device, mixtures, mask_mode):
     packers = [ChatPacker(train_task, tokenizer, device_batch, T, stream=info.rank + k * W, num_streams=num_streams,
                           mask_mode=mask_mode, device=device, state=states[k]) for k in range(grad_accum)]
 
-    def consumed() -> int:
-        n = torch.tensor(sum(p.consumed for p in packers), dtype=torch.long, device=device)
+    def consumed_everywhere() -> int:
+        """Conversations packed so far by every rank together (a collective: all ranks call it)."""
+        n = torch.tensor(sum(p.consumed for p in packers), dtype=torch.float64, device=device)
         if W > 1:
             dist.all_reduce(n)
         return int(n.item())
 
-    def progress() -> float:
+    def progress(conversations: int) -> float:
         if args.num_iterations > 0:
             return step / args.num_iterations
-        return min(1.0, consumed() / total_conversations)
+        return min(1.0, conversations / total_conversations)
+
+    def next_step_data():
+        """This rank's batches for one step and their supervised-target count (on the device,
+        copied without waiting: the count was taken on the host while packing)."""
+        batches = [p.next_batch() for p in packers]
+        n = to_device(torch.tensor(float(sum(p.last_supervised for p in packers))), device)
+        return batches, n
 
     def val_bpb() -> float:
         steps = max(1, args.eval_tokens // (device_batch * T * num_streams))
@@ -167,59 +182,71 @@ def train(stage, args, info, device, mixtures, mask_mode):
         model.train()
         return result
 
-    def checkpoint(at_step: int) -> None:
+    def checkpoint(at_step: int, packer_states: list[dict]) -> None:
         meta = {"step": at_step, "stage": stage, "model_config": config.to_dict(), "user_config": vars(args) | {"model_tag": model_tag},
                 "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W, "device_batch_size": device_batch,
-                "total_batch_size": args.total_batch_size, "max_seq_len": T, "loop": loop,
+                "total_batch_size": total_batch, "max_seq_len": T, "loop": loop,
                 "source": {"stage": args.source, "tag": source_tag, "step": source_meta["step"]}}
-        rank_state = {"optimizer": optimizer.state_dict(), "loaders": [p.state_dict() for p in packers]}
+        rank_state = {"optimizer": optimizer.state_dict(), "loaders": packer_states}
         save_checkpoint(ckpt_root, at_step, model.state_dict(), meta, rank_state, keep_last=args.keep_last or None)
         print0(f"saved checkpoint step {at_step} → {ckpt_root}")
 
+    compile_model = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
+    trunk = torch.compile(model.trunk, dynamic=False) if compile_model else model.trunk
     last = loop.get("done", False)
+    p = progress(consumed_everywhere())
+    if not last:
+        batches, n_valid = next_step_data()
     while not last:
         t0 = time.perf_counter()
-        lr_mult = lr_multiplier(progress(), args.warmdown_ratio)
+        lr_mult = lr_multiplier(p, args.warmdown_ratio)
         set_schedules(optimizer, lr_mult, muon_momentum(step))
-        batches = [p.next_batch() for p in packers]
         # the step's loss is the mean over all its supervised tokens, on every rank together
-        n_valid = torch.tensor(sum(int((y >= 0).sum()) for _, y in batches), dtype=torch.float32, device=device)
         if W > 1:
             dist.all_reduce(n_valid)
         denom = n_valid.clamp(min=1)
         loss_sum = torch.zeros((), device=device)
         for x, y in batches:
-            loss = head_loss(model.trunk(x), model.lm_head.weight, y, reduction="sum")
+            loss = head_loss(trunk(x), model.lm_head.weight, y, reduction="sum", compiled=compile_model)
             (loss / denom).backward()
             loss_sum += loss.detach()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        # Pack the next step's batches while the device works on this one. The schedule and the
+        # checkpoint see the data position from before that, as if nothing had been read ahead.
+        consumed_here = sum(pk.consumed for pk in packers)
+        saved_packers = [pk.state_dict() for pk in packers]
+        step_n_valid = n_valid
+        batches, n_valid = next_step_data()
+        stats = torch.stack([loss_sum.double(), to_device(torch.tensor(float(consumed_here), dtype=torch.float64), device)])
         if W > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = (loss_sum / denom).item()
+            dist.all_reduce(stats)
+        # the step's one wait for the device (for logging and the schedule)
+        loss_total, conversations, supervised = torch.cat([stats, step_n_valid.double().view(1)]).tolist()
+        train_loss = loss_total / max(1.0, supervised)
         if not math.isfinite(train_loss):
             raise PicochatError(f"loss became {train_loss} at step {step + 1}; lower --init-lr-frac")
         step += 1
         dt = time.perf_counter() - t0
         loop["total_time"] += dt
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-        p = progress()
+        p = progress(int(conversations))
         last = step >= args.num_iterations if args.num_iterations > 0 else p >= 1.0
         record = {"step": step, "loss": train_loss, "lr_mult": lr_mult, "progress": p, "dt": dt,
-                  "tok_per_sec": args.total_batch_size / dt, "supervised_tokens": int(n_valid.item()),
+                  "tok_per_sec": total_batch / dt, "supervised_tokens": int(supervised),
                   "time": loop["total_time"]}
         print0(f"{stage} step {step} | loss {train_loss:.4f} | lr× {lr_mult:.2f} | progress {100 * p:.1f}% | "
                f"{dt * 1000:.0f} ms | {record['tok_per_sec']:,.0f} tok/s")
         if last:
             loop["done"], loop["last_metrics"] = True, dict(record)
-            checkpoint(step)  # saved before the final evaluation
+            checkpoint(step, saved_packers)  # saved before the final evaluation
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
             record["val_bpb"] = val_bpb()
             print0(f"{stage} step {step} | val bpb {record['val_bpb']:.4f}")
         if info.is_master:
             append_metrics(metrics_path, record)
         if not last and args.save_every > 0 and step % args.save_every == 0:
-            checkpoint(step)
+            checkpoint(step, saved_packers)
     if resumed_after_final_save:
         record = dict(loop["last_metrics"], val_bpb=val_bpb())
         print0(f"{stage} step {step} | val bpb {record['val_bpb']:.4f}")

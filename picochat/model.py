@@ -198,16 +198,26 @@ def prefer_decode_attention(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
+# Under torch.compile (CUDA) the references are traced instead: the compiler fuses them and
+# derives their backward itself, and the hand-written Functions above would break the graph
+# (writes into non-contiguous halves with out=). tests/test_compile.py counts the graphs.
+
 def norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm over the last dim, no learnable gain (the fast path of reference_norm)."""
+    if torch.compiler.is_compiling():
+        return reference_norm(x)
     return RMSNorm.apply(x)
 
 
 def rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return reference_rotary_norm(x, cos, sin)
     return RotaryNorm.apply(x, cos, sin)
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return reference_relu_squared(x)
     return ReLUSquared.apply(x)
 
 
@@ -486,40 +496,59 @@ def reference_head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: tor
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction=reduction)
 
 
+def _chunk_loss_and_grad(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor):
+    """One chunk of rows of the fused head: (summed loss in fp32, d(loss)/d(logits) in x's dtype).
+    Rows whose target is -1 add no loss; their logit gradient is left as is and masked by the
+    caller on the (rows, d) side, which is V/d times cheaper. Written as in-place steps on
+    chunk-sized buffers: few passes over memory eagerly, and one fused kernel or two compiled."""
+    valid = (tc != -1).unsqueeze(1)
+    tanh = F.linear(xc, w).float().div_(SOFTCAP).tanh_()
+    logits = tanh * SOFTCAP
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    tgt = tc.clamp(min=0).unsqueeze(1)
+    loss = ((lse - logits.gather(1, tgt)) * valid).sum()
+    # d(loss)/d(logits) = softmax − one-hot, then through the softcap: × (1 − tanh²)
+    g = logits.sub_(lse).exp_()
+    g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
+    g.addcmul_(g, tanh.square_(), value=-1)
+    return loss, g.to(xc.dtype)
+
+
+_compiled_chunk = None
+
+
+def compiled_chunk_fn():
+    """_chunk_loss_and_grad under torch.compile, built once (for CUDA: the ~10 elementwise fp32
+    passes over each chunk's logits become one or two kernels)."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk
+
+
 class FusedHeadLoss(torch.autograd.Function):
     """Head matmul, softcap and cross-entropy over chunks of rows, with the gradients computed in
     the same pass. The (B·T, V) fp32 logits never exist all at once and nothing is recomputed:
     backward only scales the stored input and weight gradients. Agrees with reference_head_loss
-    (tests/test_model.py)."""
+    (tests/test_model.py). No host synchronization: the valid-row count stays on the device."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, reduction: str, chunk_rows: int):
+    def forward(ctx, x, weight, targets, reduction: str, chunk_rows: int, chunk_fn):
         w = weight.to(x.dtype)
-        valid = targets != -1
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        all_valid = bool(valid.all())
         for i in range(0, x.size(0), chunk_rows):
-            xc, tc, vc = x[i:i + chunk_rows], targets[i:i + chunk_rows], valid[i:i + chunk_rows]
-            # In-place steps on chunk-sized buffers: few passes, and small enough to stay in cache.
-            tanh = F.linear(xc, w).float().div_(SOFTCAP).tanh_()
-            logits = tanh * SOFTCAP
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            tgt = tc.clamp(min=0).unsqueeze(1)
-            row_loss = lse.squeeze(1) - logits.gather(1, tgt).squeeze(1)
-            total += row_loss.sum() if all_valid else (row_loss * vc).sum()
-            # d(loss)/d(logits) = softmax − one-hot, then through the softcap: × (1 − tanh²)
-            g = logits.sub_(lse).exp_()
-            g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
-            g.addcmul_(g, tanh.square_(), value=-1)
-            if not all_valid:
-                g.mul_(vc.unsqueeze(1))
-            g = g.to(x.dtype)
-            grad_x[i:i + chunk_rows] = g @ w
-            grad_w += (g.t() @ xc).float()
-        scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones(())
-        scale = scale.to(x.device)
+            xc, tc = x[i:i + chunk_rows], targets[i:i + chunk_rows]
+            loss, g = chunk_fn(xc, w, tc)
+            total += loss
+            keep = (tc != -1).unsqueeze(1).to(x.dtype)  # ignored rows get no gradient
+            torch.mul(g @ w, keep, out=grad_x[i:i + chunk_rows])
+            grad_w += (g.t() @ (xc * keep)).float()
+        if reduction == "mean":
+            scale = 1.0 / (targets != -1).sum().clamp(min=1).float()
+        else:
+            scale = torch.ones((), device=x.device)
         ctx.save_for_backward(grad_x, grad_w, scale)
         ctx.weight_dtype = weight.dtype
         return total * scale
@@ -528,14 +557,46 @@ class FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x, grad_w, scale = ctx.saved_tensors
         s = grad_out * scale
-        return (grad_x * s.to(grad_x.dtype)), (grad_w * s).to(ctx.weight_dtype), None, None, None
+        return (grad_x * s.to(grad_x.dtype)), (grad_w * s).to(ctx.weight_dtype), None, None, None, None
+
+
+def chunked_row_losses(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int) -> torch.Tensor:
+    """Per-row cross-entropy (0 where the target is -1) without gradients, chunk by chunk: what
+    evaluation needs, in chunk_rows × V of logits instead of (B·T) × V (at d20, batch 32 and
+    vocab 65,536 the full fp32 logits alone would be 17 GiB)."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    w = head_weight.to(x.dtype)
+    out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+    for i in range(0, x.size(0), chunk_rows):
+        logits = F.linear(x[i:i + chunk_rows], w).float().div_(SOFTCAP).tanh_().mul_(SOFTCAP)
+        out[i:i + chunk_rows] = F.cross_entropy(logits, targets[i:i + chunk_rows], ignore_index=-1,
+                                                reduction="none")
+    return out
+
+
+def head_chunk_rows(device: torch.device | str) -> int:
+    """Rows of the head per chunk. 512 was fastest on the dev CPU (benchmarks/train_throughput.py;
+    docs/LOG.md). On GPUs bigger chunks mean fewer, fuller kernels; 4096 rows at vocab 65,536 is
+    1 GiB of fp32 logits per buffer (benchmarks/gpu_check.py times the alternatives)."""
+    return 4096 if torch.device(device).type == "cuda" else 512
 
 
 def head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-              reduction: str = "mean", chunk_rows: int = 512) -> torch.Tensor:
-    """Cross-entropy of the softcapped head; the fused chunked path when training. 512-row chunks
-    were fastest on the dev CPU (benchmarks/train_throughput.py; docs/LOG.md)."""
-    if reduction == "none" or not torch.is_grad_enabled():
+              reduction: str = "mean", chunk_rows: int | None = None, compiled: bool = False) -> torch.Tensor:
+    """Cross-entropy of the softcapped head, never materializing the full logits: the fused
+    chunked path when training, chunked per-row losses under no_grad (evaluation). `compiled`
+    compiles each chunk's elementwise work (used on CUDA with --compile). reduction "none" with
+    gradients enabled falls back to the reference (nothing in training needs it)."""
+    chunk_rows = chunk_rows or head_chunk_rows(x.device)
+    if not torch.is_grad_enabled():
+        rows = chunked_row_losses(x, head_weight, targets, chunk_rows)
+        if reduction == "none":
+            return rows
+        total = rows.sum()
+        return total / (targets != -1).sum().clamp(min=1) if reduction == "mean" else total
+    if reduction == "none":
         return reference_head_loss(x, head_weight, targets, reduction)
+    chunk_fn = compiled_chunk_fn() if compiled else _chunk_loss_and_grad
     x = x.reshape(-1, x.size(-1))
-    return FusedHeadLoss.apply(x, head_weight, targets.reshape(-1), reduction, chunk_rows)
+    return FusedHeadLoss.apply(x, head_weight, targets.reshape(-1), reduction, chunk_rows, chunk_fn)

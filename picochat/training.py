@@ -6,35 +6,60 @@ the metrics.jsonl log that a resume truncates back to its checkpoint.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from picochat.checkpoint import latest_step, load_checkpoint
 from picochat.common import PicochatError, atomic_write_text
-from picochat.model import GPT, head_loss
+from picochat.model import GPT, head_chunk_rows, head_loss
+
+
+@dataclass
+class BatchLayout:
+    """How a step's tokens are split: rows per micro-batch, micro-batches per process, and what
+    was adjusted to get there (printed before training)."""
+    total_batch: int
+    device_batch: int
+    grad_accum: int
+    notes: list[str]
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def batch_layout(total_batch: int, seq_len: int, world: int, device_batch, model: GPT, device,
-                 dtype) -> tuple[int, int]:
-    """(device batch, grad accumulation) for a total batch of tokens; device_batch may be 'auto'."""
-    T, W = seq_len, world
+                 dtype, total_is_default: bool = False) -> BatchLayout:
+    """Split a step of `total_batch` tokens over `world` processes. device_batch is a maximum
+    (or 'auto'): it is lowered to the largest size that divides the rows each process needs, so
+    the defaults work at any number of processes. A total batch that does not split over the
+    processes is an error, unless it is the stage's default, which is rounded up."""
+    T, W, notes = seq_len, world, []
     if total_batch % T:
         raise PicochatError(f"--total-batch-size {total_batch} is not a multiple of --max-seq-len {T}; "
                             f"use a multiple such as {max(1, total_batch // T) * T}")
     rows_per_step = total_batch // T
     if rows_per_step % W:
-        raise PicochatError(f"--total-batch-size {total_batch} gives {rows_per_step} rows of {T} tokens, "
-                            f"which do not split over {W} processes; use a multiple of {T * W}")
+        rounded = -(-rows_per_step // W) * W
+        if not total_is_default:
+            raise PicochatError(f"--total-batch-size {total_batch} gives {rows_per_step} rows of {T} tokens, "
+                                f"which do not split over {W} processes; use a multiple of {T * W} "
+                                f"(e.g. {rounded * T})")
+        notes.append(f"total batch {total_batch:,} → {rounded * T:,} tokens: {rows_per_step} rows "
+                     f"do not split over {W} processes")
+        rows_per_step, total_batch = rounded, rounded * T
+    per_process = rows_per_step // W
     if device_batch == "auto":
-        device_batch = auto_device_batch_size(model, T, rows_per_step // W, device, dtype, W)
-    if (rows_per_step // W) % device_batch:
-        tokens = device_batch * T * W
-        raise PicochatError(
-            f"--total-batch-size {total_batch} is not divisible by device batch {device_batch} × seq len "
-            f"{T} × {W} process(es) = {tokens} tokens; use a multiple of {tokens} "
-            f"(e.g. {max(1, total_batch // tokens) * tokens}) or a smaller --device-batch-size")
-    return device_batch, rows_per_step // W // device_batch
+        device_batch = auto_device_batch_size(model, T, per_process, device, dtype, W)
+    elif per_process % device_batch:
+        lowered = largest_divisor_at_most(per_process, device_batch)
+        notes.append(f"device batch {device_batch} → {lowered} rows: each process needs "
+                     f"{per_process} rows per step")
+        device_batch = lowered
+    return BatchLayout(total_batch, device_batch, per_process // device_batch, notes)
 
 
 def set_schedules(optimizer, lr_mult: float, momentum: float) -> None:
@@ -68,19 +93,36 @@ def muon_momentum(step: int) -> float:
 # -----------------------------------------------------------------------------
 # Batch size and memory
 
-def estimate_memory_gib(model: GPT, batch: int, seq_len: int, dtype: torch.dtype, world: int) -> float:
-    """Rough training memory per process: fp32 weights and grads, optimizer state (sharded over
-    ranks), and activations (~26·d values per token per layer saved for backward, measured against
-    torch's own accounting on d4-d12)."""
-    c = model.config
+def _static_bytes(model: GPT, world: int) -> float:
+    """fp32 master weights and optimizer state (AdamW: two moments for embedding and head; Muon:
+    one momentum per block matrix), the state sharded over ranks."""
     n = model.num_params()
+    emb = model.config.vocab_size * model.config.n_embd
+    return 4 * n + (8 * 2 * emb + 4 * (n - 2 * emb)) / world
+
+
+def estimate_memory_gib(model: GPT, batch: int, seq_len: int, dtype: torch.dtype, world: int) -> float:
+    """Rough peak memory of a training step per process: weights, gradients, optimizer state,
+    activations saved for backward (~26·d values per token per layer, measured against torch's
+    own accounting on d4-d12) and the fused head's chunk buffers (logits, their gradient, and the
+    head's fp32 weight gradient)."""
+    c = model.config
     elt = torch.tensor([], dtype=dtype).element_size()
-    weights = 4 * n * 2
-    emb = c.vocab_size * c.n_embd
-    optim = (8 * 2 * emb + 4 * (n - 2 * emb)) / world
+    grads = 4 * model.num_params()
     acts = batch * seq_len * (c.n_layer * 26 * c.n_embd * elt + 8 * c.n_embd)
-    logits_chunk = 2048 * c.vocab_size * 4 * 4
-    return (weights + optim + acts + logits_chunk) / 2**30
+    head = head_chunk_rows(model.lm_head.weight.device) * c.vocab_size * (3 * 4 + elt) + 2 * 4 * c.vocab_size * c.n_embd
+    return (_static_bytes(model, world) + grads + acts + head) / 2**30
+
+
+def estimate_eval_memory_gib(model: GPT, batch: int, seq_len: int, dtype: torch.dtype, world: int) -> float:
+    """Rough peak memory of a validation pass in the middle of training: weights and optimizer
+    state stay, gradients are freed, nothing is saved for backward (the widest live activations
+    are ~12·d values per token), and the head runs in chunks (logits and log-softmax in fp32)."""
+    c = model.config
+    elt = torch.tensor([], dtype=dtype).element_size()
+    acts = batch * seq_len * (12 * c.n_embd * elt + 3 * 4)
+    head = head_chunk_rows(model.lm_head.weight.device) * c.vocab_size * (2 * 4 + elt) + elt * c.vocab_size * c.n_embd
+    return (_static_bytes(model, world) + acts + head) / 2**30
 
 
 def available_memory_gib(device: torch.device) -> float:
@@ -115,18 +157,24 @@ def auto_device_batch_size(model: GPT, seq_len: int, rows_per_step: int, device,
     budget = available_memory_gib(device) * (0.9 if device.type == "cuda" else 0.6)
     fitting = [b for b in candidates if estimate_memory_gib(model, b, seq_len, dtype, world) <= budget] or [1]
     if device.type != "cuda":
-        return next((b for b in fitting if b <= 32), fitting[-1])
-    for b in fitting:
-        if try_step(model, b, seq_len, device):
-            return b
-    raise PicochatError("even a device batch of 1 row does not fit in GPU memory; lower --max-seq-len or --depth")
+        chosen = next((b for b in fitting if b <= 32), fitting[-1])
+    else:
+        chosen = next((b for b in fitting if try_step(model, b, seq_len, device)), 0)
+    # Every rank must run the same layout: take the smallest choice (all are powers of two that
+    # divide the rows, so the smallest divides them too). 0 means nothing fit somewhere.
+    if dist.is_initialized():
+        agreed = torch.tensor(chosen, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        chosen = int(agreed.item())
+    if chosen == 0:
+        raise PicochatError("even a device batch of 1 row does not fit in GPU memory; lower --max-seq-len or --depth")
+    return chosen
 
 
 # -----------------------------------------------------------------------------
 # Resume
 
-def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, device, rank: int,
-                    layout: dict):
+def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, rank: int, layout: dict):
     """The latest checkpoint to continue from, as (step, meta, model_state, rank_state), or None
     for a fresh start. `layout` lists what must match (model config, processes, batch sizes):
     the data order and optimizer shards are only exact under the same layout."""
@@ -135,7 +183,9 @@ def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, dev
         return None
     if step is None:
         raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
-    model_state, meta, rank_state = load_checkpoint(ckpt_root, step, device, rank=rank)
+    # into host memory: the model and optimizer copy what they need to the device, and the
+    # caller drops these, so no second copy of the weights stays on the GPU for the whole run
+    model_state, meta, rank_state = load_checkpoint(ckpt_root, step, "cpu", rank=rank)
     for key, value in layout.items():
         if meta.get(key) != value:
             raise PicochatError(f"--resume: the checkpoint has {key} {meta.get(key)}, this run {value}; "

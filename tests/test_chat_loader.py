@@ -67,3 +67,24 @@ def test_restored_state_reproduces_the_following_batches():
     for ex, got in zip(expected, (b.next_batch() for _ in range(60))):
         assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
     assert a.epoch >= 1
+
+
+def test_a_batch_still_in_flight_is_never_overwritten_by_the_next_one(monkeypatch):
+    # As for the pretraining loader: a non-blocking copy to the GPU may read the host batch after
+    # the next one is packed; here the "device" batch is the host memory itself.
+    from picochat.data import chat_loader
+    monkeypatch.setattr(chat_loader, "to_device", lambda batch, device: batch)
+    packer = ChatPacker(Numbered(), StubTokenizer(), batch_size=4, seq_len=15, buffer_size=8)
+    batches = [packer.next_batch() for _ in range(5)]
+    snapshots = [(x.clone(), y.clone()) for x, y in batches]
+    for _ in range(5):
+        packer.next_batch()
+    for (x, y), (x0, y0) in zip(batches, snapshots):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_each_batch_counts_its_supervised_targets_on_the_host():
+    packer = ChatPacker(Numbered(), StubTokenizer(), batch_size=4, seq_len=15, buffer_size=8)
+    for _ in range(5):
+        _, y = packer.next_batch()
+        assert packer.last_supervised == int((y >= 0).sum())

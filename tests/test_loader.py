@@ -99,3 +99,21 @@ def test_one_pass_stops_after_every_document_was_packed_once(home, byte_tokenize
     assert 0 < len(batches) < 1000
     assert loader.docs_packed >= 40 and loader.docs_packed < 40 + 2 * 64  # about one pass, not many
     assert len(seen) >= 30  # nearly every document starts inside some row
+
+
+
+def test_a_batch_still_in_flight_is_never_overwritten_by_the_next_one(home, byte_tokenizer, monkeypatch):
+    # On CUDA a batch is copied to the GPU without blocking: the copy may run after next_batch()
+    # returns and after the loader packs the next batch. Simulate the latest possible copy: the
+    # "device" batch is the host memory itself, read only at the end. Packing later batches must
+    # not change what an earlier batch holds (a reused staging buffer did).
+    from picochat.data import loader as loader_module
+    monkeypatch.setattr(loader_module, "to_device", lambda batch, device: batch)
+    make_dataset()
+    loader = PackingLoader("toy", "train", byte_tokenizer, batch_size=4, seq_len=64)
+    batches = [loader.next_batch() for _ in range(6)]
+    snapshots = [(x.clone(), y.clone()) for x, y in batches]
+    for _ in range(6):
+        loader.next_batch()
+    for (x, y), (x0, y0) in zip(batches, snapshots):
+        assert torch.equal(x, x0) and torch.equal(y, y0)

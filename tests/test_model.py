@@ -84,3 +84,42 @@ def test_flops_per_token_counts_matmuls_and_attention():
     d, L = cfg.n_embd, cfg.n_layer
     matmuls = 12 * L * d * d + 100 * d  # blocks + head, not the embedding lookup
     assert model.flops_per_token() == 6 * matmuls + 12 * L * d * 16
+
+
+class LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most rows of logits (a tensor whose last dim is the vocab) any op produces."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.numel = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() and t.size(-1) == self.vocab:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_evaluation_loss_matches_reference_without_materializing_the_logits(reduction):
+    # An evaluation pass (no grad) of 4×256 rows over a vocab of 1000: the full logits are
+    # 1024×1000 values; in chunks of 128 rows no tensor may exceed 128×1000.
+    torch.manual_seed(0)
+    x, w = norm(torch.randn(4, 256, 16)), 0.3 * torch.randn(1000, 16)
+    targets = torch.randint(0, 1000, (4, 256))
+    targets[1, :30] = -1
+    ref = reference_head_loss(x, w, targets, reduction)
+    with torch.no_grad(), LargestLogits(1000) as seen:
+        got = head_loss(x, w, targets, reduction, chunk_rows=128)
+    assert seen.numel <= 128 * 1000
+    torch.testing.assert_close(got.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_forward_evaluates_in_chunks_too():
+    model = make_model()
+    idx = torch.randint(0, model.config.vocab_size, (32, 32))  # 1024 rows, chunks of 512 on a CPU
+    with torch.no_grad(), LargestLogits(model.config.vocab_size) as seen:
+        per_token = model(idx, idx, loss_reduction="none")
+    assert per_token.shape == (32 * 32,)
+    assert seen.numel <= 512 * model.config.vocab_size

@@ -67,7 +67,6 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tiny_home):
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--total-batch-size", "1000"], "not a multiple of --max-seq-len"),
-    (["--total-batch-size", "640"], "not divisible by device batch 4"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dataset", "nothing-here"], "no train shards for dataset 'nothing-here'"),
 ])
@@ -93,3 +92,47 @@ def test_auto_device_batch_size_picks_the_largest_power_of_two_that_divides(tiny
     # 1536 tokens = 24 rows of 64: 8 is the largest power of two that divides 24
     assert "8 rows × 64 × 1 proc × 3 accum" in out
     assert "memory estimate" in out
+
+
+@pytest.mark.slow
+def test_a_device_batch_that_does_not_divide_is_lowered_and_said(tiny_home):
+    # 384 tokens = 6 rows of 64 per step; 4 rows per micro-batch do not divide 6, so 3 are used
+    out = picochat(tiny_home, "base_train", *TRAIN, "--total-batch-size", "384", "--num-iterations", "1",
+                   "--eval-every", "-1", "--model-tag", "lowered").stdout
+    assert "device batch 4 → 3 rows: each process needs 6 rows per step" in out
+    assert "3 rows × 64 × 1 proc × 2 accum" in out
+
+
+@pytest.mark.parametrize("stage, defaults", [
+    ("base_train", dict(total=524288, seq=2048, device_batch=32)),
+    ("mid_train", dict(total=524288, seq=2048, device_batch=32)),
+    ("sft", dict(total=65536, seq=2048, device_batch=8)),
+])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8, 16, 64])
+def test_every_stage_default_layout_works_at_any_number_of_processes(stage, defaults, world):
+    # SFT's defaults at 8 processes need 4 rows per process, not 8: this used to stop the d20
+    # speedrun with "not divisible" after hours of pretraining and midtraining.
+    from picochat.training import batch_layout
+    layout = batch_layout(defaults["total"], defaults["seq"], world, defaults["device_batch"], None, "cpu",
+                          None, total_is_default=True)
+    rows = layout.total_batch // defaults["seq"]
+    assert layout.device_batch * layout.grad_accum * world == rows
+    assert layout.device_batch <= defaults["device_batch"] and layout.total_batch >= defaults["total"]
+    assert bool(layout.notes) == (layout.total_batch != defaults["total"]
+                                  or layout.device_batch != defaults["device_batch"])
+
+
+def test_stage_defaults_are_the_ones_the_layout_test_covers():
+    from picochat.stages import base_train, mid_train, sft
+    p = base_train.build_parser()
+    assert (p.get_default("total_batch_size"), p.get_default("max_seq_len"), p.get_default("device_batch_size")) \
+        == (524288, 2048, 32)
+    assert (mid_train.DEFAULTS["total_batch_size"], mid_train.DEFAULTS["device_batch_size"]) == (524288, 32)
+    assert (sft.DEFAULTS["total_batch_size"], sft.DEFAULTS["device_batch_size"]) == (65536, 8)
+
+
+def test_an_explicit_total_batch_that_does_not_split_over_the_processes_is_refused():
+    from picochat.common import PicochatError
+    from picochat.training import batch_layout
+    with pytest.raises(PicochatError, match="do not split over 8 processes; use a multiple of 512"):
+        batch_layout(64 * 12, 64, 8, 4, None, "cpu", None)

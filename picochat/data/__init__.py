@@ -1,1 +1,16 @@
-"""Pretraining data: shards on disk, the Hub downloader, offline sources, the packing loader."""
+"""Training data: shards on disk, the Hub downloader, offline sources, the packing loader for
+pretraining and the conversation packer for midtraining and SFT."""
+from __future__ import annotations
+
+import torch
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A freshly packed host batch, moved to `device`. On CUDA it goes through a new pinned buffer
+    and is copied without blocking, so the next batch can be packed while this copy is in flight.
+    The buffer is never written again: torch's pinned-memory allocator hands a freed block out
+    again only after the copies that read it have run (tests/test_loader.py checks that no
+    batch's host memory is reused)."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)

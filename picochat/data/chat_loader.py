@@ -18,6 +18,8 @@ import bisect
 
 import torch
 
+from picochat.data import to_device
+
 
 class ChatPacker:
     def __init__(self, task, tokenizer, batch_size: int, seq_len: int, stream: int = 0,
@@ -38,6 +40,7 @@ class ChatPacker:
         self.next_index = stream  # next conversation of this stream to render
         self.epoch = 0
         self.consumed = 0  # conversations packed into rows so far (for the epoch-based LR schedule)
+        self.last_supervised = 0  # targets that are not -1 in the last batch
         self.lengths: list[int] = []
         self.items: list[tuple[list[int], list[int]]] = []  # (ids, mask), sorted by length
         if state is not None:
@@ -84,9 +87,10 @@ class ChatPacker:
         keep = torch.ones((self.B, self.T + 1), dtype=torch.bool)
         for b in range(self.B):
             self._pack_row(rows[b], keep[b])
-        inputs = rows[:, :-1]
         targets = rows[:, 1:].masked_fill(~keep[:, 1:], -1)
-        return inputs.to(self.device), targets.to(self.device)
+        self.last_supervised = int((targets >= 0).sum())  # counted here, on the host: no device sync
+        batch = to_device(torch.stack([rows[:, :-1], targets]), self.device)
+        return batch[0], batch[1]
 
     def state_dict(self) -> dict:
         return {"stream": self.stream, "num_streams": self.num_streams, "next_index": self.next_index,

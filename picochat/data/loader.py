@@ -23,6 +23,7 @@ import bisect
 import torch
 
 from picochat.common import PicochatError
+from picochat.data import to_device
 from picochat.data.shards import list_shards, open_shard, read_row_group
 
 TOKENIZE_BATCH = 128  # documents handed to the tokenizer at once
@@ -50,8 +51,6 @@ class PackingLoader:
         self.docs_packed = 0  # documents placed in rows so far (not saved: evaluation only)
         if state is not None:
             self.load_state_dict(state)
-        use_pinned = self.device.type == "cuda"
-        self._staging = torch.empty((2, self.B, self.T), dtype=torch.long, pin_memory=use_pinned)
 
     # --- reading documents ---------------------------------------------------------------
 
@@ -133,11 +132,7 @@ class PackingLoader:
         rows = torch.empty((self.B, self.T + 1), dtype=torch.long)
         for b in range(self.B):
             self._pack_row(rows[b])
-        self._staging[0].copy_(rows[:, :-1])
-        self._staging[1].copy_(rows[:, 1:])
-        batch = self._staging.to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
-            batch = batch.clone()  # the staging buffer is reused by the next call
+        batch = to_device(torch.stack([rows[:, :-1], rows[:, 1:]]), self.device)  # new memory each call
         return batch[0], batch[1]
 
     def __iter__(self):

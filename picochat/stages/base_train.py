@@ -26,9 +26,9 @@ from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT, config_from_depth, head_loss
-from picochat.training import (append_metrics, batch_layout, estimate_memory_gib, load_for_resume,
-                               lr_multiplier, muon_momentum, run_is_complete, set_schedules,
-                               truncate_metrics)
+from picochat.training import (append_metrics, batch_layout, estimate_eval_memory_gib, estimate_memory_gib,
+                               load_for_resume, lr_multiplier, muon_momentum, run_is_complete,
+                               set_schedules, truncate_metrics)
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -112,8 +112,9 @@ def train(args, info, device, dtype):
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
 
     # --- batch arithmetic ----------------------------------------------------------------
-    B_total = args.total_batch_size
-    device_batch, grad_accum = batch_layout(B_total, T, W, args.device_batch_size, model, device, dtype)
+    layout = batch_layout(args.total_batch_size, T, W, args.device_batch_size, model, device, dtype,
+                          total_is_default=args.total_batch_size == build_parser().get_default("total_batch_size"))
+    B_total, device_batch, grad_accum = layout.total_batch, layout.device_batch, layout.grad_accum
     num_streams = grad_accum * W
 
     # --- horizon -------------------------------------------------------------------------
@@ -137,8 +138,11 @@ def train(args, info, device, dtype):
     metrics_path = ckpt_root / "metrics.jsonl"
 
     mem = estimate_memory_gib(model, device_batch, T, dtype, W)
+    eval_mem = estimate_eval_memory_gib(model, device_batch, T, dtype, W)
     width = 24
     print0(f"{'device':<{width}} {device} × {W} process(es), compute dtype {str(dtype).replace('torch.', '')}")
+    for note in layout.notes:
+        print0(f"{'adjusted':<{width}} {note}")
     for key, value in [
         ("model", f"depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
                   f"vocab {config.vocab_size:,}, seq len {T}"),
@@ -148,7 +152,7 @@ def train(args, info, device, dtype):
         ("training tokens", f"{num_iterations * B_total:,} ({num_iterations * B_total / num_params:.2f} per param)"),
         ("training FLOPs", f"{flops_per_token * B_total * num_iterations:.4e}"),
         ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
-        ("memory estimate", f"{mem:.2f} GiB per process"),
+        ("memory estimate", f"{mem:.2f} GiB per process for training, {eval_mem:.2f} GiB for evaluation"),
         ("checkpoints", str(ckpt_root)),
     ]:
         print0(f"{key:<{width}} {value}")
@@ -156,9 +160,10 @@ def train(args, info, device, dtype):
     # --- resume --------------------------------------------------------------------------
     step, loop = 0, {"smooth_loss": 0.0, "total_time": 0.0, "min_val_bpb": float("inf"), "last_metrics": {}}
     loader_states = [None] * grad_accum
-    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, device, info.rank,
+    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, info.rank,
                               {"model_config": config.to_dict(), "world_size": W,
                                "device_batch_size": device_batch, "total_batch_size": B_total})
+    was_resumed = resumed is not None
     if resumed:
         resume_step, meta, model_state, rank_state = resumed
         model.load_state_dict(model_state)
@@ -166,6 +171,7 @@ def train(args, info, device, dtype):
         loader_states = rank_state["loaders"]
         torch.set_rng_state(rank_state["rng"])
         step, loop = resume_step, meta["loop"]
+        del resumed, model_state, rank_state  # host copies; the model and optimizer hold their own
         num_iterations = meta["num_iterations"]
         if info.is_master:  # drop lines written after the checkpoint
             truncate_metrics(metrics_path, step)
@@ -182,6 +188,7 @@ def train(args, info, device, dtype):
 
     compile_model = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     trunk = torch.compile(model.trunk, dynamic=False) if compile_model else model.trunk
+    print0(f"{'compile':<{width}} {'trunk and head chunks (torch.compile)' if compile_model else 'no (eager)'}")
     peak = peak_flops(device, dtype)
 
     def val_bpb() -> float:
@@ -207,13 +214,13 @@ def train(args, info, device, dtype):
             print0(f"  {prompt!r} → {tokenizer.decode(out)!r}")
         model.train()
 
-    def checkpoint(at_step: int) -> None:
+    def checkpoint(at_step: int, loader_states: list[dict]) -> None:
         meta = {"step": at_step, "model_config": config.to_dict(), "user_config": vars(args),
                 "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W,
                 "device_batch_size": device_batch, "total_batch_size": B_total, "max_seq_len": T,
                 "num_iterations": num_iterations, "loop": loop}
         rank_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                      "loaders": [ld.state_dict() for ld in train_loaders]}
+                      "loaders": loader_states}
         save_checkpoint(ckpt_root, at_step, model.state_dict(), meta, rank_state,
                         keep_last=args.keep_last or None)
         print0(f"saved checkpoint step {at_step} → {ckpt_root}")
@@ -228,22 +235,31 @@ def train(args, info, device, dtype):
         print0(f"step 0 | val bpb {v:.4f}")
         write_metrics({"step": 0, "val_bpb": v})
     model.train()
-    finished_before_final_eval = bool(resumed) and step == num_iterations
+    finished_before_final_eval = was_resumed and step == num_iterations
+
+    def saves_after(s: int) -> bool:
+        return s == num_iterations or (args.save_every > 0 and s % args.save_every == 0)
+
+    batches = [ld.next_batch() for ld in train_loaders] if step < num_iterations else []
     while step < num_iterations:
         t0 = time.perf_counter()
         lr_mult = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_schedules(optimizer, lr_mult, muon_momentum(step))
         loss_sum = torch.zeros((), device=device)
-        for loader in train_loaders:
-            x, y = loader.next_batch()
-            loss = head_loss(trunk(x), model.lm_head.weight, y)
+        for x, y in batches:
+            loss = head_loss(trunk(x), model.lm_head.weight, y, compiled=compile_model)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        # Pack the next step's batches while the device is still busy with this one (nothing has
+        # waited for it yet); a checkpoint after this step records the loaders as they were before.
+        saved_loaders = [ld.state_dict() for ld in train_loaders] if saves_after(step + 1) else None
+        if step + 1 < num_iterations:
+            batches = [ld.next_batch() for ld in train_loaders]
         if W > 1:
             dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item() / num_streams
+        train_loss = loss_sum.item() / num_streams  # the step's one wait for the device (logging)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -268,7 +284,7 @@ def train(args, info, device, dtype):
         last = step == num_iterations
         if last:  # the model is saved before any final evaluation, so an eval crash loses nothing
             loop["last_metrics"] = record
-            checkpoint(step)
+            checkpoint(step, saved_loaders)
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
             record["val_bpb"] = val_bpb()
             loop["min_val_bpb"] = min(loop["min_val_bpb"], record["val_bpb"])
@@ -277,7 +293,7 @@ def train(args, info, device, dtype):
             samples()
         write_metrics(record)
         if not last and args.save_every > 0 and step % args.save_every == 0:
-            checkpoint(step)
+            checkpoint(step, saved_loaders)
     if finished_before_final_eval:
         # resumed from the final checkpoint (killed during the final eval): finish the eval
         record = dict(loop["last_metrics"])
