@@ -228,7 +228,10 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_speedup() > 1.5 else torch.float32
+        fast = torch.tensor([int(cpu_bf16_speedup() > 1.5)])
+        if dist.is_initialized():  # ranks timed on a busy machine may disagree: rank 0 decides for all
+            dist.broadcast(fast, src=0)
+        return torch.bfloat16 if fast.item() else torch.float32
     return torch.float32
 
 

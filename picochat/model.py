@@ -455,7 +455,7 @@ class GPT(nn.Module):
         """idx (B, T) → loss if targets are given, else fp32 logits (B, T, V)."""
         x = self.trunk(idx, kv_cache)
         if targets is None:
-            return self._logits(x)
+            return self.logits(x)
         return head_loss(x, self.lm_head.weight, targets, loss_reduction)
 
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -480,7 +480,8 @@ class GPT(nn.Module):
         if end > self.rotary_len:
             raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})")
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Softcapped fp32 logits of final hidden states (any leading shape)."""
         logits = self.lm_head(x).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset. `make speedrun` calls this inside .venv.
-#   bash runs/speedrun.sh [auto|demo|d20]
+#   bash runs/speedrun.sh [auto|demo|d20] [--rehearsal]
 #   auto: d20 when an NVIDIA GPU is visible, demo otherwise.
+#   d20 --rehearsal: the d20 recipe end to end on the CPU, 8 processes, tiny model and data (minutes).
 # Everything lands in $PICOCHAT_HOME (default ~/.cache/picochat). Re-running skips finished data.
 set -euo pipefail
 PRESET="${1:-auto}"
+REHEARSAL=0
+case "${2:-}" in
+    "") ;;
+    --rehearsal) REHEARSAL=1 ;;
+    *) echo "speedrun: unknown option '$2' (the only one is --rehearsal, after d20)" >&2; exit 2 ;;
+esac
 if [ "$PRESET" = "auto" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRESET=d20; else PRESET=demo; fi
 fi
@@ -46,27 +53,51 @@ demo)
     ;;
 d20)
     # The seed's d20 recipe on FineWeb-Edu: 240 shards (~24 GB), tokenizer on 2B chars, 8 GPUs.
-    NPROC="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
+    # With --rehearsal it runs on the CPU instead, to catch a recipe that would fail hours in:
+    # every stage, flag default, batch-layout rule and the process count (8, gloo) stay; only the
+    # model (depth 2), the data (the offline demo corpus and mixtures) and the steps shrink.
+    # Sequences are 32x shorter and every total batch 32x smaller, so each step has the preset's
+    # rows per process and the batch layout meets the numbers the GPUs will.
     TAG="${MODEL_TAG:-d20}"
-    stamp "data: FineWeb-Edu shards"
-    picochat data download -n 8
-    picochat data download -n 240 &
-    DOWNLOAD_PID=$!
+    if [ "$REHEARSAL" = 1 ]; then
+        NPROC="${NPROC_PER_NODE:-8}"; DEVICE=cpu
+        DATA=(data demo); TOK=(--dataset demo --vocab-size 2048 --max-chars 2000000); DATASET=demo; MIXTURE=demo
+        BASE=(--depth 2 --max-seq-len 64 --total-batch-size 16384 --num-iterations 6 --eval-every 3
+              --eval-tokens 16384 --sample-every -1 --save-every 3)
+        BASE_EVAL=(--core-source offline --max-per-task 8 --eval-tokens 16384 --max-new-tokens 8)
+        MID=(--total-batch-size 16384 --num-iterations 4 --eval-every 2 --eval-tokens 16384 --save-every 2)
+        SFT=(--total-batch-size 2048 --num-iterations 4 --eval-every 2 --eval-tokens 4096 --save-every 2)
+        CHAT_EVAL=(--max-problems 16 --max-new-tokens 16)
+    else
+        # a GPU that torch cannot use would otherwise surface only at the first training stage
+        python -c 'import sys; from picochat.common import cuda_unusable_reason as why; r = why(); sys.exit(f"speedrun d20: {r}") if r else None'
+        NPROC="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"; DEVICE=cuda
+        DATA=(data download -n 240); TOK=(--dataset fineweb-edu --max-chars 2000000000); DATASET=fineweb-edu
+        MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=()
+    fi
+    RUN=(torchrun --standalone --nproc_per_node="$NPROC" -m picochat)
+    stamp "data: $DATASET"
+    if [ "$REHEARSAL" = 1 ]; then
+        picochat "${DATA[@]}"
+    else
+        picochat data download -n 8  # enough for the tokenizer; the rest downloads meanwhile
+        picochat "${DATA[@]}" &
+        DOWNLOAD_PID=$!
+    fi
     stamp "tokenizer"
-    picochat tok_train --dataset fineweb-edu --max-chars 2000000000
-    picochat tok_eval --dataset fineweb-edu
-    wait "$DOWNLOAD_PID"
+    picochat tok_train "${TOK[@]}"
+    picochat tok_eval --dataset "$DATASET"
+    [ -z "${DOWNLOAD_PID:-}" ] || wait "$DOWNLOAD_PID"
     stamp "base model"
-    torchrun --standalone --nproc_per_node="$NPROC" -m picochat base_train --dataset fineweb-edu \
-        --depth 20 --model-tag "$TAG" --save-every 1000 --resume-if-possible
+    "${RUN[@]}" base_train --dataset "$DATASET" --model-tag "$TAG" --device "$DEVICE" --resume-if-possible "${BASE[@]}"
     stamp "base model evaluation"
-    torchrun --standalone --nproc_per_node="$NPROC" -m picochat base_eval --dataset fineweb-edu --model-tag "$TAG"
+    "${RUN[@]}" base_eval --dataset "$DATASET" --model-tag "$TAG" --device "$DEVICE" "${BASE_EVAL[@]}"
     stamp "midtraining (SmolTalk, MMLU auxiliary train, GSM8K, identity, spelling)"
-    torchrun --standalone --nproc_per_node="$NPROC" -m picochat mid_train --source-tag "$TAG" --resume-if-possible
-    torchrun --standalone --nproc_per_node="$NPROC" -m picochat chat_eval --source mid --model-tag "$TAG"
+    "${RUN[@]}" mid_train --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible "${MID[@]}"
+    "${RUN[@]}" chat_eval --source mid --model-tag "$TAG" --device "$DEVICE" "${CHAT_EVAL[@]}"
     stamp "SFT"
-    torchrun --standalone --nproc_per_node="$NPROC" -m picochat sft --source-tag "$TAG" --resume-if-possible
-    torchrun --standalone --nproc_per_node="$NPROC" -m picochat chat_eval --source sft --model-tag "$TAG"
+    "${RUN[@]}" sft --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible "${SFT[@]}"
+    "${RUN[@]}" chat_eval --source sft --model-tag "$TAG" --device "$DEVICE" "${CHAT_EVAL[@]}"
     stamp "report card"
     picochat report --model-tag "$TAG"
     ;;

@@ -7,6 +7,7 @@ These launch real `picochat` processes, so they are marked slow (they still run 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,11 +54,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_home):
 def test_two_processes_match_one_process_with_the_same_total_batch(tiny_home):
     run = [*TRAIN, "--num-iterations", "8", "--eval-every", "-1"]
     picochat(tiny_home, "base_train", *run, "--model-tag", "one")
+    # as the speedrun used to: every rank told to use all the cores
+    env = dict(env_for(tiny_home), OMP_NUM_THREADS=str(2 * len(os.sched_getaffinity(0))))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "picochat", "base_train", *run, "--model-tag", "two"],
-                          env=env_for(tiny_home), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 rows × 64 × 2 proc × 1 accum" in proc.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by the 2 ranks
+    assert f"× 2 process(es), {threads} CPU thread(s) each" in proc.stdout
     one, two = losses(tiny_home, "one"), losses(tiny_home, "two")
     assert one.keys() == two.keys() == set(range(1, 9))
     for step in one:

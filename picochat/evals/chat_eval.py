@@ -29,16 +29,21 @@ def run_categorical(model, tokenizer, task, batch_size: int = 8, max_problems: i
     correct = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(indices), batch_size):
         convs = [task[j] for j in indices[i:i + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        # a prompt longer than the model's context keeps its end, where the question and the
+        # answer slot are (a small model's context can be shorter than a few-shot MMLU prompt)
+        context = model.config.sequence_len
+        prompts = [tokenizer.render_for_completion(c)[-context:] for c in convs]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tokenizer.bos_id, dtype=torch.long, device=device)
         for r, p in enumerate(prompts):
             ids[r, :len(p)] = torch.tensor(p)
-        logits = model(ids)
-        for r, (conv, p) in enumerate(zip(convs, prompts)):
+        hidden = model.trunk(ids)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = model.logits(hidden[torch.arange(len(prompts), device=device), last])  # only where the answer goes
+        for r, conv in enumerate(convs):
             letters = conv["letters"]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
-            choice = logits[r, len(p) - 1, letter_ids].argmax().item()
+            choice = logits[r, letter_ids].argmax().item()
             correct += int(task.evaluate(conv, letters[choice]))
     return _mean(correct, n)
 
@@ -76,10 +81,16 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     scheduler = Scheduler(Engine(model, tokenizer, tool=tool), max_rows=max(batch_size, num_samples),
                           max_queue=max(1, len(mine)))
     convs = {j: task[j] for j in mine}
+    too_long = 0  # prompts that leave no room in the model's context: wrong, without decoding
     for j in mine:
-        scheduler.submit(Job(tokenizer.render_for_completion(convs[j]), emit=functools.partial(collect, j),
-                             n=num_samples, max_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or 0, seed=j))
+        prompt = tokenizer.render_for_completion(convs[j])
+        if len(prompt) >= scheduler.max_len:
+            too_long += 1
+            del choices_left[j]
+            bar.update(1)
+            continue
+        scheduler.submit(Job(prompt, emit=functools.partial(collect, j), n=num_samples,
+                             max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0, seed=j))
     try:
         while choices_left:
             if not scheduler.run_once():
@@ -87,6 +98,12 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     finally:
         bar.close()
         scheduler.stop()
+    skipped = torch.tensor(too_long, dtype=torch.long, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(skipped)
+    if skipped.item():
+        print0(f"warning: {skipped.item()} of {n} {type(task).__name__} prompts do not fit the model's "
+               f"{scheduler.max_len}-token context (counted as wrong)")
     if errors:
         print0(f"warning: {len(errors)} of {len(mine) * num_samples} {type(task).__name__} completions failed "
                f"on the engine (counted as wrong); e.g. problem {errors[0][0]} (see the traceback above)")

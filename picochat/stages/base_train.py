@@ -140,7 +140,8 @@ def train(args, info, device, dtype):
     mem = estimate_memory_gib(model, device_batch, T, dtype, W)
     eval_mem = estimate_eval_memory_gib(model, device_batch, T, dtype, W)
     width = 24
-    print0(f"{'device':<{width}} {device} × {W} process(es), compute dtype {str(dtype).replace('torch.', '')}")
+    print0(f"{'device':<{width}} {device} × {W} process(es), {torch.get_num_threads()} CPU thread(s) each, "
+           f"compute dtype {str(dtype).replace('torch.', '')}")
     for note in layout.notes:
         print0(f"{'adjusted':<{width}} {note}")
     for key, value in [
