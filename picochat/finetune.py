@@ -23,8 +23,8 @@ from picochat.data import to_device
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import head_loss
-from picochat.training import (append_metrics, batch_layout, load_for_resume, muon_momentum,
-                               run_is_complete, set_schedules, truncate_metrics)
+from picochat.training import (append_metrics, batch_layout, check_shared_checkpoint_dir, load_for_resume,
+                               muon_momentum, run_is_complete, set_schedules, truncate_metrics)
 
 
 def build_parser(stage: str, description: str, defaults: dict) -> Parser:
@@ -109,6 +109,7 @@ def train(stage, args, info, device, mixtures, mask_mode, defaults):
     ckpt_root = checkpoint_dir(stage, model_tag)
     metrics_path = ckpt_root / "metrics.jsonl"
 
+    check_shared_checkpoint_dir(ckpt_root, device)
     total_conversations = math.ceil(len(train_task) * args.num_epochs)
     optimizer = model.setup_optimizer(args.embedding_lr * args.init_lr_frac, args.unembedding_lr * args.init_lr_frac,
                                       args.matrix_lr * args.init_lr_frac, args.weight_decay)

@@ -174,6 +174,35 @@ def auto_device_batch_size(model: GPT, seq_len: int, rows_per_step: int, device,
 # -----------------------------------------------------------------------------
 # Resume
 
+def check_shared_checkpoint_dir(root: Path, device) -> None:
+    """Every rank writes its part of a checkpoint into one directory, so on several nodes
+    $PICOCHAT_HOME must be on a filesystem they all share. Checked before training, not at the
+    first save hours later: rank 0 writes a token there and every rank must read it back."""
+    if not dist.is_initialized():
+        return
+    import secrets
+    token = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0, device=device if device.type == "cuda" else None)
+    probe = root / ".shared-check"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(probe, token[0])
+    dist.barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    missing = torch.tensor([0 if seen else 1], device=device)
+    dist.all_reduce(missing)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    if missing.item():
+        raise PicochatError(f"{missing.item()} of {dist.get_world_size()} processes cannot see the checkpoint "
+                            f"directory {root} as rank 0 wrote it: on several nodes, put PICOCHAT_HOME on a "
+                            f"filesystem that every node shares (docs/GPU.md)")
+
+
 def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, rank: int, layout: dict):
     """The latest checkpoint to continue from, as (step, meta, model_state, rank_state), or None
     for a fresh start. `layout` lists what must match (model config, processes, batch sizes):

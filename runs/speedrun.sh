@@ -18,6 +18,16 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 start=$(date +%s)
 stamp() { echo; echo "=== $1 ($(( $(date +%s) - start ))s elapsed) ==="; }
+# A rerun after an interruption keeps the tokenizer that its checkpoints were trained with (and
+# does not spend minutes retraining it); a first run, or another preset, trains its own.
+tok_train_once() {
+    local home="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
+    if [ -f "$home/tokenizer/tokenizer.json" ] && [ -d "$home/checkpoints/base/$TAG" ]; then
+        echo "tokenizer already trained for the checkpoints of $TAG; keeping it"
+    else
+        picochat tok_train "$@"
+    fi
+}
 
 case "$PRESET" in
 demo)
@@ -27,7 +37,7 @@ demo)
     stamp "data: offline demo corpus"
     picochat data demo
     stamp "tokenizer"
-    picochat tok_train --dataset demo --vocab-size 4096
+    tok_train_once --dataset demo --vocab-size 4096
     picochat tok_eval --dataset demo
     stamp "base model"
     picochat base_train --dataset demo --model-tag "$TAG" --depth 4 --max-seq-len 512 \
@@ -85,7 +95,7 @@ d20)
         DOWNLOAD_PID=$!
     fi
     stamp "tokenizer"
-    picochat tok_train "${TOK[@]}"
+    tok_train_once "${TOK[@]}"
     picochat tok_eval --dataset "$DATASET"
     [ -z "${DOWNLOAD_PID:-}" ] || wait "$DOWNLOAD_PID"
     stamp "base model"

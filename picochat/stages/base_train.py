@@ -26,8 +26,8 @@ from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT, config_from_depth, head_loss
-from picochat.training import (append_metrics, batch_layout, estimate_eval_memory_gib, estimate_memory_gib,
-                               load_for_resume, lr_multiplier, muon_momentum, run_is_complete,
+from picochat.training import (append_metrics, batch_layout, check_shared_checkpoint_dir,
+                               estimate_eval_memory_gib, estimate_memory_gib, load_for_resume, lr_multiplier, muon_momentum, run_is_complete,
                                set_schedules, truncate_metrics)
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
@@ -159,6 +159,7 @@ def train(args, info, device, dtype):
         print0(f"{key:<{width}} {value}")
 
     # --- resume --------------------------------------------------------------------------
+    check_shared_checkpoint_dir(ckpt_root, device)
     step, loop = 0, {"smooth_loss": 0.0, "total_time": 0.0, "min_val_bpb": float("inf"), "last_metrics": {}}
     loader_states = [None] * grad_accum
     resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, info.rank,
