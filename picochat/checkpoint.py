@@ -115,12 +115,14 @@ def resolve_model_dir(stage: str, model_tag: str | None) -> Path:
 
 def load_model(stage: str, model_tag: str | None, device, step: int | None = None,
                compute_dtype: torch.dtype | None = None, tokenizer=None):
-    """Build a GPT from a checkpoint for inference/eval. Returns (model, meta). With `tokenizer`,
+    """Build a GPT from a checkpoint for inference/eval. Returns (model, meta); meta["model_tag"]
+    is the checkpoint's tag. With `tokenizer`,
     first checks that the model was trained with a tokenizer of its vocabulary size."""
     from picochat.model import GPT, GPTConfig
     root = resolve_model_dir(stage, model_tag)
     step = latest_step(root) if step is None else step
     model_state, meta, _ = load_checkpoint(root, step, device)
+    meta.setdefault("model_tag", root.name)  # checkpoints from before meta stored it: the directory is the tag
     config = GPTConfig(**meta["model_config"])
     if tokenizer is not None and config.vocab_size != tokenizer.vocab_size:
         raise PicochatError(f"the model has vocab {config.vocab_size} but the tokenizer "

@@ -7,6 +7,7 @@ Nothing here knows about models or data; every other module may import it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -40,7 +41,16 @@ def tokenizer_dir() -> Path:
     return picochat_home() / "tokenizer"
 
 
+# Checkpoint directories are named after the model a stage produces (base, mid, sft, rl); commands
+# after what they do. The two differ for pretraining and midtraining only; this is the one place
+# that maps them (`picochat mid_train` writes checkpoints/mid/<tag>/).
+COMMAND_OF_STAGE = {"base": "base_train", "mid": "mid_train", "sft": "sft", "rl": "rl"}
+
+
 def checkpoint_dir(stage: str, model_tag: str) -> Path:
+    """$PICOCHAT_HOME/checkpoints/<stage>/<tag>; stage is a key of COMMAND_OF_STAGE."""
+    if stage not in COMMAND_OF_STAGE:
+        raise ValueError(f"unknown checkpoint stage {stage!r}; expected one of {', '.join(COMMAND_OF_STAGE)}")
     return picochat_home() / "checkpoints" / stage / model_tag
 
 
@@ -76,6 +86,35 @@ def atomic_path(final: Path):
 def atomic_write_text(final: Path, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+def read_jsonl(path: Path, convert=None, on_bad_line=None) -> list:
+    """Every non-blank line of a JSON-lines file, parsed, then passed through `convert` if given.
+    A line that is not UTF-8 JSON, or that `convert` rejects (ValueError, KeyError, TypeError),
+    raises PicochatError naming the file and line; with `on_bad_line(lineno, error)` it is left out
+    instead and the callback told (a torn last line of a killed writer, a bad line in an import)."""
+    import json
+    values = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                value = json.loads(raw.decode("utf-8"))
+                values.append(convert(value) if convert else value)
+            except (ValueError, KeyError, TypeError) as e:
+                if on_bad_line is None:
+                    raise PicochatError(f"{path} line {lineno}: {type(e).__name__}: {e}") from None
+                on_bad_line(lineno, e)
+    return values
+
+
+def file_lock(path: Path):
+    """An exclusive lock between processes (e.g. torchrun ranks downloading the same file), held
+    inside `with file_lock(path):`; the `filelock` package, its directory created if missing."""
+    from filelock import FileLock
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +153,8 @@ def init_distributed(device_type: str) -> DistInfo:
     info = dist_info()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if local > 1:
-        torch.set_num_threads(threads_per_process(len(os.sched_getaffinity(0)), local))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(threads_per_process(cores, local))
     if info.distributed and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
@@ -134,13 +174,45 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def progress(iterable=None, **kwargs):
-    """A tqdm progress bar (rate and ETA) on rank 0 only; silent on other ranks."""
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar (rate and ETA) on rank 0 only; silent on other ranks. On a terminal it
+    redraws one line; in a log (stderr redirected) it prints a plain line now and then instead."""
     from tqdm import tqdm
     kwargs.setdefault("disable", not dist_info().is_master)
     kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("file", sys.stderr)
-    return tqdm(iterable, **kwargs)
+    file = kwargs.setdefault("file", sys.stderr)
+    on_terminal = hasattr(file, "isatty") and file.isatty()
+    if on_terminal:
+        return tqdm(iterable, **kwargs)
+    kwargs.setdefault("ascii", True)  # '#' rather than block characters in a log file
+    return _log_bar_class()(iterable, **kwargs)
+
+
+LOG_BAR_FRACTION, LOG_BAR_SECONDS = 0.1, 30.0  # a log line every 10% of the total, or every 30 s
+
+
+@functools.cache
+def _log_bar_class():
+    from tqdm import tqdm
+
+    class LogBar(tqdm):
+        """tqdm for logs: each line it shows is a line of its own (no '\r' redraws piling up
+        hundreds of frames in one line): at the start, every LOG_BAR_FRACTION of the total or
+        LOG_BAR_SECONDS, whichever comes first, and at the end."""
+
+        def display(self, msg=None, pos=None):
+            if msg == "":  # tqdm clearing a bar with leave=False: nothing was drawn to clear
+                return True
+            now, closing = time.monotonic(), self.disable  # close() sets disable, then displays
+            fraction = self.n / self.total if self.total else 0.0
+            last = getattr(self, "_last_line", None)
+            if closing or last is None or fraction - last[0] >= LOG_BAR_FRACTION or now - last[1] >= LOG_BAR_SECONDS:
+                self.fp.write(self.__str__() + ("" if closing else "\n"))  # close() adds its own newline
+                self.fp.flush()
+                self._last_line = (fraction, now)
+            return True
+
+    return LogBar
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +253,8 @@ def cuda_unusable_reason() -> str | None:
 
 def resolve_device(requested: str, info: DistInfo) -> torch.device:
     device_type = autodetect_device_type() if requested in ("", "auto") else requested
-    if requested in ("", "auto") and device_type == "cpu" and visible_nvidia_gpus():
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", None) == ""  # GPUs hidden on purpose
+    if requested in ("", "auto") and device_type == "cpu" and not hidden and visible_nvidia_gpus():
         # never fall back to a CPU silently on a GPU machine: weeks of training, no error
         raise PicochatError(f"{cuda_unusable_reason()}; or pass --device cpu to run on the CPU anyway")
     if device_type not in ("cpu", "cuda", "mps"):
@@ -236,6 +309,12 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator a run may draw from: Python's random, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 

@@ -1,12 +1,12 @@
 """
-The inference engine: batched sampling with a KV cache, and the tool-use state machine (spec §8).
+The inference engine: batched sampling with a KV cache, and the tool-use state machine (docs/DESIGN.md#engine).
 
 `Engine.generate` is a streaming generator. It runs the prompt through the model once, with batch 1,
 then copies that prefix of the KV cache into a cache with one row per sample, so N samples of one
 prompt cost one prefill. Every step yields a column: one token per row, and a mask saying whether
 the row sampled it (1) or was forced to emit it (0: the tool's output).
 
-Tool use (spec §8.3): when a row emits <|python_start|> ... <|python_end|>, the tokens in between
+Tool use (docs/DESIGN.md#tool-use): when a row emits <|python_start|> ... <|python_end|>, the tokens in between
 are decoded and passed to the tool (picochat.tools.run_tool unless another is given); the answer is
 forced into that row as <|output_start|> result <|output_end|> over the following steps, and the
 model carries on from there. A row ends at <|assistant_end|> or <|bos|>.

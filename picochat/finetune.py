@@ -17,18 +17,18 @@ import torch.distributed as dist
 
 from picochat.checkpoint import load_model, save_checkpoint
 from picochat.cli import Parser, add_device_args, int_or_auto
-from picochat.common import (PicochatError, checkpoint_dir, print0, resolve_dtype, setup_device,
+from picochat.common import (COMMAND_OF_STAGE, PicochatError, checkpoint_dir, print0, resolve_dtype, setup_device,
                              shutdown_distributed)
 from picochat.data import to_device
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import head_loss
 from picochat.training import (append_metrics, batch_layout, check_shared_checkpoint_dir, load_for_resume,
-                               muon_momentum, run_is_complete, set_schedules, truncate_metrics)
+                               lr_multiplier_by_progress, muon_momentum, run_is_complete, set_schedules, truncate_metrics)
 
 
 def build_parser(stage: str, description: str, defaults: dict) -> Parser:
-    p = Parser({"mid": "mid_train"}.get(stage, stage), description)  # the command's name
+    p = Parser(COMMAND_OF_STAGE[stage], description)
     p.add_argument("--mixture", default="full",
                    help="'full': the Hub datasets (nanochat's mixture); 'demo': offline data only; "
                         "or a .jsonl file of your own conversations")
@@ -61,13 +61,6 @@ def build_parser(stage: str, description: str, defaults: dict) -> Parser:
     p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                    help="torch.compile the model (auto: on CUDA only)")
     return p
-
-
-def lr_multiplier(progress: float, warmdown_ratio: float) -> float:
-    """1.0, then linear to 0 over the last `warmdown_ratio` of training (progress in [0, 1])."""
-    if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
-        return 1.0
-    return max(0.0, (1 - progress) / warmdown_ratio)
 
 
 def run(stage: str, argv, description: str, defaults: dict, mixtures, mask_mode: str) -> int:
@@ -104,7 +97,7 @@ def train(stage, args, info, device, mixtures, mask_mode, defaults):
         train_task, val_task = mixtures(args.mixture)
     else:
         raise PicochatError(f"--mixture must be full, demo or a .jsonl file, got {args.mixture!r}")
-    source_tag = source_meta["user_config"].get("model_tag") or f"d{config.n_layer}"
+    source_tag = source_meta["model_tag"]
     model_tag = args.model_tag or source_tag
     ckpt_root = checkpoint_dir(stage, model_tag)
     metrics_path = ckpt_root / "metrics.jsonl"
@@ -184,7 +177,7 @@ def train(stage, args, info, device, mixtures, mask_mode, defaults):
         return result
 
     def checkpoint(at_step: int, packer_states: list[dict]) -> None:
-        meta = {"step": at_step, "stage": stage, "model_config": config.to_dict(), "user_config": vars(args) | {"model_tag": model_tag},
+        meta = {"step": at_step, "stage": stage, "model_tag": model_tag, "model_config": config.to_dict(), "user_config": vars(args) | {"model_tag": model_tag},
                 "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W, "device_batch_size": device_batch,
                 "total_batch_size": total_batch, "max_seq_len": T, "loop": loop,
                 "source": {"stage": args.source, "tag": source_tag, "step": source_meta["step"]}}
@@ -200,7 +193,7 @@ def train(stage, args, info, device, mixtures, mask_mode, defaults):
         batches, n_valid = next_step_data()
     while not last:
         t0 = time.perf_counter()
-        lr_mult = lr_multiplier(p, args.warmdown_ratio)
+        lr_mult = lr_multiplier_by_progress(p, args.warmdown_ratio)
         set_schedules(optimizer, lr_mult, muon_momentum(step))
         # the step's loss is the mean over all its supervised tokens, on every rank together
         if W > 1:

@@ -1,12 +1,13 @@
 """
-The GPT (nanochat's seed architecture, spec §1.1), in one file:
+The GPT (nanochat's seed architecture, docs/DESIGN.md#model), in one file:
 
 - pre-norm residual blocks with a parameter-free RMSNorm (after the embedding, before attention and
   MLP, before the head, and on q and k per head: QK-norm);
 - rotary position embeddings (base 10,000, half-split convention), no position table;
 - attention through F.scaled_dot_product_attention, GQA-capable (n_kv_head <= n_head), no biases;
 - a ReLU² MLP (d → 4d → d); untied embedding and head; logits softcapped at 15 in fp32;
-- one dial: `config_from_depth(depth)` gives width 64·depth and heads of dimension 128.
+- one dial: `config_from_depth(depth)` gives width 64·depth (rounded up to a multiple of 128) and
+  heads of dimension 128.
 
 Dtypes are explicit: master weights are fp32 and every Linear casts its weight to the activation
 dtype (`compute_dtype`, bf16 on modern GPUs and fast-bf16 CPUs), so there is no autocast anywhere.
@@ -46,13 +47,21 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-def config_from_depth(depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
-                      aspect_ratio: int = 64, head_dim: int = 128) -> GPTConfig:
-    """Width = aspect_ratio·depth; heads = ceil(width / head_dim) (spec §1.1: 64 and 128)."""
-    n_embd = depth * aspect_ratio
-    n_head = max(1, -(-n_embd // head_dim))
-    if n_embd % n_head:
-        raise ValueError(f"width {n_embd} is not divisible by {n_head} heads")
+# The one dial's constants (nanochat's seed values): width per layer, and the head dimension that
+# the width is rounded up to. base_train's --aspect-ratio, --head-dim and --max-seq-len default to these.
+ASPECT_RATIO = 64
+HEAD_DIM = 128
+SEQUENCE_LEN = 2048
+
+
+def config_from_depth(depth: int, vocab_size: int = 65536, sequence_len: int = SEQUENCE_LEN,
+                      aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM) -> GPTConfig:
+    """Width = aspect_ratio·depth rounded up to a multiple of head_dim, so every depth works
+    (d5: 320 → 384, 3 heads); heads = width / head_dim (docs/DESIGN.md#model)."""
+    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
+        raise ValueError(f"depth, aspect ratio and head dim must be positive, got {depth}, {aspect_ratio}, {head_dim}")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
 
@@ -373,7 +382,7 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # The model
 
-SOFTCAP = 15.0  # logits = 15·tanh(logits/15) (spec §1.1)
+SOFTCAP = 15.0  # logits = 15·tanh(logits/15) (docs/DESIGN.md#model)
 ROPE_BASE = 10_000
 
 
@@ -401,8 +410,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """Spec §1.1 init: Linear ~ N(0, 1/√fan_in · min(1, √(fan_out/fan_in))); the head and both
-        output projections zero (each block starts as the identity); embedding ~ N(0, 1)."""
+        """The seed's init (docs/DESIGN.md#initialization): Linear ~ N(0, 1/√fan_in · min(1,
+        √(fan_out/fan_in))); the head and both output projections zero (each block starts as the
+        identity); embedding ~ N(0, 1)."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
@@ -435,7 +445,7 @@ class GPT(nn.Module):
 
     def setup_optimizer(self, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                         matrix_lr: float = 0.02, weight_decay: float = 0.0):
-        """AdamW for the embedding and the head, Muon for every block matrix (spec §2.1).
+        """AdamW for the embedding and the head, Muon for every block matrix (docs/DESIGN.md#optimizer).
         AdamW LRs were tuned at width 768 and scale as (d/768)^-0.5."""
         from picochat.optim import MuonAdamW
         scale = (self.config.n_embd / 768) ** -0.5

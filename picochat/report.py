@@ -36,14 +36,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from picochat.checkpoint import list_steps, load_meta
-from picochat.common import PicochatError, atomic_write_text, picochat_home
+from picochat.common import COMMAND_OF_STAGE, PicochatError, atomic_write_text, picochat_home, read_jsonl
 
 TRAIN_STAGES = ("base", "mid", "sft", "rl")
 COLUMNS = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
 TITLES = {"base": "Base model training", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}
 CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
-NOT_PIPELINE = ("chat", "serve", "report")  # interactive or after the fact: not part of the run's time
-# Hourly rental price per GPU in USD, from nanochat's seed report (spec §10); other GPUs $2.00.
+NOT_PIPELINE = ("chat", "serve", "report", "export", "import")  # interactive or after the fact: not part of the run's time
+# Hourly rental price per GPU in USD, from nanochat's seed report (docs/DESIGN.md#report-card); other GPUs $2.00.
 GPU_HOURLY_USD = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))
 DEFAULT_GPU_HOURLY_USD = 2.00
 DASH = "–"
@@ -95,17 +95,9 @@ def log_run(stage: str, argv: list[str], start: float, end: float, exit_code: in
         f.write(json.dumps(record) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The lines of a JSON-lines file that parse (a killed writer can leave a torn last line)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def read_log(path: Path) -> list[dict]:
+    """The lines of a JSON-lines log that parse (a killed writer can leave a torn last line)."""
+    return read_jsonl(path, on_bad_line=lambda lineno, error: None) if path.exists() else []
 
 
 def started(run: dict) -> float:
@@ -227,7 +219,7 @@ class StageRun:
 
 def load_stage_run(stage: str, root: Path) -> StageRun:
     by_step: dict[int, dict] = {}
-    for r in read_jsonl(root / "metrics.jsonl"):  # a resumed final eval repeats its step: merge
+    for r in read_log(root / "metrics.jsonl"):  # a resumed final eval repeats its step: merge
         by_step.setdefault(r["step"], {}).update(r)
     return StageRun(stage, root.name, root, load_meta(root, list_steps(root)[-1]),
                     [by_step[s] for s in sorted(by_step)])
@@ -324,7 +316,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def as_flags(stage: str, config: dict) -> str:
     """A stage's saved flags as the command line that reproduces them."""
-    words = ["picochat", "base_train" if stage == "base" else "mid_train" if stage == "mid" else stage]
+    words = ["picochat", COMMAND_OF_STAGE[stage]]
     for key, value in config.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -540,7 +532,7 @@ def write_report(output: Path | None = None, model_tag: str | None = None) -> Pa
     output.parent.mkdir(parents=True, exist_ok=True)
     runs = select_runs(home, model_tag)
     package_dir = Path(__file__).resolve().parent
-    log = read_jsonl(run_log_path())
+    log = read_log(run_log_path())
 
     base_eval = load_eval(home, "base", runs["base"].tag, runs["base"].meta["step"]) if "base" in runs else None
     chat_evals = {s: ev for s, r in runs.items() if (ev := load_eval(home, f"chat_{s}", r.tag, r.meta["step"]))}

@@ -4,20 +4,21 @@ The BPE tokenizer: trained with rustbpe, run with tiktoken.
 Training (rustbpe, Rust) learns byte-level BPE merges over text split by SPLIT_PATTERN; the learned
 ranks are then handed to a tiktoken Encoding, which is what encodes and decodes at run time (fast,
 multithreaded batches). Nine special tokens follow the BPE ranks, so `<|bos|>` = vocab_size - 9
-(nanochat-spec §5); they delimit chat turns and tool calls in `render_conversation`.
+(docs/DESIGN.md#tokenizer); they delimit chat turns and tool calls in `render_conversation`.
 
-Saved as two files in the tokenizer directory ($PICOCHAT_HOME/tokenizer by default):
-  tokenizer.json   pattern, special token names, and every BPE token as base64 in rank order
-                   (plain JSON rather than a pickle: readable, and loading it runs no code)
-  token_bytes.pt   int32 tensor [vocab_size]: raw byte length of each token, 0 for specials;
-                   bits-per-byte evaluation divides by it
+Saved as one file in the tokenizer directory ($PICOCHAT_HOME/tokenizer by default):
+  tokenizer.json   pattern, special token names, every BPE token as base64 in rank order, and the
+                   dataset it was trained on (plain JSON rather than a pickle: readable, and
+                   loading it runs no code). Bits per byte divides by `token_bytes()`, computed
+                   from the tokens on load.
 
 Usage:
     from picochat.tokenizer import get_tokenizer
     tok = get_tokenizer()                       # after `picochat tok_train`
     ids = tok.encode("hello world", prepend="<|bos|>")
     tok.decode(ids)
-    ids, mask = tok.render_conversation({"messages": [...]})   # chat format, spec §5; mask 1 = trained on
+    ids, mask = tok.render_conversation({"messages": [...]})   # mask 1 = trained on
+    # (the chat format: docs/DESIGN.md#chat-format)
 """
 from __future__ import annotations
 
@@ -52,12 +53,11 @@ SPECIAL_TOKENS = [
 DEFAULT_VOCAB_SIZE = 65_536  # 2^16, nanochat's seed (HEAD uses 32,768)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all bytes, the specials, and at least one merge
 
-MAX_RENDER_TOKENS = 2048  # chat renderings are cut to nanochat's SFT sequence length (spec §5)
+MAX_RENDER_TOKENS = 2048  # chat renderings are cut to nanochat's SFT sequence length (docs/DESIGN.md#chat-format)
 ANSI_RESET = "\033[0m"
 ANSI_BY_MASK = {0: "\033[2;37m", 1: "\033[1;32m"}  # dim grey: given to the model; green: trained on
 
 TOKENIZER_FILE = "tokenizer.json"
-TOKEN_BYTES_FILE = "token_bytes.pt"
 FILE_FORMAT = "picochat-tokenizer/1"
 
 
@@ -98,13 +98,14 @@ class Tokenizer:
     """BPE ranks + split pattern + special tokens, encoding and decoding through tiktoken."""
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN,
-                 special_tokens: list[str] = SPECIAL_TOKENS):
+                 special_tokens: list[str] = SPECIAL_TOKENS, trained_on: str | None = None):
         # ids must be exactly 0..n-1 so that the specials land right after them
         by_rank = sorted(mergeable_ranks.items(), key=lambda kv: kv[1])
         if [rank for _, rank in by_rank] != list(range(len(by_rank))):
             raise ValueError("mergeable ranks must be the integers 0..n-1 with no gaps")
         self.tokens: list[bytes] = [token for token, _ in by_rank]  # id -> raw bytes
         self.pattern = pattern
+        self.trained_on = trained_on  # the dataset tok_train read; later stages default to it
         self.special_ids = {name: len(self.tokens) + i for i, name in enumerate(special_tokens)}
         self.enc = tiktoken.Encoding("picochat", pat_str=pattern, mergeable_ranks=dict(mergeable_ranks),
                                      special_tokens=self.special_ids)
@@ -172,18 +173,17 @@ class Tokenizer:
     # --- saving and loading
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json and token_bytes.pt, each atomically."""
+        """Write tokenizer.json atomically."""
         directory = Path(directory)
         state = {
             "format": FILE_FORMAT,
             "pattern": self.pattern,
             "special_tokens": list(self.special_ids),  # ids follow the ranks, in this order
             "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token in self.tokens],
+            "trained_on": self.trained_on,
         }
         with atomic_path(directory / TOKENIZER_FILE) as tmp:
             tmp.write_text(json.dumps(state, indent=0))
-        with atomic_path(directory / TOKEN_BYTES_FILE) as tmp:
-            torch.save(self.token_bytes(), tmp)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
@@ -195,12 +195,12 @@ class Tokenizer:
             if state.get("format") != FILE_FORMAT:
                 raise ValueError(f"format {state.get('format')!r}, expected {FILE_FORMAT!r}")
             ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["mergeable_ranks"])}
-            return cls(ranks, state["pattern"], state["special_tokens"])
+            return cls(ranks, state["pattern"], state["special_tokens"], state.get("trained_on"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise PicochatError(f"tokenizer file {path} is unreadable ({e}); "
                                 f"run `picochat tok_train` again") from None
 
-    # --- chat rendering (spec §5)
+    # --- chat rendering (docs/DESIGN.md#chat-format)
     # mask 1 marks the tokens the model is trained to produce (the assistant's words and its tool
     # calls); mask 0 marks what it is given (the prompt, the user, the tool's output).
 
@@ -293,13 +293,11 @@ class Tokenizer:
         return "|".join(runs)
 
 
-def load_token_bytes(directory: str | Path | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The saved token_bytes tensor (int32 [vocab_size]) on `device`."""
-    directory = Path(directory) if directory is not None else tokenizer_dir()
-    path = directory / TOKEN_BYTES_FILE
-    if not path.is_file():
-        raise missing_tokenizer_error(directory)
-    return torch.load(path, map_location=device, weights_only=True)
+def default_dataset(tokenizer: Tokenizer) -> str:
+    """The dataset a stage reads when not given --dataset: the one the tokenizer was trained on
+    (tok_train records it), so `picochat tok_train` then `picochat base_train` read the same data.
+    A tokenizer saved before that was recorded means fineweb-edu, the stages' old default."""
+    return tokenizer.trained_on or "fineweb-edu"
 
 
 def get_tokenizer() -> Tokenizer:

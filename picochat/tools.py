@@ -2,46 +2,39 @@
 The tools a chat model can call: a calculator and a Python sandbox.
 
 The engine sees `<|python_start|>code<|python_end|>` in a sample, calls `run_tool(code)` and forces
-`<|output_start|>` + result + `<|output_end|>` into the sequence (spec §8.3). HumanEval-style evals call
-`run_python` directly (spec §8.4).
+`<|output_start|>` + result + `<|output_end|>` into the sequence (docs/DESIGN.md#tool-use). HumanEval-style evals call
+`run_python` directly (docs/DESIGN.md#tool-use).
 
 - `use_calculator(expr)`: arithmetic and a few string methods (`'strawberry'.count('r')`), evaluated
   by walking the AST of an allow-list. Nothing is ever passed to eval/exec, so there is no escape to
   block and no subprocess to pay for; sizes and exponents are capped, and a deadline stops the walk.
   Always returns a string; failures start with "Error: ".
-- `run_python(code)`: a fresh `python -I` subprocess in a temporary directory, with a scrubbed
-  environment, stdin at /dev/null and a wall-clock timeout that kills its whole process group.
-  Layers, outermost first, each applied only where the OS allows it (probed once, silent fallback):
-    1. a new network namespace (`unshare -n`): no network at all, whatever the code does;
-    2. when we are root: a private throwaway uid via `setpriv` with no new privileges, so the kernel
-       refuses writes to system files, signals to other processes and more than 16 processes or
-       threads; everything left running under that uid is killed afterwards;
-    3. rlimits set by a prelude before the user code: address space, CPU seconds, file size (stdout
-       and stderr are files too, so output is bounded), open files, processes, no core dumps;
-    4. a Python audit hook (it fires inside the C functions, so re-imported modules and subclass
-       walks meet it too, and it cannot be removed) that refuses process creation, kill, ctypes,
-       sockets, resource limits, chdir, writes outside the working directory and reading other
-       processes' /proc files, and blocks importing subprocess/socket/ctypes/multiprocessing/...;
-       the few functions that raise no audit event (os.open with dir_fd, mknod, pidfd_open) are
-       replaced.
-  This is defence in depth, NOT a security boundary. Known gaps: code that loads a C extension by
-  hand, corrupts interpreter memory or monkeypatches what the hook calls (builtins, os.path) gets
-  past the Python layers, and then only the OS layers remain; those still let the private uid
-  write world-writable places (/tmp, /dev/shm) and fill the disk with many 8 MiB files until the
-  timeout; where the interpreter lives under a private home (pyenv in /root) the sandbox keeps
-  CAP_DAC_READ_SEARCH and can read what root reads; without root or `unshare` the Python layers
-  are all there is. Do not run untrusted users' code next to secrets.
+- `run_python(code)`: a fresh `python -I` in a bubblewrap (`bwrap`) jail, the boundary; the threat
+  model and what each layer stops are in docs/SECURITY.md. The jail has its own PID, IPC, UTS,
+  network, cgroup, mount and user namespaces; the code is uid 65534 with no capabilities and cannot
+  make user namespaces; its filesystem is /usr, /lib* and the interpreter's own prefix (and
+  virtualenv) read-only, a fresh /proc, a minimal /dev and private, size-limited /tmp (the working
+  directory) and /dev/shm in memory: no home, no checkout, no /etc, nothing of the host's /tmp.
+  As root, a privileged bwrap builds that and drops to a throwaway uid before the inner, unprivileged
+  bwrap makes the user namespace (see _jail_argv for why). Inside, a prelude sets rlimits (address
+  space, CPU seconds, file size, open files, 16 processes or threads, no core dumps) and adds an
+  audit hook, a first line that refuses starting programs, sockets and ctypes with a clear error
+  (code can get past it: the jail does not rely on it). The environment is scrubbed, stdin is
+  /dev/null, and at the wall-clock timeout bwrap is killed, which takes the whole PID namespace down.
+  Where bwrap is missing or cannot make namespaces, `run_python` raises a one-line PicochatError
+  saying what to install, unless PICOCHAT_UNSAFE_SANDBOX=1 opts in to running without the jail
+  (rlimits and the audit hook only, with a RuntimeWarning on each call site).
   sys.exit() counts as a failure: the code did not run to its end.
 - `run_tool(code)`: calculator first; if the text is not calculator arithmetic, the sandbox (3 s),
   printing the value of a final expression like a notebook cell. Short string, never raises.
 
-Run the tests:  python -m pytest tests/test_tools.py
+Run the tests:  python -m pytest tests/test_tools.py tests/test_sandbox.py
 Try it:         python -c "from picochat.tools import run_tool; print(run_tool('2**10 / 4'))"
 """
 from __future__ import annotations
 
 import ast
-import functools
+import contextlib
 import math
 import operator
 import os
@@ -53,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 
@@ -231,23 +225,28 @@ def use_calculator(expr: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Python sandbox: a fresh interpreter behind OS limits and an audit hook
+# Python sandbox: a fresh interpreter in a bubblewrap jail (threat model: docs/SECURITY.md)
 
 MAX_CODE_CHARS = 100_000  # the code travels on the command line (Linux allows 128 KiB per argument)
 MAX_OUTPUT_BYTES = 10_000  # per stream, kept in the result
 MAX_FILE_BYTES = 8 * 2**20  # RLIMIT_FSIZE: any file, stdout and stderr included (they are files)
 MAX_OPEN_FILES = 64
-MAX_PROCESSES = 16  # RLIMIT_NPROC, threads included; only enforced for the private uid (root ignores it)
+MAX_PROCESSES = 16  # RLIMIT_NPROC, threads included, counted in the jail's own user namespace
+TMP_BYTES = 32 * 2**20  # the jail's /tmp, also its working directory (tmpfs: memory, gone afterwards)
+SHM_BYTES = 8 * 2**20  # the jail's /dev/shm
 SANDBOX_PATH = "/usr/bin:/bin"
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+SANDBOX_UID = 65534  # "nobody": the code's uid and gid inside its user namespace
+SANDBOX_UIDS = range(1_000_000, 1_000_000 + 2**24)  # as root: the throwaway uid outside, above any account's
+UNSAFE_ENV = "PICOCHAT_UNSAFE_SANDBOX"  # "1": where bwrap cannot run, run anyway on the Python layer alone
 
-# Runs inside the child before the user code. Its helpers live in closures, not in globals, and the
-# audit hook cannot be removed once added (Python has no API for it).
+# Runs inside the child before the user code: the rlimits, then an audit hook. The hook is a first
+# line only: it turns the obvious moves (start a program, open a socket, load native code) into a
+# clear error, but code can get past it (a sub-interpreter has no hook), so it is not the boundary.
 _GUARD_PRELUDE = r'''
 import sys
 
-def _install_guards(memory_bytes, cpu_seconds, max_processes, max_file_bytes, max_open_files, write_flags):
-    import os, posix, resource, signal
+def _install_guards(memory_bytes, cpu_seconds, max_processes, max_file_bytes, max_open_files):
+    import resource
 
     def limit(kind, value):
         hard = resource.getrlimit(kind)[1]
@@ -265,70 +264,18 @@ def _install_guards(memory_bytes, cpu_seconds, max_processes, max_file_bytes, ma
     if max_processes:
         limit(resource.RLIMIT_NPROC, max_processes)
 
-    root = os.path.realpath(os.getcwd())
-    realpath, fspath, fsdecode, my_pid = os.path.realpath, os.fspath, os.fsdecode, str(os.getpid())
-    path_types = (str, bytes, os.PathLike)
-
-    def refuse(what):
-        raise PermissionError(f"{what} is disabled in the picochat sandbox")
-
-    def check_path(path, writing, what):
-        if not isinstance(path, path_types):
-            return  # an already-open file descriptor
-        real = realpath(fsdecode(fspath(path)))
-        parts = real.split("/")
-        if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != my_pid:
-            refuse(f"{what} of another process's /proc files")
-        if writing and real != root and not real.startswith(root + "/"):
-            refuse(f"{what} outside the working directory ({real})")
-
-    forbidden = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-                 "os.kill", "os.killpg", "os.chdir", "os.chown", "os.chflags", "os.lchflags",
-                 "shutil.rmtree", "shutil.chown", "resource.setrlimit", "resource.prlimit"}
-    forbidden_prefixes = ("subprocess.", "socket.", "ctypes.", "_posixsubprocess.")
-    blocked_modules = {"subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
-                       "socket", "_socket", "ssl", "_ssl", "ctypes", "_ctypes", "pty", "resource",
-                       "posix", "_io"}  # posix/_io: no fresh, unguarded copies after a sys.modules purge
-    # event -> (positions of path arguments, positions of dir_fd arguments; -1 means none)
-    writes = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
-              "os.rename": ((0, 1), (2, 3)), "os.link": ((0, 1), (2, 3)), "os.symlink": ((0, 1), (2,)),
-              "os.truncate": ((0,), ()), "os.chmod": ((0,), (2,)), "os.utime": ((0,), (3,))}
+    # frozensets: code that finds this closure (gc.get_objects()) cannot empty them
+    refused = frozenset({"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn"})
+    refused_prefixes = ("subprocess.", "_posixsubprocess.", "socket.", "ctypes.")
+    blocked_modules = frozenset({"subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
+                                 "pty", "socket", "_socket", "ssl", "_ssl", "ctypes", "_ctypes"})
 
     def audit(event, args):
-        if event in forbidden or event.startswith(forbidden_prefixes):
-            refuse(event)
+        if event in refused or event.startswith(refused_prefixes):
+            raise PermissionError(f"{event} is disabled in the picochat sandbox")
         if event == "import" and args[0].partition(".")[0] in blocked_modules:
             raise ImportError(f"import {args[0]} is disabled in the picochat sandbox", name=args[0])
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                      (isinstance(flags, int) and flags > 0 and bool(flags & write_flags))
-            check_path(path, writing, "open()")
-        elif event in writes:
-            paths, dir_fds = writes[event]
-            if any(isinstance(args[i], int) and args[i] >= 0 for i in dir_fds):
-                refuse(f"{event} with dir_fd")
-            for i in paths:
-                check_path(args[i], True, event)
-
-    for name in list(sys.modules):  # anything the prelude pulled in must be imported afresh (and refused)
-        if name.partition(".")[0] in blocked_modules - {"posix", "_io"}:
-            del sys.modules[name]
     sys.addaudithook(audit)
-
-    # A few functions raise no audit event; replace them. os.open's event does not show dir_fd,
-    # which could point the write check at the wrong directory.
-    real_open = os.open
-    def os_open(path, flags, mode=0o777, *, dir_fd=None):
-        if dir_fd is not None:
-            refuse("os.open() with dir_fd")
-        return real_open(path, flags, mode)
-    for module in (os, posix):
-        module.open = os_open
-        for name in ("mknod", "mkfifo", "chroot", "pidfd_open", "setns", "unshare"):
-            if hasattr(module, name):
-                setattr(module, name, lambda *a, _name=name, **k: refuse(f"os.{_name}()"))
-    signal.pidfd_send_signal = lambda *a, **k: refuse("signal.pidfd_send_signal()")
 
 def _run_user_code(code):
     try:
@@ -349,79 +296,141 @@ class ExecutionResult:
     memory_exceeded: bool = False
 
 
-def _privilege_drop_args(uid: int, read_all: bool) -> list[str]:
-    """setpriv arguments: become `uid`, no supplementary groups, no way back (no_new_privs, so setuid
-    binaries do not help). `read_all` keeps only CAP_DAC_READ_SEARCH, for interpreters installed
-    under a private home (pyenv in /root): the sandbox can then read what root reads, but not write."""
-    caps = "-all,+dac_read_search" if read_all else "-all"
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", f"--inh-caps={caps}",
-            f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs"]
+def _unavailable(reason: str) -> Exception:
+    """The one-line error for a machine where the jail cannot run: what is wrong, what to install,
+    and the explicit opt-in to the weaker mode (never chosen silently)."""
+    from picochat.common import PicochatError  # lazily: picochat.common imports torch
+    return PicochatError(f"the Python tool needs the bubblewrap sandbox, but {reason}: apt-get install bubblewrap "
+                         f"(or set {UNSAFE_ENV}=1 to run model-written code without it, much less safely)")
 
 
-_ISOLATION_LOCK = threading.Lock()  # probe once, even when many threads start sandboxes together
+def _interpreter_dirs() -> list[str]:
+    """What the interpreter needs outside /usr: its install prefix (e.g. pyenv's
+    /root/.pyenv/versions/X) and the virtualenv it runs from. Only these directories are bound,
+    never the home or the checkout around them."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    dirs = sorted(p for p in prefixes if p != "/usr" and not p.startswith("/usr/"))
+    home = os.path.realpath(os.path.expanduser("~"))
+    for path in dirs:
+        if path in ("/", home):
+            raise _unavailable(f"Python is installed right in {path}, which the sandbox would have to expose whole")
+    return dirs
 
 
-@functools.cache
-def _os_isolation() -> tuple[tuple[str, ...], bool | None]:
-    """Probed once: the command prefix that gives a fresh network namespace (empty if none works),
-    and whether we can drop to a private uid (None: no; False: plainly; True: needs read_all)."""
-    def works(argv):
-        try:
-            return subprocess.run(argv, cwd="/", env={"PATH": SANDBOX_PATH}, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  timeout=10).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
-    # The same interpreter and stdlib as ours, extension modules included (a uid that cannot read
-    # the install may silently end up with another Python's stdlib).
-    same_python = (f"import math, os, sys\n"
-                   f"assert sys.version == {sys.version!r} and os.__file__ == {os.__file__!r}")
-    python = [sys.executable, "-I", "-c", same_python]
-    netns = next((p for p in (("unshare", "-n"), ("unshare", "-r", "-n"))
-                  if shutil.which(p[0]) and works([*p, *python])), ())
-    drop = None
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv"):
-        drop = next((read_all for read_all in (False, True)
-                     if works([*netns, *_privilege_drop_args(_fresh_uid(), read_all), *python])), None)
-    return netns, drop
+def _filesystem_args() -> list[str]:
+    """The jail's whole filesystem: system files and the interpreter read-only, a fresh /proc, a
+    minimal /dev, private size-limited /tmp and /dev/shm in memory. Nothing else exists in it: no
+    home, no checkout, no $PICOCHAT_HOME, no /etc, no host /tmp or its Unix sockets."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for path in ("/bin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr symlinks, or real directories
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    dirs, parents = _interpreter_dirs(), set()
+    for path in dirs:
+        while (path := os.path.dirname(path)) != "/":
+            parents.add(path)
+    # bwrap gives the directories it creates on the way to a bind their host modes (/root: 0700);
+    # the jail's uid must be able to walk down to the interpreter
+    for parent in sorted(parents, key=len):
+        args += ["--perms", "0755", "--dir", parent]
+    for path in dirs:
+        args += ["--ro-bind", path, path]
+    return args + ["--proc", "/proc", "--dev", "/dev",
+                   "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
+                   "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
+                   # last, read-only: the tmpfs bwrap made for / and /dev (as a normal user they
+                   # belong to the jail's uid, memory it could fill without a size limit)
+                   "--remount-ro", "/dev", "--remount-ro", "/"]
 
 
-SANDBOX_UIDS = range(1_000_000, 1_000_000 + 2**24)  # above any account's uid
+# --unshare-all but the user namespace, which comes separately so that, as root, it can be made
+# inside the privileged layer (see _jail_argv)
+_NAMESPACES = ["--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+               "--new-session", "--die-with-parent"]
+# An unprivileged user namespace: uid 65534 with no capabilities, which cannot make user namespaces
+# of its own (a usual first step of kernel exploits)
+_USER_NAMESPACE = ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+                   "--cap-drop", "ALL", "--die-with-parent"]
+
+
+def _jail_argv(bwrap: str, outside_uid: int | None) -> list[str]:
+    """The command line that runs the command appended to it in the jail.
+
+    As a normal user (outside_uid None), one unprivileged bwrap does it all. As root, one bwrap would
+    map the jail to uid 0 outside: the kernel exempts uid 0 from RLIMIT_NPROC (no fork bomb limit),
+    and uid 0 owns root's files. So a privileged bwrap builds the namespaces and the filesystem (only
+    root can reach an interpreter under /root), keeps no capability but setuid/setgid, and setpriv drops
+    to `outside_uid`, a throwaway uid, whose inner unprivileged bwrap adds the user namespace on that
+    same filesystem."""
+    if outside_uid is None:
+        return [bwrap, *_NAMESPACES, *_USER_NAMESPACE, *_filesystem_args(), "--chdir", "/tmp", "--"]
+    drop_to = ["setpriv", f"--reuid={outside_uid}", f"--regid={outside_uid}", "--clear-groups",
+               "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+    return [bwrap, *_NAMESPACES, "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+            *_filesystem_args(), "--", *drop_to,
+            bwrap, *_USER_NAMESPACE, "--dev-bind", "/", "/", "--chdir", "/tmp", "--"]  # dev: /dev/null works
 
 
 def _fresh_uid() -> int:
-    """A throwaway uid no account uses, so RLIMIT_NPROC counts only this run and cleanup can kill
-    everything it owns."""
+    """A throwaway uid no account uses, so that RLIMIT_NPROC and file ownership concern this run only."""
     return SANDBOX_UIDS.start + int.from_bytes(os.urandom(3), "little")
 
 
-def live_processes_of(uids: range) -> list[int]:
-    """Pids of processes, not zombies, whose real uid is in `uids`. Read from /proc/PID/status: the
-    owner of /proc/PID itself turns to root when a process makes itself non-dumpable."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue  # exited meanwhile
-        if int(fields["Uid"].split()[0]) in uids and not fields["State"].strip().startswith("Z"):
-            found.append(int(entry))
-    return found
+def _python() -> str:
+    """Our interpreter's path without '..' (python started as ../.venv/bin/python has it), which
+    the jail could not resolve: the directory it steps out of is not there."""
+    return os.path.normpath(sys.executable)
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every live process owned by `uid` (a fork bomb's orphans escape the process group)."""
-    for _ in range(5):
-        live = live_processes_of(range(uid, uid + 1))
-        if not live:
-            return
-        for pid in live:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.01)
+def _sandbox_env(home: str) -> dict[str, str]:
+    return {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home,
+            # one BLAS thread: numpy's per-core thread pools would not fit RLIMIT_NPROC/RLIMIT_AS
+            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+_PROBE_LOCK = threading.Lock()  # probe once, even when many threads start sandboxes together
+_WORKING_JAILS: set[tuple[str, bool]] = set()  # (bwrap, as_root) probed fine; a failure is probed again
+
+
+def _probe(bwrap: str, as_root: bool) -> str | None:
+    """None if the jail works on this machine, else why not. Checks that the jailed interpreter is
+    ours, extension modules included (a missing bind could otherwise pick up another Python)."""
+    same_python = (f"import math, os, sys\n"
+                   f"assert sys.version == {sys.version!r} and os.__file__ == {os.__file__!r}")
+    argv = [*_jail_argv(bwrap, _fresh_uid() if as_root else None), _python(), "-I", "-c", same_python]
+    try:
+        done = subprocess.run(argv, cwd="/", env=_sandbox_env("/tmp"), stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{bwrap} could not be run ({e})"
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        return f"{bwrap} fails here ({lines[-1] if lines else f'exit status {done.returncode}'})"
+    return None
+
+
+def _jail_prefix() -> list[str] | None:
+    """The jail's command prefix for one run, or None in the weaker mode the user opted in to.
+    Raises the one-line error where bwrap is missing or cannot make its namespaces."""
+    bwrap, as_root = shutil.which("bwrap"), os.geteuid() == 0
+    if bwrap is None:
+        reason = "bwrap is not installed (not on PATH)"
+    elif as_root and shutil.which("setpriv") is None:
+        reason = "setpriv (util-linux), which it needs as root, is not on PATH"
+    else:
+        with _PROBE_LOCK:
+            reason = None if (bwrap, as_root) in _WORKING_JAILS else _probe(bwrap, as_root)
+            if reason is None:
+                _WORKING_JAILS.add((bwrap, as_root))
+    if reason is None:
+        return _jail_argv(bwrap, _fresh_uid() if as_root else None)
+    if os.environ.get(UNSAFE_ENV) != "1":
+        raise _unavailable(reason)
+    warnings.warn(f"{UNSAFE_ENV}=1: running model-written code WITHOUT the bubblewrap sandbox ({reason}); only "
+                  f"rlimits and an audit hook that code can get past stand in its way", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def _read_capped(f, tail: bool) -> str:
@@ -436,49 +445,43 @@ def _read_capped(f, tail: bool) -> str:
 
 
 def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256) -> ExecutionResult:
-    """Run `code` in a fresh, locked-down `python -I` and return what happened (never raises for bad
-    code). Defence in depth, not a perfect security boundary: see the module docstring for the layers
-    and their limits. The working directory is a new temporary directory, deleted afterwards."""
+    """Run `code` in a fresh `python -I` inside the bubblewrap jail and return what happened (never
+    raises for bad code). Raises PicochatError, one line, where the jail cannot run and the user did
+    not opt in to the weaker mode with PICOCHAT_UNSAFE_SANDBOX=1. The working directory is the
+    jail's private /tmp, gone afterwards."""
     if not isinstance(code, str) or len(code) > MAX_CODE_CHARS:
         size = len(code) if isinstance(code, str) else type(code).__name__
         return ExecutionResult(False, "", "", error=f"code must be a string of at most {MAX_CODE_CHARS} "
                                                     f"characters, got {size}")
-    with _ISOLATION_LOCK:
-        netns, drop = _os_isolation()
-    uid = _fresh_uid() if drop is not None else None
-    with tempfile.TemporaryDirectory(prefix="picochat_tool_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        argv = list(netns)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-            argv += _privilege_drop_args(uid, read_all=drop)
-        max_processes = MAX_PROCESSES if uid is not None else 0  # as our own uid it would count our processes
+    jail = _jail_prefix()
+    workdir = (contextlib.nullcontext("/tmp") if jail else
+               tempfile.TemporaryDirectory(prefix="picochat_tool_", ignore_cleanup_errors=True))
+    with workdir as home, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        # RLIMIT_NPROC counts per uid: in the jail, its own; unjailed, ours (every process we have)
+        max_processes = MAX_PROCESSES if jail else 0
         guards = (f"_install_guards({memory_mb * 2**20}, {math.ceil(timeout) + 1}, {max_processes}, "
-                  f"{MAX_FILE_BYTES}, {MAX_OPEN_FILES}, {_WRITE_FLAGS})")
+                  f"{MAX_FILE_BYTES}, {MAX_OPEN_FILES})")
         script = f"{_GUARD_PRELUDE}\n{guards}\ndel _install_guards\n_run_user_code({code!r})\n"
-        argv += [sys.executable, "-I", "-u", "-c", script]
-        env = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
-               # one BLAS thread: numpy's per-core thread pools would not fit RLIMIT_NPROC/RLIMIT_AS
-               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        argv = [*(jail or []), _python(), "-I", "-u", "-c", script]
         timed_out = False
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(argv, cwd="/" if jail else home, env=_sandbox_env(home),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                close_fds=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
             if proc.poll() is None:  # timed out, or we are being interrupted: take the group down
-                try:
+                try:  # in the jail, bwrap's death kills its PID namespace, every process of the code
                     os.killpg(proc.pid, signal.SIGKILL)
                 except OSError:
                     pass
                 proc.wait()
-            if uid is not None:
-                _kill_uid(uid)
         stdout, stderr = _read_capped(out, tail=False), _read_capped(err, tail=True)
     rc = proc.returncode
-    if rc == -signal.SIGXCPU:
+    killed_by = -rc if rc < 0 else rc - 128 if jail and rc > 128 else None  # bwrap reports signal N as 128 + N
+    if killed_by == signal.SIGXCPU:
         timed_out = True  # the CPU rlimit fired before the wall clock
     success = rc == 0 and not timed_out
     error = None
@@ -486,18 +489,18 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256) -> Executi
         error = f"timed out after {timeout:g} s"
     elif not success:
         lines = [line for line in stderr.splitlines() if line.strip()]
-        error = lines[-1].strip() if lines else f"exited with {_exit_reason(rc)}"
+        error = lines[-1].strip() if lines else f"exited with {_exit_reason(rc, killed_by)}"
     memory_exceeded = not success and "MemoryError" in stderr
     return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded)
 
 
-def _exit_reason(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"signal {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"signal {-rc}"
-    return f"status {rc}"
+def _exit_reason(rc: int, killed_by: int | None) -> str:
+    if killed_by is None:
+        return f"status {rc}"
+    try:
+        return f"signal {signal.Signals(killed_by).name}"
+    except ValueError:
+        return f"signal {killed_by}"
 
 
 # -----------------------------------------------------------------------------

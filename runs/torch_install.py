@@ -36,6 +36,7 @@ INDEX = "https://download.pytorch.org/whl/{variant}"
 #   Hopper 9.0; 12.8 has Volta 7.0 to Blackwell 10.0 and 12.0; 13.0 has Turing 7.5 to Blackwell.
 # cu129 is left out: it adds nothing over cu128 here. Later torch (2.12, 2.13) has no cu128 build.
 VARIANTS = [((12, 6), "cu126", (5, 0), 10), ((12, 8), "cu128", (7, 0), 13), ((13, 0), "cu130", (7, 5), 13)]
+STABLE = {"cu126", "cu128"}  # PyTorch calls its 2.9 CUDA 13.0 build experimental
 # Minimum Linux driver for each CUDA version (NVIDIA's CUDA Toolkit release notes, the GA
 # releases): used only when the nvidia-smi header does not say the CUDA version.
 DRIVER_CUDA = [((580, 65), (13, 0)), ((575, 51), (12, 9)), ((570, 26), (12, 8)), ((560, 28), (12, 6)),
@@ -133,10 +134,12 @@ def choose() -> str:
     if found is None:
         return TORCH_CPU
     cuda, source = found
-    usable = [v for v in VARIANTS if cuda >= v[0]]
+    # A build runs on a driver of the same CUDA major version even when its minor version is newer
+    # (CUDA's minor-version compatibility: cu126 on a 12.2 driver, as many H100 clouds have).
+    usable = [v for v in VARIANTS if v[0] <= cuda or v[0][0] == cuda[0]]
     if not usable:
         raise Refusal(f"the NVIDIA driver supports CUDA {fmt(cuda)} (from {source}) but torch=={TORCH_GPU} "
-                      f"needs at least CUDA {fmt(VARIANTS[0][0])}: upgrade the driver, or set TORCH_SPEC "
+                      f"needs CUDA {VARIANTS[0][0][0]}.x: upgrade the driver, or set TORCH_SPEC "
                       f"(TORCH_VARIANT=cpu for the CPU build)")
     # only builds with kernels for every GPU (unknown when this nvidia-smi cannot say)
     caps = [c for c in map(version_pair, query("compute_cap")) if c]
@@ -146,7 +149,16 @@ def choose() -> str:
         raise Refusal(f"no CUDA build of torch=={TORCH_GPU} that this driver (CUDA {fmt(cuda)}) can run has "
                       f"kernels for GPU compute capability {names}; set TORCH_SPEC (TORCH_VARIANT=cpu "
                       f"for the CPU build)")
-    return spec_for(fitting[-1][1])
+    # The newest stable build the driver supports outright; the experimental one (cu130) only
+    # when no stable build has the GPUs' kernels; past the driver's minor version, the closest.
+    within = [v for v in fitting if v[0] <= cuda]
+    pool = [v for v in (within or fitting) if v[1] in STABLE] or within or fitting
+    chosen = pool[-1] if within else pool[0]
+    if chosen[0] > cuda:
+        note(f"the driver supports CUDA {fmt(cuda)}; {chosen[1]} runs on it through CUDA's minor-version "
+             f"compatibility, but torch.compile may need a newer driver (if compiling fails, upgrade "
+             f"the driver or pass --compile no)")
+    return spec_for(chosen[1])
 
 
 def main() -> int:

@@ -1,5 +1,7 @@
 """Chat evaluation: categorical accuracy is exactly what the model's letter logits imply, and a
 letter outside the allowed set is never predicted; the chance baseline of '#### n' tasks."""
+from types import SimpleNamespace
+
 import torch
 
 from picochat.evals.chat_eval import chatcore, constant_answer_baseline, run_categorical
@@ -35,13 +37,19 @@ class StubTokenizer:
 
 
 class FavoursLetter(torch.nn.Module):
-    """Logits that always prefer D, then C, then A, then B."""
-    def __init__(self):
+    """Logits that always prefer D, then C, then A, then B; it records the inputs it was given."""
+    def __init__(self, context=64):
         super().__init__()
         self.lm_head = torch.nn.Linear(1, 1)
+        self.config = SimpleNamespace(sequence_len=context)
+        self.inputs = []
 
-    def forward(self, ids):
-        logits = torch.zeros(ids.size(0), ids.size(1), 20)
+    def trunk(self, ids):
+        self.inputs.append(ids)
+        return torch.zeros(ids.size(0), ids.size(1), 1)
+
+    def logits(self, hidden):
+        logits = torch.zeros(*hidden.shape[:-1], 20)
         logits[..., 13], logits[..., 12], logits[..., 10], logits[..., 11] = 9.0, 5.0, 3.0, 1.0
         return logits
 
@@ -53,6 +61,16 @@ def test_categorical_accuracy_follows_the_logits_within_the_allowed_letters():
     acc = run_categorical(FavoursLetter(), StubTokenizer(), task, batch_size=5)
     assert acc == expected / len(task)
     assert 0 < acc < 1
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_bos_and_its_end():
+    class LongPrompts(StubTokenizer):
+        def render_for_completion(self, conv):
+            return [0] + list(range(100, 140))  # BOS and 40 tokens
+
+    model = FavoursLetter(context=8)
+    run_categorical(model, LongPrompts(), Letters(), batch_size=5)
+    assert model.inputs[0][0].tolist() == [0, 133, 134, 135, 136, 137, 138, 139]
 
 
 def test_chance_is_the_best_constant_answer():

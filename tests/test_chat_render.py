@@ -1,5 +1,5 @@
 """
-Tests for chat rendering in picochat/tokenizer.py (spec §5): which tokens a conversation becomes and
+Tests for chat rendering in picochat/tokenizer.py (docs/DESIGN.md#chat-format): which tokens a conversation becomes and
 which of them the model is trained on (mask 1).
 
 The expected sequences are written out by hand from encode/encode_special, so a change in the

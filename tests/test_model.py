@@ -29,6 +29,22 @@ def test_d20_at_vocab_65536_has_exactly_560988160_parameters():
     assert round(d32.flops_per_token() / 1e4) == 1_207_960
 
 
+def test_every_depth_from_1_to_64_builds_a_model_with_heads_of_128():
+    # the width 64·depth is rounded up to a multiple of 128 (odd depths used to raise ValueError)
+    for depth in range(1, 65):
+        config = config_from_depth(depth, vocab_size=256, sequence_len=64)
+        assert config.n_layer == depth and config.head_dim == 128
+        assert config.n_head * config.head_dim == config.n_embd >= 64 * depth
+        assert config.n_embd - 64 * depth < 128
+        with torch.device("meta"):
+            GPT(config)
+    # the seed depths keep their exact widths (64·depth, a multiple of 128 already)
+    for depth, width, heads in [(12, 768, 6), (20, 1280, 10), (26, 1664, 13), (32, 2048, 16)]:
+        config = config_from_depth(depth)
+        assert (config.n_embd, config.n_head, config.head_dim) == (width, heads, 128)
+    assert (config_from_depth(5).n_embd, config_from_depth(5).n_head) == (384, 3)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_kv_cache_decoding_equals_full_forward(n_kv_head):
     # Tolerance: 1e-4 absolute on fp32 logits (softcapped to ±15); the paths differ only in

@@ -32,6 +32,9 @@ def test_the_d20_preset_rehearsal_runs_end_to_end_on_8_processes(tmp_path):
     (REPO / "test-artifacts" / "rehearsal.log").write_text(log)
     assert proc.returncode == 0, log[-4000:]
     assert "=== done: preset d20" in proc.stdout
+    # everything under a home of its own: nothing where the real d20 run would resume
+    assert not (home / "checkpoints").exists() and not (home / "tokenizer").exists()
+    home = home / "rehearsal"
 
     # the real preset's layout: 8 processes everywhere, SFT's 8-row default lowered to 4 and said so
     assert proc.stdout.count("× 8 proc × 1 accum") == 3  # base, mid, SFT

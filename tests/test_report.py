@@ -250,13 +250,13 @@ def test_core_label_says_when_the_score_is_not_the_full_22_task_metric():
 
 
 def test_secrets_and_private_prompts_never_reach_the_run_log(home):
-    from picochat.report import log_run, read_jsonl, run_log_path
+    from picochat.report import log_run, read_log, run_log_path
     log_run("base_eval", ["--api-key", "SECRET1", "--token=SECRET2", "--model-tag", "d4"], 0.0, 1.0, 0)
     log_run("serve", ["--api-key", "SECRET3"], 0.0, 1.0, 0)
     log_run("chat", ["-p", "my private question"], 0.0, 1.0, 0)
     text = run_log_path().read_text()
     assert "SECRET" not in text and "private" not in text
-    assert [r["argv"] for r in read_jsonl(run_log_path())] == [["--api-key", "***", "--token=***", "--model-tag", "d4"]]
+    assert [r["argv"] for r in read_log(run_log_path())] == [["--api-key", "***", "--token=***", "--model-tag", "d4"]]
 
 
 def test_sft_trained_straight_from_base_reports_no_unrelated_mid_model(home):

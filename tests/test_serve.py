@@ -427,23 +427,49 @@ def test_a_missing_or_wrong_api_key_is_a_401_and_health_stays_open(tiny):
         assert good.status_code == 200
 
 
+def held_after_prefill(model: GPT) -> tuple[GPT, threading.Event]:
+    """The same model, whose decode steps (forwards on the serving cache) wait until the returned
+    event is set: a request admitted to a slot keeps it, however fast or slow the machine is."""
+    held = GPT(model.config)
+    held.load_state_dict(model.state_dict())
+    release, forward = threading.Event(), held.forward
+
+    def gated_forward(*args, **kwargs):
+        if isinstance(kwargs.get("kv_cache"), RowKVCache):
+            release.wait(timeout=120)
+        return forward(*args, **kwargs)
+    held.forward = gated_forward
+    return held.eval(), release
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; the timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny):
     model, tok = tiny
-    slow = slowed(model, 0.02)  # 200 tokens: over 4 s
-    with serving(slow, tok, max_rows=1, max_queue=1) as (url, pool), httpx.Client(timeout=60) as client:
+    held, release = held_after_prefill(model)
+    with serving(held, tok, max_rows=1, max_queue=1) as (url, pool), httpx.Client(timeout=60) as client:
         body = ask(prompts(3)[2], max_tokens=200, stream=True)
-        with client.stream("POST", url + "/v1/chat/completions", json=body) as first:
-            next(first.iter_lines())
-            with httpx.Client(timeout=60) as other, other.stream("POST", url + "/v1/chat/completions", json=body):
-                deadline = time.monotonic() + 10
-                while pool.queued < 1 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert pool.queued == 1, "the second request should be waiting for the only slot"
-                third = client.post(url + "/v1/chat/completions", json=ask("hi"))
-                assert third.status_code == 429
-                assert int(third.headers["Retry-After"]) >= 1
-                assert third.json()["error"]["type"] == "rate_limit_error"
-                assert "--max-queue" in third.json()["error"]["message"]
+        try:
+            with client.stream("POST", url + "/v1/chat/completions", json=body) as first:
+                assert first.status_code == 200
+                wait_until(lambda: pool.active == 1, "the first request holds the only slot")
+                with httpx.Client(timeout=60) as other, \
+                        other.stream("POST", url + "/v1/chat/completions", json=body) as second:
+                    assert second.status_code == 200  # accepted: its stream is open, its job queued
+                    wait_until(lambda: pool.queued == 1, "the second request waits for the slot")
+                    third = client.post(url + "/v1/chat/completions", json=ask("hi"))
+                    assert third.status_code == 429
+                    assert int(third.headers["Retry-After"]) >= 1
+                    assert third.json()["error"]["type"] == "rate_limit_error"
+                    assert "--max-queue" in third.json()["error"]["message"]
+        finally:
+            release.set()
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny):
@@ -493,7 +519,14 @@ def test_metrics_count_requests_tokens_and_latency(tiny):
     with serving(model, tok) as (url, _), httpx.Client(timeout=60) as client:
         replies = [client.post(url + "/v1/chat/completions", json=ask(p, max_tokens=8)).json() for p in prompts(3)]
         client.post(url + "/v1/chat/completions", json=ask("hi", n=99))
-        metrics = parse_prometheus(client.get(url + "/metrics").text)
+        # a reply is complete before its row leaves the batch (the engine thread frees it right
+        # after): wait for that state instead of assuming it, as on a busy machine it lags
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = parse_prometheus(client.get(url + "/metrics").text)
+            if metrics["picochat_active_slots"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     ok = 'picochat_requests_total{path="/v1/chat/completions",code="200"}'
     bad = 'picochat_requests_total{path="/v1/chat/completions",code="400"}'
     assert (metrics[ok], metrics[bad]) == (3, 1)

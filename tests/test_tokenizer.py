@@ -18,8 +18,7 @@ import torch
 from picochat.__main__ import main as picochat_main
 from picochat.common import PicochatError, data_dir
 from picochat.data.shards import shard_name, write_shard
-from picochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer,
-                                load_token_bytes, train_tokenizer)
+from picochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
 # Built-in training text
@@ -165,16 +164,23 @@ def test_save_load_round_trip_gives_identical_ids_and_token_bytes(tok, tmp_path)
     assert loaded.vocab_size == tok.vocab_size and loaded.special_ids == tok.special_ids
     assert loaded.encode(SAMPLE_TEXTS) == tok.encode(SAMPLE_TEXTS)
     assert torch.equal(loaded.token_bytes(), tok.token_bytes())
-    on_disk = load_token_bytes(tmp_path, "cpu")
-    assert on_disk.dtype == torch.int32 and torch.equal(on_disk, tok.token_bytes())
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # token bytes come from the tokens
+
+
+def test_later_stages_default_to_the_dataset_the_tokenizer_was_trained_on(tok, tmp_path):
+    from picochat.tokenizer import default_dataset
+    tok.trained_on = "demo"
+    tok.save(tmp_path)
+    assert default_dataset(Tokenizer.load(tmp_path)) == "demo"
+    tok.trained_on = None  # a tokenizer saved before the dataset was recorded: the old default
+    tok.save(tmp_path)
+    assert default_dataset(Tokenizer.load(tmp_path)) == "fineweb-edu"
 
 
 def test_missing_tokenizer_says_to_run_tok_train(tmp_path, monkeypatch):
     hint = "run `picochat tok_train` first"
     with pytest.raises(PicochatError, match=f"no tokenizer in .*nowhere; {hint}"):
         Tokenizer.load(tmp_path / "nowhere")
-    with pytest.raises(PicochatError, match=hint):
-        load_token_bytes(tmp_path / "nowhere", "cpu")
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     with pytest.raises(PicochatError, match=hint):
         get_tokenizer()
@@ -278,7 +284,7 @@ def test_tok_train_cli_produces_a_loadable_tokenizer(tiny_dataset, capsys):
     assert "trained on 100,000 chars" in out and "vocab size 400" in out
     tok = get_tokenizer()
     assert tok.vocab_size == 400 and tok.bos_id == 391
-    assert torch.equal(load_token_bytes(tiny_dataset / "tokenizer"), tok.token_bytes())
+    assert tok.trained_on == "tiny"  # base_train and base_eval default to this dataset
     assert tok.decode(tok.encode(TRAIN_DOCS[0])) == TRAIN_DOCS[0]
 
 

@@ -1,11 +1,12 @@
 """
 Tests for picochat/tools.py: the calculator's answers and refusals, the sandbox's happy path, and a
-list of hostile programs that must each fail safely, in time, without leaking a secret or harming
-the test process.
+list of hostile programs that must each fail safely (or be contained in the jail), in time, without
+leaking a secret or harming the test process. The attacks aimed at the jail itself, with the audit
+hook switched off, are in tests/test_sandbox.py.
 
 The hostile programs run once, concurrently (each is a subprocess that mostly waits), in a
 module-scoped fixture; each case is then checked by its own parametrized test.
-Run:  python -m pytest tests/test_tools.py  (about 20 s on 2 cores)
+Run:  python -m pytest tests/test_tools.py  (about 15 s on 2 cores)
 """
 import os
 import re
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from picochat.tools import (MAX_OUTPUT_BYTES, SANDBOX_UIDS, TOOL_OUTPUT_CHARS, TOOL_TIMEOUT_S, _os_isolation,
-                            live_processes_of, print_last_expression, run_python, run_tool, use_calculator)
+from picochat.tools import (MAX_OUTPUT_BYTES, SANDBOX_UID, SANDBOX_UIDS, TOOL_OUTPUT_CHARS, TOOL_TIMEOUT_S,
+                            _interpreter_dirs, print_last_expression, run_python, run_tool, use_calculator)
+from test_sandbox import live_processes_of  # tests/ is on sys.path under pytest
 
 SECRET = "secret123"
 HOSTILE_TIMEOUT_S = 2.0
@@ -79,13 +81,12 @@ def test_run_python_reports_the_last_traceback_line():
     assert run_python("def (").error.startswith("SyntaxError")
 
 
-def test_run_python_works_in_a_private_directory_that_is_deleted_afterwards():
-    code = ("import os, tempfile\nopen('notes.txt', 'w').write('hi')\nos.remove('notes.txt')\n"
-            "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\nprint(os.getcwd())")
+def test_run_python_works_in_a_private_tmp_that_is_gone_afterwards():
+    code = ("import os, tempfile\nopen('notes.txt', 'w').write('hi')\n"
+            "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\nprint(os.getcwd(), os.listdir('.'))")
     result = run_python(code)
-    assert result.success, result.stderr
-    workdir = result.stdout.strip()
-    assert os.path.basename(workdir).startswith("picochat_tool_") and not os.path.exists(workdir)
+    assert result.success and result.stdout == "/tmp ['notes.txt']\n", result
+    assert run_python("import os\nprint(os.listdir('/tmp'))").stdout == "[]\n"
 
 
 def test_run_python_allows_threads_and_truncates_output():
@@ -94,16 +95,25 @@ def test_run_python_allows_threads_and_truncates_output():
     assert len(run_python("print('x' * 50_000)").stdout) < MAX_OUTPUT_BYTES + 50
 
 
-def test_os_layers_are_in_place_where_this_machine_allows_them():
-    netns, drop = _os_isolation()
-    result = run_python("import os\nprint(os.getuid(), os.readlink('/proc/self/ns/net'))\n"
-                        "print(open('/proc/self/limits').read())", memory_mb=200)
-    uid, namespace = result.stdout.split()[:2]
-    if netns:
-        assert namespace != os.readlink("/proc/self/ns/net")
-    if drop is not None:
-        assert int(uid) in SANDBOX_UIDS
-        assert re.search(r"Max processes\s+16\s+16", result.stdout)
+NAMESPACES = ("net", "pid", "user", "mnt", "ipc", "uts")
+
+
+def test_the_jail_is_in_place():
+    """What the code sees: its own namespaces, uid 65534 without capabilities, only system files
+    and the interpreter on the filesystem, and the rlimits."""
+    code = ("import os\nprint(os.getuid(), os.getgid())\n"
+            f"print(*[os.readlink(f'/proc/self/ns/{{ns}}') for ns in {NAMESPACES}])\n"
+            "print(*sorted(os.listdir('/')))\nprint(open('/proc/self/status').read())\n"
+            "print(open('/proc/self/limits').read())")
+    result = run_python(code, memory_mb=200)
+    ids, namespaces, top = result.stdout.splitlines()[:3]
+    assert ids == f"{SANDBOX_UID} {SANDBOX_UID}"
+    for ns, seen in zip(NAMESPACES, namespaces.split()):
+        assert seen != os.readlink(f"/proc/self/ns/{ns}"), ns
+    expected_top = {"bin", "dev", "lib", "lib32", "lib64", "libx32", "proc", "tmp", "usr"}
+    assert set(top.split()) <= expected_top | {d.split("/")[1] for d in _interpreter_dirs()}
+    assert re.search(r"CapEff:\s+0+\n", result.stdout) and re.search(r"NoNewPrivs:\s+1\n", result.stdout)
+    assert re.search(r"Max processes\s+16\s+16", result.stdout)
     assert re.search(rf"Max address space\s+{200 * 2**20}\s", result.stdout)
     assert re.search(r"Max file size\s+\d+\s", result.stdout)
     assert re.search(r"Max core file size\s+0\s", result.stdout)
@@ -139,6 +149,7 @@ ESCAPE = f"picochat_escape_{RUN_ID}"  # a name that must never appear in TMP
 CANARY_DIR = os.path.join(TMP, f"picochat_canary_{RUN_ID}")
 CANARY_FILE = os.path.join(CANARY_DIR, "keep.txt")
 FAIL, NO_SECRET, TIMEOUT, MEMORY = "fail", "no_secret", "timeout", "memory"
+CONTAINED = "contained"  # may succeed, inside the jail: the no-trace and parent-unharmed tests check it
 WRAP_CLOSE = "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0]"
 
 
@@ -188,16 +199,16 @@ HOSTILE = [
     Hostile("urllib", "import urllib.request\nurllib.request.urlopen('http://1.1.1.1', timeout=1)"),
     Hostile("ctypes_system", "import ctypes\nctypes.CDLL(None).system(b'echo pwned')"),
     # writing outside the working directory
-    Hostile("open_write_tmp", f"open({os.path.join(TMP, ESCAPE)!r}, 'w').write('x')"),
+    Hostile("open_write_tmp", f"open({os.path.join(TMP, ESCAPE)!r}, 'w').write('x')", CONTAINED),
     Hostile("open_write_parent_dir", f"open('../{ESCAPE}', 'w').write('x')"),
-    Hostile("os_open_creat", f"import os\nos.open({os.path.join(TMP, ESCAPE)!r}, os.O_CREAT | os.O_WRONLY)"),
+    Hostile("os_open_creat", f"import os\nos.open({os.path.join(TMP, ESCAPE)!r}, os.O_CREAT | os.O_WRONLY)", CONTAINED),
     Hostile("os_open_dir_fd", f"import os\nfd = os.open({TMP!r}, os.O_RDONLY)\n"
-                              f"os.open({ESCAPE!r}, os.O_CREAT | os.O_WRONLY, dir_fd=fd)"),
-    Hostile("pathlib_write", f"import pathlib\npathlib.Path({os.path.join(TMP, ESCAPE)!r}).write_text('x')"),
-    Hostile("fileio_write", f"import io\nio.FileIO({os.path.join(TMP, ESCAPE)!r}, 'w')"),
+                              f"os.open({ESCAPE!r}, os.O_CREAT | os.O_WRONLY, dir_fd=fd)", CONTAINED),
+    Hostile("pathlib_write", f"import pathlib\npathlib.Path({os.path.join(TMP, ESCAPE)!r}).write_text('x')", CONTAINED),
+    Hostile("fileio_write", f"import io\nio.FileIO({os.path.join(TMP, ESCAPE)!r}, 'w')", CONTAINED),
     Hostile("symlink_then_write", f"import os\nos.symlink({os.path.join(TMP, ESCAPE)!r}, 'link')\n"
-                                  "open('link', 'w').write('x')"),
-    Hostile("chdir_then_write", f"import os\nos.chdir({TMP!r})\nopen({ESCAPE!r}, 'w').write('x')"),
+                                  "open('link', 'w').write('x')", CONTAINED),
+    Hostile("chdir_then_write", f"import os\nos.chdir({TMP!r})\nopen({ESCAPE!r}, 'w').write('x')", CONTAINED),
     Hostile("rmtree_outside", f"import shutil\nshutil.rmtree({CANARY_DIR!r})"),
     Hostile("remove_outside", f"import os\nos.remove({CANARY_FILE!r})"),
     Hostile("rename_outside", f"import os\nos.rename({CANARY_FILE!r}, 'stolen.txt')"),
@@ -208,11 +219,11 @@ HOSTILE = [
     Hostile("environ", "import os\nprint(dict(os.environ))", NO_SECRET),
     Hostile("proc_self_environ", "print(open('/proc/self/environ').read())", NO_SECRET),
     Hostile("etc_passwd", "print(open('/etc/passwd').read()[:200])", NO_SECRET),
-    Hostile("proc_parent_environ", "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())"),
-    Hostile("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)"),
-    Hostile("killpg_parent", "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGTERM)"),
+    Hostile("proc_parent_environ", "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())", NO_SECRET),
+    Hostile("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)", CONTAINED),
+    Hostile("killpg_parent", "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGTERM)", CONTAINED),
     Hostile("pidfd_kill_parent",
-            "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGTERM)"),
+            "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGTERM)", CONTAINED),
     # resources
     Hostile("huge_allocation", "x = bytearray(10**10)", MEMORY),
     Hostile("growing_allocation", "a = []\nwhile True:\n    a.append(bytearray(10**7))", MEMORY),
@@ -267,7 +278,7 @@ def test_hostile_code_fails_safely(case, hostile_outcomes):
     everything = result.stdout + result.stderr + tool_output
     assert SECRET not in everything and "pwned" not in result.stdout
     assert isinstance(tool_output, str) and len(tool_output) <= TOOL_OUTPUT_CHARS
-    if case.expect != NO_SECRET:
+    if case.expect not in (NO_SECRET, CONTAINED):
         assert not result.success, result
         assert result.error and tool_output.startswith("Error: "), (result, tool_output)
     if case.expect == TIMEOUT:

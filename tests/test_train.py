@@ -113,7 +113,7 @@ def test_a_device_batch_that_does_not_divide_is_lowered_and_said(tiny_home):
     ("mid_train", dict(total=524288, seq=2048, device_batch=32)),
     ("sft", dict(total=65536, seq=2048, device_batch=8)),
 ])
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8, 16, 64])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 64, 100])
 def test_every_stage_default_layout_works_at_any_number_of_processes(stage, defaults, world):
     # SFT's defaults at 8 processes need 4 rows per process, not 8: this used to stop the d20
     # speedrun with "not divisible" after hours of pretraining and midtraining.
@@ -123,6 +123,12 @@ def test_every_stage_default_layout_works_at_any_number_of_processes(stage, defa
     rows = layout.total_batch // defaults["seq"]
     assert layout.device_batch * layout.grad_accum * world == rows
     assert layout.device_batch <= defaults["device_batch"] and layout.total_batch >= defaults["total"]
+    # and efficient: micro-batches of at least half the default (or of every row a process has),
+    # and a step at most 1/8 larger than the fewest rows that split over the processes
+    per_process = rows // world
+    assert layout.device_batch >= min(per_process, defaults["device_batch"]) // 2
+    fewest = -(-defaults["total"] // defaults["seq"] // world) * world * defaults["seq"]
+    assert layout.total_batch <= fewest * 9 // 8
     assert bool(layout.notes) == (layout.total_batch != defaults["total"]
                                   or layout.device_batch != defaults["device_batch"])
 

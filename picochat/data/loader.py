@@ -1,6 +1,6 @@
 """
 The pretraining loader: reads shards, tokenizes on the fly, and packs documents into rows with
-BOS-aligned best-fit packing (spec §4.3).
+BOS-aligned best-fit packing (docs/DESIGN.md#pretraining-data).
 
 - Every row starts with a document's BOS token; a row of T+1 tokens gives T inputs and T targets.
 - For each row, the largest buffered document that still fits is placed, again and again; when

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from picochat.common import PicochatError, atomic_path, data_dir
 
-ROW_GROUP_SIZE = 1024  # documents per row group, as in the FineWeb-Edu repackaging (spec §4.1)
+ROW_GROUP_SIZE = 1024  # documents per row group, as in the FineWeb-Edu repackaging (docs/DESIGN.md#pretraining-data)
 SPLIT_PREFIX = {"train": "shard_", "val": "val_"}
 
 

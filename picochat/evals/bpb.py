@@ -1,5 +1,5 @@
 """
-Bits per byte (spec §7.1): the model's cross-entropy in bits, divided by the number of UTF-8 bytes
+Bits per byte (docs/DESIGN.md#bits-per-byte): the model's cross-entropy in bits, divided by the number of UTF-8 bytes
 the targets stand for. Independent of the vocabulary, so tokenizers of any size compare.
 
     bpb = Σ nats(target) / (ln 2 · Σ bytes(target)),   over targets with bytes > 0

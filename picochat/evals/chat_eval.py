@@ -1,5 +1,5 @@
 """
-Chat evaluation (spec §7.3): accuracy of a chat model on tasks.
+Chat evaluation (docs/DESIGN.md#chat-evals-and-chatcore): accuracy of a chat model on tasks.
 
 - categorical tasks (ARC, MMLU): one forward pass over a batch of prompts; the answer is the
   allowed letter with the highest logit at the prompt's last position (no sampling, and a letter
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from picochat.common import dist_info, print0, progress
+from picochat.common import dist_info, print0, progress_bar
 
 
 @torch.no_grad()
@@ -32,7 +32,8 @@ def run_categorical(model, tokenizer, task, batch_size: int = 8, max_problems: i
         # a prompt longer than the model's context keeps its end, where the question and the
         # answer slot are (a small model's context can be shorter than a few-shot MMLU prompt)
         context = model.config.sequence_len
-        prompts = [tokenizer.render_for_completion(c)[-context:] for c in convs]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        prompts = [p if len(p) <= context else p[:1] + p[len(p) - context + 1:] for p in prompts]  # BOS + tail
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tokenizer.bos_id, dtype=torch.long, device=device)
         for r, p in enumerate(prompts):
@@ -66,7 +67,7 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     texts = {j: [""] * num_samples for j in mine}
     choices_left = {j: set(range(num_samples)) for j in mine}  # a problem is done when all its choices are
     errors = []  # (problem, choice) that failed on the engine (a prompt longer than the context...)
-    bar = progress(total=len(mine), desc=f"{type(task).__name__} generating", unit="problem")
+    bar = progress_bar(total=len(mine), desc=f"{type(task).__name__} generating", unit="problem")
 
     def collect(j, delta):  # called by scheduler.run_once, on this thread
         texts[j][delta.index] += delta.text
@@ -134,7 +135,7 @@ def evaluate_task(model, tokenizer, task, **kwargs) -> float:
     return run_generative(model, tokenizer, task, **kwargs)
 
 
-# Random-guess baselines for ChatCORE: 4-way multiple choice 0.25, generative 0 (spec §7.3).
+# Random-guess baselines for ChatCORE: 4-way multiple choice 0.25, generative 0 (docs/DESIGN.md#chat-evals-and-chatcore).
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
 

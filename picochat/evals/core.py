@@ -1,5 +1,5 @@
 """
-CORE (spec §7.2, from the DCLM paper, arXiv 2406.11794): accuracy of a base model on 22
+CORE (docs/DESIGN.md#core, from the DCLM paper, arXiv 2406.11794): accuracy of a base model on 22
 in-context-learning tasks, each centered on its random baseline, averaged into one number.
 
 Three task types, all scored from the logits of one forward pass, no sampling:
@@ -23,8 +23,7 @@ Notable choices: all the prompts of one item go through one forward pass, right-
 (a causal model never looks right, so padding cannot change a score), and several items share a
 pass up to `batch_rows` rows and PASS_TOKENS tokens (on a CPU), sorted by length within windows of 256
 items so that little of a pass is padding. Items are strided across ranks and the
-per-item correctness all-reduced. The bundle's core.yaml is read by a small reader of the YAML
-that file uses (PyYAML is not a dependency).
+per-item correctness all-reduced. The bundle's core.yaml is read with PyYAML's safe loader.
 
 The data: the DCLM eval bundle (a zip of core.yaml, eval_data/**.jsonl, eval_meta_data.csv),
 downloaded once into $PICOCHAT_HOME/downloads/ (resumable, under a file lock; the URL can be
@@ -37,7 +36,6 @@ that is reported as "CORE-offline", never as CORE.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -50,10 +48,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from picochat.common import PicochatError, dist_info, fsync_dir, picochat_home, print0, progress
+from picochat.common import (PicochatError, dist_info, file_lock, fsync_dir, picochat_home, print0, progress_bar,
+                             read_jsonl)
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-NUM_CORE_TASKS = 22        # the DCLM CORE suite (spec §7.2)
+NUM_CORE_TASKS = 22        # the DCLM CORE suite (docs/DESIGN.md#core)
 DATA_SHUFFLE_SEED = 1337   # random.Random(1337).shuffle(data), then cut to max_per_task
 FEWSHOT_SEED = 1234        # random.Random(1234 + idx) draws item idx's few-shot examples
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -98,7 +97,6 @@ def ensure_bundle(url: str | None = None, *, retries: int = 5, backoff: float = 
     """The unzipped bundle directory, downloading and unzipping it the first time. Raises
     PicochatError when it cannot be fetched. A cached bundle is used whatever `url` says."""
     from picochat.data.download import download_file
-    from picochat.tasks.hub import file_lock
     root = bundle_dir()
     if (root / "core.yaml").exists():
         return root
@@ -149,22 +147,14 @@ def load_bundle_tasks(root: Path) -> list[CoreTask]:
         if label not in baselines:
             raise PicochatError(f"{root / 'eval_meta_data.csv'} has no 'Random baseline' for {label}")
         tasks.append(CoreTask(label, task_type, shots, str(entry.get("continuation_delimiter", " ")),
-                              baselines[label], read_jsonl(root / "eval_data" / uri)))
+                              baselines[label], read_bundle_jsonl(root / "eval_data" / uri)))
     return tasks
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_bundle_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         raise PicochatError(f"the eval bundle has no {path}; delete {path.parents[1]} to unzip it again")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PicochatError(f"{path} line {n} is not JSON ({e.msg})") from None
-    return rows
+    return read_jsonl(path)
 
 
 def read_random_baselines(path: Path) -> dict[str, float]:
@@ -180,81 +170,16 @@ def read_random_baselines(path: Path) -> dict[str, float]:
 # --- core.yaml: a top-level key `icl_tasks` holding a list of flat mappings
 
 def parse_core_yaml(text: str) -> list[dict]:
-    """The `icl_tasks` list of core.yaml. Reads the YAML that file is written in: items opened
-    by '-' (alone or followed by the first key), `key: value` lines, values plain, "double" or
-    'single' quoted, [flow, lists], or a key followed by a block of '- value' lines; # comments."""
-    tasks: list[dict] | None = None
-    key_with_block = None  # the key whose value is the block list being read
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = _strip_comment(raw).rstrip()
-        if not line.strip():
-            continue
-        indent, body = len(line) - len(line.lstrip()), line.strip()
-        if indent == 0 and not body.startswith("-"):  # a top-level key
-            if tasks is not None:
-                break  # the next top-level key ends the list
-            if body.partition(":")[0].strip() == "icl_tasks":
-                tasks = []
-            continue
-        if tasks is None:
-            continue
-        if key_with_block and body.startswith("-") and indent > key_with_block[1]:
-            tasks[-1][key_with_block[0]].append(_yaml_scalar(body[1:], n))
-            continue
-        key_with_block = None
-        if body.startswith("-") and (len(body) == 1 or body[1] == " "):
-            tasks.append({})
-            body, indent = body[1:].strip(), indent + 2
-            if not body:
-                continue
-        if not tasks or ":" not in body:
-            raise PicochatError(f"core.yaml line {n}: expected 'key: value' in a task, got {raw.strip()!r}")
-        key, _, value = body.partition(":")
-        if value.strip():
-            tasks[-1][key.strip()] = _yaml_scalar(value, n)
-        else:
-            tasks[-1][key.strip()] = []
-            key_with_block = (key.strip(), indent)
-    if tasks is None:
-        raise PicochatError("core.yaml has no top-level 'icl_tasks:' list")
+    """The `icl_tasks` list of core.yaml (read with PyYAML's safe loader: data only, no objects)."""
+    import yaml
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PicochatError(f"core.yaml is not readable YAML ({e})") from None
+    tasks = document.get("icl_tasks") if isinstance(document, dict) else None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise PicochatError("core.yaml has no top-level 'icl_tasks:' list of tasks")
     return tasks
-
-
-def _strip_comment(line: str) -> str:
-    """Drop a '#' comment that starts outside quotes (after whitespace or at the line start)."""
-    quote, i = None, 0
-    while i < len(line):
-        ch = line[i]
-        if quote == '"' and ch == "\\":
-            i += 1  # an escaped character never closes the string
-        elif quote and ch == quote:
-            quote = None
-        elif not quote and ch in "\"'":
-            quote = ch
-        elif not quote and ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-        i += 1
-    return line
-
-
-def _yaml_scalar(text: str, n: int):
-    text = text.strip()
-    if text.startswith('"'):
-        try:
-            return json.loads(text)  # YAML's double-quoted escapes (\n, \", \\, \t) are JSON's
-        except json.JSONDecodeError:
-            raise PicochatError(f"core.yaml line {n}: unreadable quoted string {text}") from None
-    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
-        return text[1:-1].replace("''", "'")
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [_yaml_scalar(item, n) for item in inner.split(",")] if inner else []
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "null": None, "~": None}.get(text.lower(), text)
 
 
 # -----------------------------------------------------------------------------
@@ -305,43 +230,44 @@ def _common_suffix(seqs: list[list[int]]) -> int:
 
 
 @dataclass
-class Row:
+class ScoredSequence:
+    """One prompt of a CORE item as tokens, and the span whose prediction is scored."""
     ids: list[int]
     start: int   # continuation = ids[start:end]; start >= 1 so a position predicts it
     end: int
 
 
-def item_rows(task: CoreTask, tokenizer, data: list[dict], idx: int, max_len: int | None) -> list[Row]:
+def item_rows(task: CoreTask, tokenizer, data: list[dict], idx: int, max_len: int | None) -> list[ScoredSequence]:
     """The token rows of item idx, their continuation spans, cropped from the left to max_len."""
     texts = render_prompts(task, data, idx)
     seqs = [tokenizer.encode(t, prepend=tokenizer.bos_id) for t in texts]
     if task.task_type == "multiple_choice":
         start = _common_prefix(seqs) if len(seqs) > 1 else len(seqs[0]) - 1
         shortest = min(len(s) for s in seqs)
-        rows = [Row(s, min(start, shortest - 1), len(s)) for s in seqs]  # a choice that is a prefix of another keeps its last token
+        rows = [ScoredSequence(s, min(start, shortest - 1), len(s)) for s in seqs]  # a choice that is a prefix of another keeps its last token
     elif task.task_type == "schema":
         n = _common_suffix(seqs) if len(seqs) > 1 else 1
         n = max(1, min(n, min(len(s) for s in seqs) - 1))
-        rows = [Row(s, len(s) - n, len(s)) for s in seqs]
+        rows = [ScoredSequence(s, len(s) - n, len(s)) for s in seqs]
     else:
         without, full = seqs
         start = min(_common_prefix([without, full]), len(full) - 1)
-        rows = [Row(full, start, len(full))]
+        rows = [ScoredSequence(full, start, len(full))]
     return [_crop_left(r, max_len) for r in rows] if max_len else rows
 
 
-def _crop_left(row: Row, max_len: int) -> Row:
+def _crop_left(row: ScoredSequence, max_len: int) -> ScoredSequence:
     drop = len(row.ids) - max_len
     if drop <= 0:
         return row
-    return Row(row.ids[drop:], max(1, row.start - drop), row.end - drop)
+    return ScoredSequence(row.ids[drop:], max(1, row.start - drop), row.end - drop)
 
 
 # -----------------------------------------------------------------------------
 # Scoring
 
 @torch.no_grad()
-def score_items(model, items: list[list[Row]], task_type: str, pad_id: int, device) -> list:
+def score_items(model, items: list[list[ScoredSequence]], task_type: str, pad_id: int, device) -> list:
     """Forward every row of `items` as one batch, right-padded with `pad_id`. One verdict per
     item: language_modeling, whether greedy decoding reproduces the continuation; otherwise the
     index of the row (choice or context option) with the lowest mean cross-entropy."""
@@ -381,7 +307,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int = -1, batc
     n = len(data) if max_per_task < 0 else min(max_per_task, len(data))
     correct = torch.zeros(n, dtype=torch.float32, device=device)
 
-    def score(batch: list[tuple[int, list[Row]]]):
+    def score(batch: list[tuple[int, list[ScoredSequence]]]):
         verdicts = score_items(model, [rows for _, rows in batch], task.task_type, tokenizer.bos_id, device)
         for (i, _), verdict in zip(batch, verdicts):
             correct[i] = float(verdict if task.task_type == "language_modeling" else verdict == data[i]["gold"])
@@ -410,7 +336,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int = -1, batc
 
 
 def centered(accuracy: float, random_baseline: float) -> float:
-    """(acc - rb)/(1 - rb) with rb given in percent (spec §7.2)."""
+    """(acc - rb)/(1 - rb) with rb given in percent (docs/DESIGN.md#core)."""
     rb = 0.01 * random_baseline
     return (accuracy - rb) / (1.0 - rb)
 
@@ -425,7 +351,7 @@ def run_core(model, tokenizer, tasks: list[CoreTask], metric: str, max_per_task:
     share = sum(len(range(info.rank, len(t.rows) if max_per_task < 0 else min(max_per_task, len(t.rows)),
                            info.world_size)) for t in tasks)
     results = {}
-    with progress(total=share, desc=metric, unit="ex") as bar:
+    with progress_bar(total=share, desc=metric, unit="ex") as bar:
         for task in tasks:
             acc, n = evaluate_task(model, tokenizer, task, max_per_task, batch_rows, max_len, bar)
             results[task.label] = {"accuracy": acc, "centered": centered(acc, task.random_baseline),

@@ -1,6 +1,6 @@
 """
 The OpenAI chat-completions schema, as picochat speaks it: request validation with nanochat's
-limits (spec §9.1), messages to a token prompt, and the JSON shapes of replies, chunks and errors.
+limits (docs/DESIGN.md#cli-and-server), messages to a token prompt, and the JSON shapes of replies, chunks and errors.
 No HTTP here (that is picochat/serve/app.py), so every rule is testable as a plain function.
 
 Limits, each a 400 naming the limit and the value seen: at most 500 messages, 8,000 characters per
@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-# nanochat's abuse limits (spec §9.1)
+# nanochat's abuse limits (docs/DESIGN.md#cli-and-server)
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
 MAX_TOTAL_CHARS = 32_000

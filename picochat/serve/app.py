@@ -29,7 +29,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -173,10 +172,6 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
     @app.exception_handler(InvalidRequest)
     async def invalid_request(request, e: InvalidRequest):
         return error_response(e.status, e.message, e.kind, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e: RequestValidationError):
-        return error_response(400, f"invalid request: {e.errors()[:1]}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):

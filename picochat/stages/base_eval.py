@@ -1,5 +1,5 @@
 """
-Evaluate a base checkpoint (spec §7.2): CORE, bits per byte on the train and val splits, samples.
+Evaluate a base checkpoint (docs/DESIGN.md#core): CORE, bits per byte on the train and val splits, samples.
 
     picochat base_eval --dataset demo                 # the only base model, its latest step
     picochat base_eval --eval core --max-per-task 100 # a quick CORE estimate
@@ -40,7 +40,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1: all)")
     p.add_argument("--bundle-url", default="", help="eval bundle URL (default: PICOCHAT_EVAL_BUNDLE_URL "
                                                      f"or {core.BUNDLE_URL})")
-    p.add_argument("--dataset", default="fineweb-edu", help="dataset whose train and val splits are scored")
+    p.add_argument("--dataset", default="", help="dataset whose train and val splits are scored "
+                   "(default: the one the model was trained on)")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one there)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens scored per split")
@@ -63,7 +64,7 @@ def main(argv=None):
 
 
 def evaluate(args, info, device):
-    from picochat.tokenizer import get_tokenizer
+    from picochat.tokenizer import default_dataset, get_tokenizer
     evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     if not evals or any(e not in EVALS for e in evals):
         raise PicochatError(f"--eval takes a comma-separated list of {', '.join(EVALS)}, got {args.eval!r}")
@@ -75,7 +76,8 @@ def evaluate(args, info, device):
                              step=None if args.step < 0 else args.step, compute_dtype=dtype, tokenizer=tokenizer)
     token_bytes = tokenizer.token_bytes().to(device)
     T, B, W = model.config.sequence_len, args.device_batch_size, info.world_size
-    tag, step = meta["user_config"].get("model_tag") or f"d{model.config.n_layer}", meta["step"]
+    tag, step = meta["model_tag"], meta["step"]
+    args.dataset = args.dataset or meta["user_config"].get("dataset") or default_dataset(tokenizer)
     print0(f"base model {tag} step {step}: {model.num_params():,} parameters, dtype {dtype}")
 
     results = {"model_tag": tag, "step": step}

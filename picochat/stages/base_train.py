@@ -25,9 +25,9 @@ from picochat.common import (PicochatError, checkpoint_dir, peak_flops, print0, 
 from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
-from picochat.model import GPT, config_from_depth, head_loss
+from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
 from picochat.training import (append_metrics, batch_layout, check_shared_checkpoint_dir,
-                               estimate_eval_memory_gib, estimate_memory_gib, load_for_resume, lr_multiplier, muon_momentum, run_is_complete,
+                               estimate_eval_memory_gib, estimate_memory_gib, load_for_resume, lr_multiplier_by_step, muon_momentum, run_is_complete,
                                set_schedules, truncate_metrics)
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
@@ -42,11 +42,13 @@ def build_parser() -> Parser:
                "learning rates are derived from --depth; each can be overridden.")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers (the one dial)")
-    g.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth × aspect ratio")
-    g.add_argument("--head-dim", type=int, default=128, help="target attention head dimension")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="tokens per training row")
+    g.add_argument("--aspect-ratio", type=int, default=ASPECT_RATIO,
+                   help="model width = depth × aspect ratio, rounded up to a multiple of --head-dim")
+    g.add_argument("--head-dim", type=int, default=HEAD_DIM, help="attention head dimension")
+    g.add_argument("--max-seq-len", type=int, default=SEQUENCE_LEN, help="tokens per training row")
     g = p.add_argument_group("data and batch")
-    g.add_argument("--dataset", default="fineweb-edu", help="dataset name under $PICOCHAT_HOME/data")
+    g.add_argument("--dataset", default="", help="dataset name under $PICOCHAT_HOME/data "
+                   "(default: the one the tokenizer was trained on)")
     g.add_argument("--device-batch-size", type=int_or_auto, default=32,
                    help="rows per micro-batch per process, or 'auto' (largest that fits)")
     g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes")
@@ -94,9 +96,10 @@ def main(argv=None):
 
 
 def train(args, info, device, dtype):
-    from picochat.tokenizer import get_tokenizer
+    from picochat.tokenizer import default_dataset, get_tokenizer
     W = info.world_size
     tokenizer = get_tokenizer()
+    args.dataset = args.dataset or default_dataset(tokenizer)
     token_bytes = tokenizer.token_bytes().to(device)
     T = args.max_seq_len
     if T < 8:
@@ -133,20 +136,25 @@ def train(args, info, device, dtype):
 
     optimizer = model.setup_optimizer(args.embedding_lr, args.unembedding_lr, args.matrix_lr,
                                       args.weight_decay)
-    model_tag = args.model_tag or f"d{args.depth}"
+    args.model_tag = args.model_tag or f"d{args.depth}"  # saved resolved: later stages read it back
+    model_tag = args.model_tag
     ckpt_root = checkpoint_dir("base", model_tag)
     metrics_path = ckpt_root / "metrics.jsonl"
 
     mem = estimate_memory_gib(model, device_batch, T, dtype, W)
     eval_mem = estimate_eval_memory_gib(model, device_batch, T, dtype, W)
     width = 24
+    unrounded = args.depth * args.aspect_ratio
+    rounding = (f" ({args.depth} × {args.aspect_ratio} = {unrounded} rounded up to a multiple of "
+                f"{args.head_dim})") if unrounded != config.n_embd else ""
     print0(f"{'device':<{width}} {device} × {W} process(es), {torch.get_num_threads()} CPU thread(s) each, "
            f"compute dtype {str(dtype).replace('torch.', '')}")
     for note in layout.notes:
         print0(f"{'adjusted':<{width}} {note}")
     for key, value in [
-        ("model", f"depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
-                  f"vocab {config.vocab_size:,}, seq len {T}"),
+        ("model", f"depth {config.n_layer}, width {config.n_embd}{rounding}, {config.n_head} heads of "
+                  f"{config.head_dim}, vocab {config.vocab_size:,}, seq len {T}"),
+        ("dataset", args.dataset),
         ("parameters", f"{num_params:,}"), ("FLOPs per token", f"{flops_per_token:.4e}"),
         ("total batch", f"{B_total:,} tokens = {device_batch} rows × {T} × {W} proc × {grad_accum} accum"),
         ("iterations", f"{num_iterations:,} (from {horizon})"),
@@ -217,7 +225,7 @@ def train(args, info, device, dtype):
         model.train()
 
     def checkpoint(at_step: int, loader_states: list[dict]) -> None:
-        meta = {"step": at_step, "model_config": config.to_dict(), "user_config": vars(args),
+        meta = {"step": at_step, "model_tag": model_tag, "model_config": config.to_dict(), "user_config": vars(args),
                 "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W,
                 "device_batch_size": device_batch, "total_batch_size": B_total, "max_seq_len": T,
                 "num_iterations": num_iterations, "loop": loop}
@@ -245,7 +253,7 @@ def train(args, info, device, dtype):
     batches = [ld.next_batch() for ld in train_loaders] if step < num_iterations else []
     while step < num_iterations:
         t0 = time.perf_counter()
-        lr_mult = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        lr_mult = lr_multiplier_by_step(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_schedules(optimizer, lr_mult, muon_momentum(step))
         loss_sum = torch.zeros((), device=device)
         for x, y in batches:

@@ -1,8 +1,8 @@
 """
-`picochat chat`: talk to a model in the terminal (spec §9.2).
+`picochat chat`: talk to a model in the terminal (docs/DESIGN.md#cli-and-server).
 
-The whole conversation is kept as tokens (<|bos|>, then each turn) and the reply streams as it is
-sampled. Tool calls show up as `[python] expr` and their results as `[output] ...`, dimmed, apart
+The whole conversation is kept as messages, rendered into the prompt the way `picochat serve`
+renders it, and the reply streams as it is sampled. Tool calls show up as `[python] expr` and their results as `[output] ...`, dimmed, apart
 from the reply's text. A reply cut off at --max-tokens is closed with <|assistant_end|> in the
 history so the next turn starts cleanly.
 
@@ -60,8 +60,7 @@ def main(argv=None):
     if args.prompt:
         chat.reply(args.prompt)
         return 0
-    tag = meta.get("user_config", {}).get("model_tag") or f"d{model.config.n_layer}"
-    print(f"picochat {args.source} model {tag} step {meta['step']}. /help for commands, quit to leave.")
+    print(f"picochat {args.source} model {meta['model_tag']} step {meta['step']}. /help for commands, quit to leave.")
     while True:
         try:
             text = input(chat.style("bold", "\nUser: ")).strip()
@@ -80,38 +79,47 @@ def main(argv=None):
 
 
 class Chat:
-    """The conversation so far, as tokens, and how one reply is sampled and shown."""
+    """The conversation so far, as messages, and how one reply is sampled and shown. The prompt is
+    the conversation rendered by `tokenizer.render_for_completion`, exactly as `picochat serve`
+    renders it, and it must leave room for a reply in the model's context (sequence_len)."""
 
     def __init__(self, engine: Engine, args):
         self.engine, self.args = engine, args
         tok = engine.tokenizer
         self.special = {name: tok.encode_special(name) for name in
-                        ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                         "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+                        ("<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
+                         "<|output_end|>")}
         self.clear()
 
     def clear(self):
-        self.history = [self.engine.tokenizer.bos_id]
+        self.messages: list[dict] = []
         self.turns = 0
+
+    @property
+    def history(self) -> list[int]:
+        """The conversation as the model sees it: <|bos|>, then every turn."""
+        if not self.messages:
+            return [self.engine.tokenizer.bos_id]
+        return self.engine.tokenizer.render_conversation({"messages": self.messages}, max_tokens=sys.maxsize)[0]
 
     def style(self, name: str, text: str) -> str:
         return text if self.args.plain else f"{ANSI[name]}{text}{ANSI['reset']}"
 
     def reply(self, text: str) -> None:
         """Add the user's turn, stream the assistant's reply to stdout, add it to the history."""
-        tok, s = self.engine.tokenizer, self.special
-        prompt = (self.history + [s["<|user_start|>"]] + tok.encode(text) + [s["<|user_end|>"]]
-                  + [s["<|assistant_start|>"]])
-        limit = self.engine.model.rotary_len
-        if len(prompt) >= limit:  # the user's turn is not kept: the history stays usable
-            print(f"the conversation is {len(prompt)} tokens, at the model's limit of {limit}; "
+        tok = self.engine.tokenizer
+        user = {"role": "user", "content": text}
+        prompt = tok.render_for_completion({"messages": self.messages + [user]})
+        context = self.engine.model.config.sequence_len
+        if len(prompt) >= context:  # the user's turn is not kept: the history stays usable
+            print(f"the conversation is {len(prompt)} tokens, at the model's context of {context}; "
                   f"/clear to start over")
             return
         print(self.style("bold", "Assistant: "), end="", flush=True)
         stream = StreamDecoder(tok)
         self.block = None  # inside a tool call ("dim") or a tool output ("cyan")
         reply_tokens, ended = [], False
-        columns = self.engine.generate(prompt, max_tokens=self.args.max_tokens,
+        columns = self.engine.generate(prompt, max_tokens=min(self.args.max_tokens, context - len(prompt)),
                                        temperature=self.args.temperature, top_k=self.args.top_k or None,
                                        seed=self.args.seed + self.turns)
         try:
@@ -126,11 +134,27 @@ class Chat:
             pass
         print(stream.flush())
         # The history always holds well-formed turns: a reply that was cut, or that ended with
-        # <|bos|> (the model starting a new document), is closed with <|assistant_end|>.
-        self.history = prompt + reply_tokens + [s["<|assistant_end|>"]]
+        # <|bos|> (the model starting a new document), is closed with <|assistant_end|> when rendered.
+        self.messages += [user, {"role": "assistant", "content": self.reply_parts(reply_tokens)}]
         self.turns += 1
         if not ended:
             print(self.style("dim", f"(reply cut after {len(reply_tokens)} tokens)"))
+
+    def reply_parts(self, tokens: list[int]) -> list[dict]:
+        """The reply's tokens as the content parts render_conversation takes: text, python (a tool
+        call) and python_output (its result)."""
+        s, decode = self.special, self.engine.tokenizer.decode
+        kind_after = {s["<|python_start|>"]: "python", s["<|output_start|>"]: "python_output",
+                      s["<|python_end|>"]: "text", s["<|output_end|>"]: "text"}
+        parts, kind, run = [], "text", []
+        for token in tokens + [None]:
+            if token is None or token in kind_after:
+                if run or kind != "text":
+                    parts.append({"type": kind, "text": decode(run)})
+                kind, run = kind_after.get(token, "text"), []
+            else:
+                run.append(token)
+        return parts
 
     def show(self, token: int, stream: StreamDecoder) -> None:
         """Print one token of the reply; a tool call and its output go on lines of their own,

@@ -67,7 +67,7 @@ def main(argv=None):
         model, meta = load_model(args.source, args.model_tag or None, device,
                                  step=None if args.step < 0 else args.step,
                                  compute_dtype=resolve_dtype(args.dtype, device), tokenizer=tokenizer)
-        tag = meta["user_config"].get("model_tag") or f"d{model.config.n_layer}"
+        tag = meta["model_tag"]
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
         tasks = {name: make_task(name, args.data_source) for name in names}  # fail fast on a bad name
         results = {}

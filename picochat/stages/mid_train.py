@@ -1,6 +1,6 @@
 """
 Midtraining: teach a base model the conversation format, tool use, multiple choice and spelling,
-on every token of the conversations (the seed recipe, spec §6.1).
+on every token of the conversations (the seed recipe, docs/DESIGN.md#midtraining-and-sft).
 
     picochat mid_train --mixture demo                      # offline data, after the demo base model
     torchrun --nproc_per_node=8 -m picochat mid_train      # nanochat's ~850K-row mixture from the Hub

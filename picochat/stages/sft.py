@@ -1,6 +1,6 @@
 """
 Supervised fine-tuning: polish a midtrained model on a small curated mixture, learning only the
-assistant's tokens (completion-only loss, spec §6.2).
+assistant's tokens (completion-only loss, docs/DESIGN.md#midtraining-and-sft).
 
     picochat sft --mixture demo
     torchrun --nproc_per_node=8 -m picochat sft

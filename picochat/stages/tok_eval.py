@@ -7,7 +7,7 @@ train and val shards (val is held out from tokenizer training; train is what it 
 tiktoken downloads the GPT-2/GPT-4 vocabularies on first use; where that fails (offline) their
 columns are left out and only ours is shown.
 
-    picochat tok_eval                      # demo dataset, $PICOCHAT_HOME/tokenizer
+    picochat tok_eval                      # the tokenizer's own dataset, $PICOCHAT_HOME/tokenizer
     picochat tok_eval --dataset fineweb-edu --tokenizer /tmp/tok
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from picochat.cli import Parser
 from picochat.common import PicochatError, print0, tokenizer_dir
 from picochat.data.shards import list_shards, open_shard, read_row_group
-from picochat.tokenizer import Tokenizer
+from picochat.tokenizer import Tokenizer, default_dataset
 
 BASELINES = {"gpt2": "gpt2", "gpt4": "cl100k_base"}  # column name -> tiktoken encoding
 BASELINE_TIMEOUT_S = 20  # tiktoken's download has no timeout of its own; don't hang offline
@@ -68,7 +68,8 @@ SNIPPETS = {
 
 def parse_args(argv):
     p = Parser("tok_eval", "Bytes per token of our tokenizer vs GPT-2 and GPT-4 on fixed and held-out text.")
-    p.add_argument("--dataset", default="demo", help="dataset whose first train/val row groups are measured")
+    p.add_argument("--dataset", default="", help="dataset whose first train/val row groups are measured "
+                   "(default: the one the tokenizer was trained on)")
     p.add_argument("--tokenizer", type=Path, default=tokenizer_dir(), help="tokenizer directory")
     return p.parse_args(argv)
 
@@ -114,7 +115,7 @@ def main(argv=None):
         else:
             columns[f"{column} {enc.n_vocab:,}"] = enc
 
-    texts = dict(SNIPPETS) | dataset_texts(args.dataset)
+    texts = dict(SNIPPETS) | dataset_texts(args.dataset or default_dataset(ours))
     header = f"{'text':<16}{'bytes':>12}" + "".join(f"{name:>24}" for name in columns)
     print0("bytes per token (tokens); higher bytes per token = better compression")
     print0(header)

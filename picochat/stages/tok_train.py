@@ -2,8 +2,9 @@
 `picochat tok_train`: train the BPE tokenizer on the train split of a dataset and save it.
 
 Documents are cut to --doc-cap characters and training stops after --max-chars characters in total
-(nanochat-spec §4.4: the speedrun uses 2B chars, docs capped at 10,000). The result goes to
-$PICOCHAT_HOME/tokenizer (or --output), where every later stage finds it.
+(docs/DESIGN.md#tokenizer: the speedrun uses 2B chars, docs capped at 10,000). The result goes to
+$PICOCHAT_HOME/tokenizer (or --output), where every later stage finds it. The tokenizer records the
+dataset it read, and base_train, base_eval and tok_eval use that dataset unless given --dataset.
 
     picochat tok_train                                  # demo corpus, vocab 65,536
     picochat tok_train --dataset fineweb-edu --max-chars 2_000_000_000
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from picochat.cli import Parser
-from picochat.common import PicochatError, print0, progress, tokenizer_dir
+from picochat.common import PicochatError, print0, progress_bar, tokenizer_dir
 from picochat.data.shards import iter_texts, list_shards, open_shard
 from picochat.tokenizer import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, train_tokenizer
 
@@ -55,7 +56,7 @@ def main(argv=None):
 
     print0(f"training a {args.vocab_size:,}-token tokenizer on {args.dataset!r} "
            f"(up to {args.max_chars:,} chars, docs capped at {args.doc_cap:,})")
-    bar = progress(total=total, unit="char", unit_scale=True, desc="reading")
+    bar = progress_bar(total=total, unit="char", unit_scale=True, desc="reading")
     consumed = 0
 
     def texts():
@@ -71,6 +72,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(texts(), args.vocab_size)  # the merges run after the last text is read
+    tokenizer.trained_on = args.dataset  # later stages default to this dataset
     seconds = time.perf_counter() - t0
     bar.close()
     if consumed == 0:

@@ -1,6 +1,6 @@
 """
 ARC, the AI2 Reasoning Challenge (Clark et al., 2018): grade-school science questions with 3-5
-answer choices, as multiple-choice conversations (render_mc, spec §6.4) whose assistant answer is
+answer choices, as multiple-choice conversations (render_mc, docs/DESIGN.md#tasks) whose assistant answer is
 the gold label. Categorical. Labels are the dataset's own: mostly A-E, on the Hub about 4% are 1-4.
 
 Data: HF `allenai/ai2_arc` subsets ARC-Easy (train 2,251 / validation 570 / test 2,376) and

@@ -1,5 +1,5 @@
 """
-The Task interface every dataset and benchmark implements, and the two ways to combine them.
+The Task interface every dataset and benchmark implements, and TaskMixture, which combines them.
 
 A task is a list of *conversations*:
 
@@ -89,31 +89,8 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
 
-class TaskSequence(Task):
-    """Tasks one after another, in order (a curriculum)."""
-
-    def __init__(self, tasks: list[Task], **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = tasks
-
-    @property
-    def eval_type(self) -> str:
-        kinds = {t.eval_type for t in self.tasks}
-        return kinds.pop() if len(kinds) == 1 else "mixed"
-
-    def num_examples(self) -> int:
-        return sum(len(t) for t in self.tasks)
-
-    def get_example(self, index: int) -> dict:
-        for task in self.tasks:
-            if index < len(task):
-                return task[index]
-            index -= len(task)
-        raise IndexError(index)
-
-
 def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
-    """The multiple-choice prompt (spec §6.4): each choice is followed by '=<letter>' with no space,
+    """The multiple-choice prompt (docs/DESIGN.md#tasks): each choice is followed by '=<letter>' with no space,
     so the letter the model must emit is tokenized exactly as it appears in the prompt."""
     lines = [f"Multiple Choice question: {question}"]
     lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]

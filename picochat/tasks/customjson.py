@@ -6,10 +6,9 @@ bare list of messages, in the format of tasks/base.py. Malformed lines are skipp
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, read_jsonl
 from picochat.tasks.base import Task
 
 
@@ -24,26 +23,23 @@ def valid_messages(messages) -> bool:
     return True
 
 
+def conversation(row) -> dict:
+    """One line's conversation; ValueError when it is not one (the line is then skipped)."""
+    messages = row.get("messages") if isinstance(row, dict) else row
+    if not valid_messages(messages):
+        raise ValueError("not a list of messages with roles system/user/assistant and content")
+    return {"messages": messages}
+
+
 class CustomJSON(Task):
     def __init__(self, path: str | Path, **kwargs):
         super().__init__(**kwargs)
         path = Path(path)
         if not path.is_file():
             raise PicochatError(f"conversation file {path} does not exist")
-        self.conversations, self.skipped = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                self.skipped += 1
-                continue
-            messages = row.get("messages") if isinstance(row, dict) else row
-            if valid_messages(messages):
-                self.conversations.append({"messages": messages})
-            else:
-                self.skipped += 1
+        bad = []
+        self.conversations = read_jsonl(path, conversation, on_bad_line=lambda lineno, e: bad.append(lineno))
+        self.skipped = len(bad)
         if not self.conversations:
             raise PicochatError(f"{path} holds no valid conversations ({self.skipped} malformed lines)")
 

@@ -1,7 +1,7 @@
 """
 GSM8K (Cobbe et al., 2021): grade-school math word problems with worked solutions. The solutions
 carry calculator annotations `<<48/2=24>>`; each becomes a tool call, so the model learns to use
-the calculator (spec §6.4): the expression is a `python` part, the result a `python_output` part,
+the calculator (docs/DESIGN.md#tasks): the expression is a `python` part, the result a `python_output` part,
 the prose around them `text` parts. The final answer follows '#### '.
 
 Generative: `evaluate` takes the number after the first '#### ' in the completion (commas

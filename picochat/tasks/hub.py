@@ -20,7 +20,6 @@ does, so a task sees its rows in the same order nanochat does.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -32,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
-from picochat.common import PicochatError, atomic_write_text, picochat_home, print0
+from picochat.common import PicochatError, atomic_write_text, file_lock, picochat_home, print0
 from picochat.data.download import download_file, hub_endpoint, hub_headers
 from picochat.tasks.base import Task
 
 SOURCES = ("auto", "hub", "offline")
-SHUFFLE_SEED = 42          # nanochat shuffles every task dataset with seed 42 (spec §6.4)
+SHUFFLE_SEED = 42          # nanochat shuffles every task dataset with seed 42 (docs/DESIGN.md#tasks)
 LIST_TIMEOUT = (10, 30)    # seconds to connect, seconds to wait for the file listing
 LIST_ATTEMPTS = 3          # listing retries on timeouts and 5xx answers (1 s, 2 s apart)
 MANIFEST = "files.json"    # written after every file of a split is in place
@@ -54,27 +53,7 @@ _unreachable: dict[str, str] = {}
 
 
 # -----------------------------------------------------------------------------
-# Locks and rows
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on `path` (created if missing), released on exit. On systems
-    without fcntl (Windows) it is a no-op; atomic renames still keep every file whole there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    with open(path, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
+# Rows
 
 def shuffle_order(n: int, seed: int) -> np.ndarray:
     """The row order of `datasets.Dataset.shuffle(seed=seed)` on n rows."""

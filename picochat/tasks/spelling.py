@@ -1,5 +1,5 @@
 """
-Two synthetic spelling tasks that teach a model to see the letters inside its tokens (spec §6.4,
+Two synthetic spelling tasks that teach a model to see the letters inside its tokens (docs/DESIGN.md#tasks,
 seed era):
 
 - SimpleSpelling: "Spell the word: apple" -> "apple:a,p,p,l,e".
