@@ -1,6 +1,7 @@
 """
 `picochat <stage> [flags]` and `python -m picochat <stage> [flags]` (so `torchrun -m picochat ...`
-works). Each stage lives in picochat/stages/<stage>.py and exposes main(argv).
+works). Each stage lives in picochat/stages/<stage>.py (`import` in import_.py, a keyword) and
+exposes main(argv).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ STAGES = {
     "chat": "talk to a chat model in the terminal (interactive or -p)",
     "serve": "OpenAI-compatible API and web chat UI with continuous batching",
     "report": "write the report card of a run: environment, stages, summary table, plots",
+    "export": "write a checkpoint as a transformers folder (weights, tokenizer, chat template, card)",
+    "import": "import a transformers folder or a nanochat checkpoint as a picochat checkpoint",
 }
 
 
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
     start, code = time.time(), 1  # 1 unless the stage returns or fails in a way we know
     try:
-        module = importlib.import_module(f"picochat.stages.{stage}")
+        module = importlib.import_module(f"picochat.stages.{'import_' if stage == 'import' else stage}")
         code = module.main(rest) or 0
         return code
     except PicochatError as e:
