@@ -27,7 +27,7 @@ from picochat.checkpoint import load_checkpoint
 from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
 from picochat.serve.api import Defaults, parse_messages
-from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app
+from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app, serve_config
 from picochat.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler
 from picochat.tokenizer import Tokenizer
 from serve_fixtures import free_port, make_tiny_chat_model, running_server
@@ -69,7 +69,7 @@ def serving(model, tok, *, max_rows=8, max_queue=64, api_key=None, timeout=300.0
     import uvicorn
     pool = EnginePool([Scheduler(Engine(model, tok), max_rows, max_queue)])
     app = create_app(pool, tok, "tiny", model.config.sequence_len, defaults, api_key, timeout)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(serve_config(app, "127.0.0.1", free_port(), log_level="warning"))  # picochat serve's limits
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -47,6 +47,12 @@ class InvalidRequest(Exception):
         self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
 
+def shown(value, limit: int = 80) -> str:
+    """repr(value) for an error message, cut to `limit` characters (a body may hold 1 MB in one field)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -82,10 +88,11 @@ def _number(body: dict, name: str, default, low, high, integer: bool, low_open: 
     value = body.get(name)
     if value is None:
         return default
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))  # an int is finite (and may be huge)
             or (integer and value != int(value))):
         kind = "an integer" if integer else "a number"
-        raise InvalidRequest(f"{name} must be {kind}, got {value!r}", name)
+        raise InvalidRequest(f"{name} must be {kind}, got {shown(value)}", name)
     if value < low or value > high or (low_open and value == low):
         interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise InvalidRequest(f"{name} must be in {interval}, got {value}", name)
@@ -179,7 +186,7 @@ def parse_stop(stop) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise InvalidRequest(f"stop must be a non-empty string or a list of them, got {stop!r}", "stop")
+        raise InvalidRequest(f"stop must be a non-empty string or a list of them, got {shown(stop)}", "stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}", "stop")
     longest = max(len(s) for s in stops)
@@ -194,11 +201,11 @@ def parse_chat_request(body, defaults: Defaults) -> ChatRequest:
         raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise InvalidRequest(f"stream must be true or false, got {stream!r}", "stream")
+        raise InvalidRequest(f"stream must be true or false, got {shown(stream)}", "stream")
     options = body.get("stream_options") or {}
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidRequest(f"seed must be an integer, got {seed!r}", "seed")
+        raise InvalidRequest(f"seed must be an integer, got {shown(seed)}", "seed")
     return ChatRequest(
         messages=parse_messages(body.get("messages")),
         stream=stream,

@@ -22,15 +22,18 @@ import asyncio
 import bisect
 import hmac
 import json
+import logging
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from picochat.serve.api import (MAX_BODY_BYTES, Defaults, InvalidRequest, chunk, completion_id, completion_response,
                                 error_body, fit_max_tokens, parse_chat_request, usage)
@@ -135,6 +138,230 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 # -----------------------------------------------------------------------------
+# Hardening: the body is read by us, with a size limit and a deadline, before any handler sees it;
+# the JSON is parsed with limits; connections are capped and must send their headers in time.
+
+HEADER_TIMEOUT_S = 10.0  # from a connection's first byte (or its opening) to the end of its request headers
+BODY_TIMEOUT_S = 30.0  # from the end of the headers to the last byte of the body (1 MB in 30 s: 35 KB/s)
+MAX_CONNECTIONS = 1000  # open connections; more are closed at once (503), see serve_config
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects; a chat request needs 4
+MAX_INT_DIGITS = 64  # digits of an integer literal; seeds are < 2**64 (20 digits)
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers (h11's default, stated)
+FD_RESERVE = 256  # file descriptors kept free of connections: the backlog's burst (128) + files, pipes
+log = logging.getLogger("uvicorn.error")  # uvicorn's handler and format
+
+
+def _too_long_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidRequest(f"the request body has an integer of {len(text.lstrip('-')):,} digits; the limit is "
+                             f"{MAX_INT_DIGITS}")
+    return int(text)
+
+
+def parse_json_body(raw: bytes):
+    """A request body -> the decoded JSON value, or InvalidRequest (400) naming what is wrong: not
+    UTF-8, not JSON, integers of more than MAX_INT_DIGITS digits, nesting deeper than MAX_JSON_DEPTH.
+    The C parser bounds its own recursion (RecursionError, caught); the depth is checked after."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"the request body is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+    try:
+        value = json.loads(text, parse_int=_too_long_int)
+    except RecursionError:
+        raise InvalidRequest(f"the request body is nested too deeply; the limit is {MAX_JSON_DEPTH} levels")
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"the request body is not valid JSON ({e})")
+    except ValueError as e:  # int() of a digit string past Python's own limit, if parse_int let it through
+        raise InvalidRequest(f"the request body is not valid JSON ({str(e)[:120]})")
+    level, frontier = 0, [value]
+    while frontier:  # breadth first, one level at a time: bounded by the body's size
+        containers = [v for v in frontier if isinstance(v, (list, dict))]
+        if not containers:
+            break
+        level += 1
+        if level > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep; the limit is "
+                                 f"{MAX_JSON_DEPTH}")
+        frontier = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return value
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class BodyGuard:
+    """ASGI middleware that reads every request's body before the app does: a Content-Length over
+    `max_bytes` is a 413 before a byte of the body is read, a body that grows past it (chunked, or
+    a client that sends more than it said) a 413 as soon as it does, a body not complete within
+    `timeout` seconds a 408, and a client that hangs up mid-body one log line. These answers close
+    the connection (the rest of the body is never read). With `needs_key`, a request for a path
+    that needs the API key and does not carry it is answered 401 before its body is read.
+    The app then receives the body in one message, and the real `receive` after (disconnects)."""
+
+    def __init__(self, app, max_bytes: int, timeout: float, needs_key=None):
+        self.app, self.max_bytes, self.timeout, self.needs_key = app, max_bytes, timeout, needs_key
+
+    async def refuse(self, scope, receive, send, status: int, message: str, **kw):
+        response = error_response(status, message, headers={"Connection": "close"}, **kw)
+        await response(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.needs_key is not None and (refusal := self.needs_key(scope)):
+            return await self.refuse(scope, receive, send, 401, refusal, code="invalid_api_key")
+        length = _header(scope, b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
+            return await self.refuse(scope, receive, send, 413, f"the request body is {int(length):,} bytes "
+                                     f"(Content-Length); the limit is {self.max_bytes:,}")
+        loop = asyncio.get_running_loop()
+        deadline, chunks, size = loop.time() + self.timeout, [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await self.refuse(scope, receive, send, 408, f"the request body took longer than "
+                                         f"{self.timeout:g} s to arrive ({size:,} bytes came)")
+            if message["type"] == "http.disconnect":
+                client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "a client"
+                log.info("%s hung up after sending %s bytes of its request body (%s %s)", client, f"{size:,}",
+                         scope["method"], scope["path"])
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await self.refuse(scope, receive, send, 413, f"the request body is over "
+                                         f"{self.max_bytes:,} bytes, the limit")
+            if body:
+                chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with two limits uvicorn lacks: at most `max_connections` open
+    connections (one more is answered 503 and closed at once, and a line is logged at most every
+    10 s), and `header_timeout` seconds to send a request's line and headers, counted from the
+    connection's opening or a request's first byte (uvicorn's own keep-alive timeout runs only
+    between requests, and any byte stops it). Make one with configured_protocol()."""
+
+    max_connections = MAX_CONNECTIONS
+    header_timeout = HEADER_TIMEOUT_S
+    refused = {"count": 0, "logged": 0.0}
+
+    def connection_made(self, transport):
+        self.header_timer, self.turned_away = None, False
+        if len(self.connections) >= self.max_connections:
+            self.turned_away = True
+            message = b"the server has too many open connections; retry in a moment\n"
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                            b"connection: close\r\nretry-after: 1\r\ncontent-length: %d\r\n\r\n%s"
+                            % (len(message), message))
+            transport.close()
+            refused, now = self.refused, time.monotonic()
+            refused["count"] += 1
+            if now - refused["logged"] >= 10:
+                log.warning("turned away %d connection(s): %d are open, the limit (--max-connections)",
+                            refused["count"], len(self.connections))
+                refused["count"], refused["logged"] = 0, now
+            return
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc):
+        if self.turned_away:
+            return
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.turned_away:
+            return
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_header_timer()  # a request has begun (or not): its headers must come in time
+        else:
+            self._cancel_header_timer()
+
+    def _arm_header_timer(self):
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.header_timeout, self._header_timeout)
+
+    def _cancel_header_timer(self):
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _header_timeout(self):
+        self.header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a request came
+            body = json.dumps(error_body(f"the request headers took longer than {self.header_timeout:g} s "
+                                         f"to arrive")).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+def configured_protocol(max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_TIMEOUT_S):
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"max_connections": max_connections, "header_timeout": header_timeout,
+                 "refused": {"count": 0, "logged": 0.0}})
+
+
+def serve_config(app, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
+                 header_timeout: float = HEADER_TIMEOUT_S, **kwargs):
+    """The uvicorn.Config picochat serve runs with (the tests too):
+    - http: h11 with the limits of GuardedH11Protocol (pinned: httptools, if installed, would
+      otherwise be chosen and has neither limit);
+    - limit_concurrency = max_connections: a request is answered 503 when that many connections
+      or requests are open (our connection cap usually turns connections away first);
+    - backlog 128: asyncio accepts up to `backlog` connections at once before any is counted, so
+      the file descriptors in use stay under max_connections + 128 + a few (FD_RESERVE);
+    - h11_max_incomplete_event_size 16 KB: longer request lines and headers are a 400;
+    - timeout_keep_alive 5 s between requests (uvicorn's default); timeout_graceful_shutdown 10 s."""
+    import uvicorn
+    options = dict(http=configured_protocol(max_connections, header_timeout), limit_concurrency=max_connections,
+                   backlog=128, h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
+                   timeout_graceful_shutdown=10)
+    return uvicorn.Config(app, host=host, port=port, **(options | kwargs))
+
+
+class HostGuard:
+    """ASGI middleware: a Host header naming none of `allowed_hosts` is a 400 (pure ASGI, not
+    Starlette's BaseHTTPMiddleware, which turns an app that answers nothing, as BodyGuard does when
+    the client hangs up, into a RuntimeError and a traceback)."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...]):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = urlsplit("//" + (_header(scope, b"host") or b"").decode("latin-1")).hostname or ""
+            if host not in self.allowed_hosts:
+                response = error_response(400, f"Host {host!r} is not one this server answers to (it is bound "
+                                               f"to loopback: use http://127.0.0.1 or http://localhost)")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# -----------------------------------------------------------------------------
 # The app
 
 
@@ -145,10 +372,11 @@ PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-i
 
 def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, defaults: Defaults,
                api_key: str | None = None, request_timeout: float | None = 300.0,
-               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The app. `allowed_hosts`: the only host names the Host header may carry (picochat serve
     passes the loopback names when it binds to loopback: a web page that points its own domain at
-    127.0.0.1, DNS rebinding, then cannot reach the server); None allows any."""
+    127.0.0.1, DNS rebinding, then cannot reach the server); None allows any. `body_timeout`:
+    seconds a request's body may take to arrive (BodyGuard)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -157,17 +385,24 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
         yield
         pool.stop()
 
+    def key_refusal(scope) -> str | None:
+        """Why a request must be refused for its API key, or None (also: no key needed here)."""
+        path = scope["path"]
+        if api_key is None or not (path.startswith("/v1/") or path == "/metrics"):
+            return None
+        given = (_header(scope, b"authorization") or b"")
+        if hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+            return None
+        return (f"{'wrong' if given else 'missing'} API key: send the header 'Authorization: Bearer <key>' with "
+                f"the key this server was started with")
+
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # innermost first: the body guard runs after the Host check, and inside the metrics
+    app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, timeout=body_timeout, needs_key=key_refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    @app.middleware("http")
-    async def check_host(request: Request, call_next):
-        if allowed_hosts is not None:
-            host = urlsplit("//" + request.headers.get("host", "")).hostname or ""
-            if host not in allowed_hosts:
-                return error_response(400, f"Host {host!r} is not one this server answers to (it is bound to "
-                                           f"loopback: use http://127.0.0.1 or http://localhost)")
-        return await call_next(request)
+    if allowed_hosts is not None:
+        app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)  # outermost: before the body is read
 
     @app.exception_handler(InvalidRequest)
     async def invalid_request(request, e: InvalidRequest):
@@ -178,15 +413,10 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return error_response(e.status_code, message, headers=getattr(e, "headers", None))
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            what = "wrong" if given else "missing"
-            raise InvalidRequest(f"{what} API key: send the header 'Authorization: Bearer <key>' with the "
-                                 f"key this server was started with (--api-key)", status=401,
-                                 code="invalid_api_key")
+    def check_key(request: Request) -> None:  # BodyGuard checked it already; this keeps each route safe alone
+        refusal = key_refusal(request.scope)
+        if refusal:
+            raise InvalidRequest(refusal, status=401, code="invalid_api_key")
 
     # --- endpoints -----------------------------------------------------------------------
 
@@ -224,15 +454,11 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise InvalidRequest(f"send the body as JSON with 'Content-Type: application/json' "
                                  f"(got {content_type or 'no Content-Type'!r})", status=415)
-        raw = await request.body()
+        raw = await request.body()  # read by BodyGuard already: at most MAX_BODY_BYTES
         if len(raw) > MAX_BODY_BYTES:
             raise InvalidRequest(f"the request body is {len(raw):,} bytes; the limit is {MAX_BODY_BYTES:,}",
                                  status=413)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"the request body is not valid JSON ({e})")
-        chat = parse_chat_request(body, defaults)
+        chat = parse_chat_request(parse_json_body(raw), defaults)
         try:
             prompt = tokenizer.render_for_completion({"messages": chat.messages})
         except ValueError as e:

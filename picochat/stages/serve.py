@@ -7,14 +7,22 @@ app (picochat/serve/app.py) under uvicorn. docs/SERVING.md has the API, the limi
 
     picochat serve                                   # http://127.0.0.1:8000, the only SFT model
     picochat serve --source mid --model-tag d4 --max-batch-size 16
-    picochat serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"   # reachable from outside
+    PICOCHAT_API_KEY=... picochat serve --host 0.0.0.0                 # reachable from outside
+    picochat serve --host 0.0.0.0 --api-key-file ~/.picochat-key      # the same, the key in a 0600 file
 
-Binds 127.0.0.1 unless told otherwise, and refuses a non-loopback --host without --api-key.
+Binds 127.0.0.1 unless told otherwise, and refuses a non-loopback --host without an API key. The
+key comes from $PICOCHAT_API_KEY or --api-key-file (--api-key works too, with a warning: every
+local user sees a command line in `ps`). Slow and idle clients are cut off (--header-timeout,
+--body-timeout) and open connections capped (--max-connections): see picochat/serve/app.py.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
+import resource
 import socket
+import stat
+import sys
 
 import torch
 
@@ -23,7 +31,8 @@ from picochat.cli import Parser, add_device_args, positive_int
 from picochat.common import PicochatError, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine
 from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
-from picochat.serve.app import LOOPBACK_NAMES, create_app
+from picochat.serve.app import (BODY_TIMEOUT_S, FD_RESERVE, HEADER_TIMEOUT_S, LOOPBACK_NAMES, MAX_CONNECTIONS,
+                                create_app, serve_config)
 from picochat.scheduler import EnginePool, Scheduler
 from picochat.tokenizer import get_tokenizer
 
@@ -35,7 +44,16 @@ def build_parser() -> Parser:
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--api-key", default="", help="require 'Authorization: Bearer <key>' on /v1/* and /metrics")
+    p.add_argument("--api-key", default="", help="require 'Authorization: Bearer <key>' on /v1/* and /metrics "
+                   "(visible to local users in ps: prefer $PICOCHAT_API_KEY or --api-key-file)")
+    p.add_argument("--api-key-file", default="", help="read the API key from this file (its first line); "
+                   "refused if other users may read it")
+    p.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
+                   help="open connections at most; more are answered 503 and closed (cut to the open-files limit)")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds a client has to send a request's headers, else it is cut off (408)")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                   help="seconds a client has to send a request's body, else it is answered 408")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="decode slots per engine (GPU)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting for a slot, per engine, before answering 429")
@@ -58,10 +76,81 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+API_KEY_ENV = "PICOCHAT_API_KEY"
+
+
+def read_key_file(path: str) -> str:
+    """The first line of `path`, a regular file that no other user may read or write (0600)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise PicochatError(f"--api-key-file {path}: cannot open it ({e.strerror or e})")
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())  # of the file we read, not of whatever the path names later
+        if not stat.S_ISREG(info.st_mode):
+            raise PicochatError(f"--api-key-file {path}: not a regular file")
+        if info.st_mode & 0o077:
+            raise PicochatError(f"--api-key-file {path}: other users may read or change it (mode "
+                                f"{stat.S_IMODE(info.st_mode):04o}); run chmod 600 {path}")
+        text = f.read(4097)
+    if len(text) > 4096:
+        raise PicochatError(f"--api-key-file {path}: over 4 KB; it should hold one line, the key")
+    try:
+        key = text.decode("utf-8").splitlines()[0].strip() if text.strip() else ""
+    except UnicodeDecodeError:
+        raise PicochatError(f"--api-key-file {path}: not UTF-8 text")
+    if not key:
+        raise PicochatError(f"--api-key-file {path}: the first line is empty; it should be the key")
+    return key
+
+
+def resolve_api_key(args) -> str:
+    """The API key from --api-key-file, --api-key (with a warning) or $PICOCHAT_API_KEY; '' if none.
+    The variable is removed from our environment once read, so no child process inherits it."""
+    from_env = os.environ.pop(API_KEY_ENV, "").strip()
+    if args.api_key and args.api_key_file:
+        raise PicochatError("give the API key once: --api-key or --api-key-file, not both")
+    if args.api_key_file:
+        return read_key_file(args.api_key_file)
+    if args.api_key:
+        print(f"picochat serve: warning: --api-key on the command line is visible to every local user "
+              f"(ps, /proc); pass it in ${API_KEY_ENV} or --api-key-file instead", file=sys.stderr, flush=True)
+        return args.api_key
+    return from_env
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_cap(requested: int, open_files: int) -> int:
+    """--max-connections, cut so that connections never run the process out of file descriptors
+    (accept() failing with 'Too many open files' logs a traceback per try)."""
+    cap = min(requested, open_files - FD_RESERVE)
+    if cap < 1:
+        raise PicochatError(f"the open-files limit is {open_files}: too low to serve (raise it with ulimit -n)")
+    if cap < requested:
+        print(f"picochat serve: warning: --max-connections cut to {cap} (open-files limit {open_files}, "
+              f"{FD_RESERVE} kept for the rest)", file=sys.stderr, flush=True)
+    return cap
+
+
 def check_args(args) -> None:
+    args.api_key = resolve_api_key(args)
     if not is_loopback(args.host) and not args.api_key:
         raise PicochatError(f"--host {args.host} makes the server reachable from other machines; "
-                            f"set --api-key too (or bind 127.0.0.1)")
+                            f"set an API key too (${API_KEY_ENV}, --api-key-file) or bind 127.0.0.1")
+    for name in ("header_timeout", "body_timeout"):
+        if not 0 < getattr(args, name) <= 3600:
+            raise PicochatError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds, got {getattr(args, name)}")
     if not 0 <= args.temperature <= MAX_TEMPERATURE:
         raise PicochatError(f"--temperature must be in [0, {MAX_TEMPERATURE}], got {args.temperature}")
     if not 0 <= args.top_k <= MAX_TOP_K:
@@ -112,6 +201,7 @@ def serving_dtype(requested: str, device: torch.device) -> torch.dtype:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    max_connections = connection_cap(args.max_connections, raise_open_files_limit())
     import uvicorn  # only the serve stage needs it
 
     tokenizer = get_tokenizer()
@@ -125,12 +215,17 @@ def main(argv=None):
     app = create_app(EnginePool(schedulers), tokenizer, model_name=tag, context_len=config.sequence_len,
                      defaults=Defaults(args.temperature, args.top_k, args.max_tokens),
                      api_key=args.api_key or None, request_timeout=args.request_timeout,
-                     allowed_hosts=LOOPBACK_NAMES if is_loopback(args.host) else None)
+                     allowed_hosts=LOOPBACK_NAMES if is_loopback(args.host) else None,
+                     body_timeout=args.body_timeout)
     devices = ", ".join(str(s.device) for s in schedulers)
     dtype = str(schedulers[0].engine.model.compute_dtype).removeprefix("torch.")
     print(f"picochat serve: {args.source} model {tag} step {meta['step']} on {devices} in {dtype}, "
           f"{args.max_batch_size} slots per engine, context {config.sequence_len} tokens", flush=True)
     print(f"picochat serve: http://{args.host}:{args.port}/ (API at /v1, key {'required' if args.api_key else 'off'})",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    print(f"picochat serve: at most {max_connections} connections; headers within {args.header_timeout:g} s, "
+          f"bodies (up to 1 MB) within {args.body_timeout:g} s", flush=True)
+    server_config = serve_config(app, args.host, args.port, max_connections=max_connections,
+                                 header_timeout=args.header_timeout, log_level="info")
+    uvicorn.Server(server_config).run()
     return 0
