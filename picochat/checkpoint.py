@@ -1,27 +1,47 @@
 """
-Checkpoints that are never half-written.
+Checkpoints that are never half-written, never run code, and are checked before they are used.
 
 A checkpoint is a directory `checkpoints/<stage>/<tag>/step_NNNNNN/` holding
   model.pt          the model state dict (rank 0)
-  meta.json         step, model config, the run's flags, loop state (rank 0)
   rank_R.pt         per-rank state: optimizer shard, data-loader position, RNG (every rank)
+  meta.json         step, model config, the run's flags, loop state, and "files": the size and
+                    sha256 of every other file (rank 0, written last); "meta_sha256" checks meta.json itself
 It is first written as `step_NNNNNN.tmp/` and renamed once every rank has written and fsynced its
 files, so a directory under its final name is always complete. `latest_step` only ever sees those.
+Each rank hashes the file it wrote and leaves the digest beside it (`rank_R.pt.sha256`); rank 0
+folds those into the manifest, so no collective is needed to carry them.
+
+Loading: every file is checked against the manifest (size, then sha256) before torch.load, and
+torch.load always runs with weights_only=True (tensors and plain containers only; a pickle that
+would build any other object is refused, never run). A missing, truncated or altered file is a
+one-line CorruptCheckpointError naming it; `training.load_for_resume` then falls back to the
+previous checkpoint. Hashing costs one extra read of each file (~1.4 GB/s per core here).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from picochat.common import PicochatError, atomic_path, checkpoint_dir, dist_info, fsync_dir, picochat_home
+from picochat.common import (PicochatError, atomic_path, atomic_write_text, checkpoint_dir, dist_info, fsync_dir,
+                             picochat_home)
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+FILES_KEY, META_SUM_KEY = "files", "meta_sha256"  # meta.json keys that belong to the checkpoint format
+
+
+class CorruptCheckpointError(PicochatError, ValueError):
+    """A file of a checkpoint is missing, truncated, altered or not plain tensor data.
+    (A ValueError too, like the JSON errors that callers of load_meta already handle.)"""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -33,36 +53,129 @@ def _barrier():
         dist.barrier()
 
 
+def all_ranks_ok(ok: bool) -> bool:
+    """True on every rank when `ok` is true on every rank (a collective: call it on all ranks).
+    Lets every process take the same branch after a step that can fail on only some of them."""
+    if not dist.is_initialized():
+        return ok
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_entry(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 of meta as JSON with sorted keys (what json.loads gives back, so a reload recomputes it)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def _torch_save(obj, path: Path) -> None:
+    # through a Python file object: a full disk then raises OSError(ENOSPC), where torch's own
+    # file writer says only "unexpected pos"
+    with atomic_path(path) as p, open(p, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # the zip writer's cleanup can mask the OSError it ran into
+            cause = e.__cause__ or e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
 def save_checkpoint(root: Path, step: int, model_state: dict, meta: dict, rank_state: dict,
                     keep_last: int | None = None) -> Path:
-    """Write one checkpoint from every rank (call on all ranks); returns its final directory."""
+    """Write one checkpoint from every rank (call on all ranks); returns its final directory.
+    If any rank fails to write (a full disk), the partial step_N.tmp/ is removed, earlier
+    checkpoints are untouched, and every rank raises PicochatError."""
     info = dist_info()
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if info.is_master:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a crash mid-save
-        tmp.mkdir(parents=True)
-    _barrier()
-    with atomic_path(tmp / f"rank_{info.rank}.pt") as p:
-        torch.save(rank_state, p)
-    if info.is_master:
-        with atomic_path(tmp / "model.pt") as p:
-            torch.save(model_state, p)
-        with atomic_path(tmp / "meta.json") as p:
-            p.write_text(json.dumps(meta, indent=2, default=str))
-    _barrier()
-    if info.is_master:
+
+    def phase(fn):
+        error = None
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it before anyone moves on
+            error = e
+        if not all_ranks_ok(error is None):
+            if info.is_master:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None and not isinstance(error, OSError):
+                raise error
+            if error is None:
+                raise PicochatError(f"checkpoint step {step} was not saved: another process could not write "
+                                    f"its part to {tmp} (see its error); the previous checkpoint is intact")
+            if is_disk_full(error):
+                raise PicochatError(f"no space left on {root}'s filesystem: checkpoint step {step} was not saved "
+                                    f"(partial files removed; the previous checkpoint is intact); free space "
+                                    f"and resume with --resume") from None
+            raise PicochatError(f"could not save checkpoint step {step} to {root}: "
+                                f"{error.strerror or error}; the previous checkpoint is intact") from None
+
+    def prepare():
+        if info.is_master:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a crash mid-save
+            tmp.mkdir(parents=True)
+
+    def write_parts():
+        name = f"rank_{info.rank}.pt"
+        _torch_save(rank_state, tmp / name)
+        atomic_write_text(tmp / f"{name}.sha256", json.dumps(_file_entry(tmp / name)))
+        if info.is_master:
+            _torch_save(model_state, tmp / "model.pt")
+
+    def finish():
+        if not info.is_master:
+            return
+        files = {"model.pt": _file_entry(tmp / "model.pt")}
+        for r in range(info.world_size):
+            side = tmp / f"rank_{r}.pt.sha256"
+            files[f"rank_{r}.pt"] = json.loads(side.read_text())
+        out = json.loads(json.dumps({k: v for k, v in meta.items() if k not in (FILES_KEY, META_SUM_KEY)},
+                                    default=str))
+        out[FILES_KEY] = files
+        out[META_SUM_KEY] = _meta_digest(out)
+        with atomic_path(tmp / "meta.json") as p:  # last: the manifest covers every other file
+            p.write_text(json.dumps(out, indent=2))
+        for r in range(info.world_size):
+            (tmp / f"rank_{r}.pt.sha256").unlink()
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-        if keep_last:
-            for old in list_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+
+    phase(prepare)
+    phase(write_parts)
+    phase(finish)
+    if info.is_master and keep_last:  # only once the new checkpoint is complete
+        for old in list_steps(root)[:-keep_last]:
+            shutil.rmtree(step_dir(root, old), ignore_errors=True)
     _barrier()
     return final
 
+
+# -----------------------------------------------------------------------------
+# Loading
 
 def list_steps(root: Path) -> list[int]:
     if not root.is_dir():
@@ -75,25 +188,92 @@ def latest_step(root: Path) -> int | None:
     return steps[-1] if steps else None
 
 
+def _read_meta(d: Path) -> tuple[dict, dict | None]:
+    """(meta, files manifest or None for a checkpoint written before manifests), meta.json verified."""
+    path = d / "meta.json"
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({type(e).__name__}): the checkpoint is corrupt") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{path} is not a JSON object: the checkpoint is corrupt")
+    want = meta.pop(META_SUM_KEY, None)
+    if want is not None and want != _meta_digest(meta):
+        raise CorruptCheckpointError(f"{path} does not match its checksum: the file was altered or corrupted")
+    files = meta.pop(FILES_KEY, None)
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+            for e in files.values())):
+        raise CorruptCheckpointError(f"{path} has a malformed \"files\" manifest: the checkpoint is corrupt")
+    return meta, files
+
+
 def load_meta(root: Path, step: int) -> dict:
-    return json.loads((step_dir(root, step) / "meta.json").read_text())
+    """meta.json of a checkpoint (checked against its own checksum; the other files are not read).
+    FileNotFoundError when there is no such step (e.g. pruned), as before checksums."""
+    d = step_dir(root, step)
+    if not d.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no checkpoint", str(d))
+    return _read_meta(d)[0]
+
+
+def _verify(path: Path, entry: dict | None) -> None:
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    if entry is None:
+        return  # a checkpoint from before manifests: nothing to compare with
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise CorruptCheckpointError(f"{path} is {size} bytes but was saved as {entry['size']}: truncated or replaced")
+    if sha256_file(path) != entry["sha256"]:
+        raise CorruptCheckpointError(f"{path} does not match its sha256 in meta.json: the file is corrupt")
+
+
+def _load_tensors(path: Path, map_location):
+    """torch.load with weights_only=True: tensors and plain containers, never code."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CorruptCheckpointError(f"{path} holds objects other than tensors and plain data; refused "
+                                     f"(loading it could run code)") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ValueError... on bad files
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CorruptCheckpointError(f"{path} is not a readable torch file ({type(e).__name__}: {first})") from None
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"{path} does not hold a dict: the checkpoint is corrupt")
+    return obj
 
 
 def load_checkpoint(root: Path, step: int, device, rank: int | None = None):
-    """Returns (model_state, meta, rank_state); rank_state is None when rank is None."""
+    """Returns (model_state, meta, rank_state); rank_state is None when rank is None.
+    Every file read is verified first; a bad one raises CorruptCheckpointError naming it."""
     d = step_dir(root, step)
-    if not (d / "model.pt").exists():
+    if not d.is_dir():
         raise PicochatError(f"no checkpoint at {d}")
-    model_state = torch.load(d / "model.pt", map_location=device, weights_only=True)
-    meta = json.loads((d / "meta.json").read_text())
+    meta, files = _read_meta(d)
+    if files is None:
+        print(f"warning: {d} has no checksums (saved by an older picochat); loading it unverified",
+              file=sys.stderr, flush=True)
+    else:
+        if "model.pt" not in files:
+            raise CorruptCheckpointError(f"{d / 'meta.json'} lists no model.pt: the checkpoint is corrupt")
+    _verify(d / "model.pt", files and files["model.pt"])
+    model_state = _load_tensors(d / "model.pt", device)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model_state.items()):
+        raise CorruptCheckpointError(f"{d / 'model.pt'} is not a state dict of tensors: the checkpoint is corrupt")
     rank_state = None
     if rank is not None:
-        path = d / f"rank_{rank}.pt"
-        if not path.exists():
-            raise PicochatError(f"checkpoint {d} was written by {meta.get('world_size', '?')} "
+        name = f"rank_{rank}.pt"
+        saved_ranks = (sum(1 for n in files if n.startswith("rank_")) if files is not None
+                       else meta.get("world_size", "?"))
+        if (name not in files) if files is not None else not (d / name).exists():
+            raise PicochatError(f"checkpoint {d} was written by {saved_ranks} "
                                 f"process(es) and has no state for rank {rank}; resume with the "
                                 f"same number of processes")
-        rank_state = torch.load(path, map_location="cpu", weights_only=False)
+        _verify(d / name, files and files[name])
+        rank_state = _load_tensors(d / name, "cpu")
     return model_state, meta, rank_state
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -47,11 +48,24 @@ def tokenizer_dir() -> Path:
 COMMAND_OF_STAGE = {"base": "base_train", "mid": "mid_train", "sft": "sft", "rl": "rl"}
 
 
+MODEL_TAG = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # fullmatch: one path component, never "." or ".."
+
+
+def check_model_tag(tag, what: str = "model tag") -> str:
+    """A model tag names a directory; it is never a path. Letters, digits, '.', '_', '-', not
+    starting with '.', at most 100 characters. Returns the tag; else a one-line PicochatError."""
+    if not isinstance(tag, str) or not MODEL_TAG.fullmatch(tag):
+        shown = repr(tag) if len(repr(tag)) <= 60 else repr(tag)[:57] + "..."
+        raise PicochatError(f"{what} {shown} is not a valid name: use up to 100 letters, digits, '.', '_' "
+                            f"or '-', not starting with '.' (a tag names a directory, not a path)")
+    return tag
+
+
 def checkpoint_dir(stage: str, model_tag: str) -> Path:
-    """$PICOCHAT_HOME/checkpoints/<stage>/<tag>; stage is a key of COMMAND_OF_STAGE."""
+    """$PICOCHAT_HOME/checkpoints/<stage>/<tag>; stage is a key of COMMAND_OF_STAGE, tag a valid name."""
     if stage not in COMMAND_OF_STAGE:
         raise ValueError(f"unknown checkpoint stage {stage!r}; expected one of {', '.join(COMMAND_OF_STAGE)}")
-    return picochat_home() / "checkpoints" / stage / model_tag
+    return picochat_home() / "checkpoints" / stage / check_model_tag(model_tag)
 
 
 # -----------------------------------------------------------------------------

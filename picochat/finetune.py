@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from picochat.checkpoint import load_model, save_checkpoint
 from picochat.cli import Parser, add_device_args, int_or_auto
-from picochat.common import (COMMAND_OF_STAGE, PicochatError, checkpoint_dir, print0, resolve_dtype, setup_device,
+from picochat.common import (COMMAND_OF_STAGE, PicochatError, check_model_tag, checkpoint_dir, print0, resolve_dtype, setup_device,
                              shutdown_distributed)
 from picochat.data import to_device
 from picochat.data.chat_loader import ChatPacker
@@ -66,6 +66,9 @@ def build_parser(stage: str, description: str, defaults: dict) -> Parser:
 def run(stage: str, argv, description: str, defaults: dict, mixtures, mask_mode: str) -> int:
     """mixtures(kind) -> (train_task, val_task); mask_mode 'all' (mid) or 'assistant' (SFT)."""
     args = build_parser(stage, description, defaults).parse_args(argv)
+    for flag, tag in (("--model-tag", args.model_tag), ("--source-tag", args.source_tag)):
+        if tag:
+            check_model_tag(tag, flag)  # a name, never a path out of $PICOCHAT_HOME
     info, device = setup_device(args.device)
     try:
         return train(stage, args, info, device, mixtures, mask_mode, defaults)

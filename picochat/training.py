@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.checkpoint import latest_step, load_checkpoint
+from picochat.checkpoint import CorruptCheckpointError, all_ranks_ok, is_disk_full, list_steps, load_checkpoint
 from picochat.common import PicochatError, atomic_write_text
 from picochat.model import GPT, head_chunk_rows, head_loss
 
@@ -227,17 +227,35 @@ def check_shared_checkpoint_dir(root: Path, device) -> None:
 
 
 def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, rank: int, layout: dict):
-    """The latest checkpoint to continue from, as (step, meta, model_state, rank_state), or None
-    for a fresh start. `layout` lists what must match (model config, processes, batch sizes):
-    the data order and optimizer shards are only exact under the same layout."""
-    step = latest_step(ckpt_root)
-    if not resume and not (resume_if_possible and step is not None):
+    """The newest intact checkpoint to continue from, as (step, meta, model_state, rank_state), or
+    None for a fresh start. A checkpoint with a missing, truncated or altered file is skipped with
+    one line saying why (every rank skips the same ones); if none is intact, a one-line error.
+    `layout` lists what must match (model config, processes, batch sizes): the data order and
+    optimizer shards are only exact under the same layout."""
+    steps = list_steps(ckpt_root)
+    if not resume and not (resume_if_possible and steps):
         return None
-    if step is None:
+    if not steps:
         raise PicochatError(f"--resume: no checkpoint in {ckpt_root}; run without --resume first")
-    # into host memory: the model and optimizer copy what they need to the device, and the
-    # caller drops these, so no second copy of the weights stays on the GPU for the whole run
-    model_state, meta, rank_state = load_checkpoint(ckpt_root, step, "cpu", rank=rank)
+    first_reason = None
+    for step in reversed(steps):
+        error = None
+        try:
+            # into host memory: the model and optimizer copy what they need to the device, and the
+            # caller drops these, so no second copy of the weights stays on the GPU for the whole run
+            model_state, meta, rank_state = load_checkpoint(ckpt_root, step, "cpu", rank=rank)
+        except CorruptCheckpointError as e:
+            error = e
+        if all_ranks_ok(error is None):
+            break
+        model_state = meta = rank_state = None
+        reason = str(error) if error is not None else "another process found its part of it corrupt"
+        first_reason = first_reason or reason
+        if error is not None or rank == 0:
+            print(f"--resume: skipping checkpoint step {step}: {reason}", flush=True)
+    else:
+        raise PicochatError(f"--resume: none of the {len(steps)} checkpoint(s) in {ckpt_root} is intact "
+                            f"(newest: {first_reason}); start a new run without --resume")
     for key, value in layout.items():
         if meta.get(key) != value:
             raise PicochatError(f"--resume: the checkpoint has {key} {meta.get(key)}, this run {value}; "
@@ -249,21 +267,48 @@ def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, ran
 # metrics.jsonl: one JSON object per step, next to the checkpoints
 
 def append_metrics(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        if is_disk_full(e):
+            raise PicochatError(f"no space left on {path.parent}'s filesystem while appending to {path.name}; "
+                                f"free space and resume with --resume") from None
+        raise
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every line of metrics.jsonl that is a JSON object with an integer step.
+    Any other line (the torn last line of a write cut short by a crash or a full disk) is dropped
+    with a warning rather than failing the resume."""
+    kept = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            print(f"warning: {path} line {lineno} is unreadable ({type(e).__name__}; a write cut short?); "
+                  f"dropping it", flush=True)
+            continue
+        kept.append((line, record))
+    return kept
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines written after `step` (a resumed run writes them again)."""
+    """Drop lines written after `step` (a resumed run writes them again), and unreadable ones."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line, record in _metric_lines(path) if record["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def run_is_complete(path: Path, step: int) -> bool:
-    """True when the last line is the final step with its evaluation: nothing is left to do."""
+    """True when the last readable line is the final step with its evaluation: nothing is left to do."""
     if not path.exists():
         return False
-    lines = path.read_text().splitlines()
-    return bool(lines) and json.loads(lines[-1]).get("step") == step and "val_bpb" in json.loads(lines[-1])
+    records = [record for _, record in _metric_lines(path)]
+    return bool(records) and records[-1].get("step") == step and "val_bpb" in records[-1]

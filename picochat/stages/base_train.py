@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from picochat.checkpoint import save_checkpoint
 from picochat.cli import Parser, add_device_args, int_or_auto
-from picochat.common import (PicochatError, checkpoint_dir, peak_flops, print0, resolve_dtype,
+from picochat.common import (PicochatError, check_model_tag, checkpoint_dir, peak_flops, print0, resolve_dtype,
                              seed_everything, setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
@@ -87,6 +87,8 @@ def build_parser() -> Parser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.model_tag:
+        check_model_tag(args.model_tag, "--model-tag")  # a name, never a path out of $PICOCHAT_HOME
     info, device = setup_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:
