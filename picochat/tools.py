@@ -327,9 +327,14 @@ def _filesystem_args() -> list[str]:
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
+    # The private mounts first: the interpreter may live under /tmp (a checkout there), and its
+    # read-only bind must land on top of the jail's /tmp, not be hidden by it.
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
     dirs, parents = _interpreter_dirs(), set()
     for path in dirs:
-        while (path := os.path.dirname(path)) != "/":
+        while (path := os.path.dirname(path)) not in ("/", "/tmp", "/dev", "/dev/shm"):  # those exist
             parents.add(path)
     # bwrap gives the directories it creates on the way to a bind their host modes (/root: 0700);
     # the jail's uid must be able to walk down to the interpreter
@@ -337,12 +342,9 @@ def _filesystem_args() -> list[str]:
         args += ["--perms", "0755", "--dir", parent]
     for path in dirs:
         args += ["--ro-bind", path, path]
-    return args + ["--proc", "/proc", "--dev", "/dev",
-                   "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
-                   "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
-                   # last, read-only: the tmpfs bwrap made for / and /dev (as a normal user they
-                   # belong to the jail's uid, memory it could fill without a size limit)
-                   "--remount-ro", "/dev", "--remount-ro", "/"]
+    # last, read-only: the tmpfs bwrap made for / and /dev (as a normal user they belong to the
+    # jail's uid, memory it could fill without a size limit)
+    return args + ["--remount-ro", "/dev", "--remount-ro", "/"]
 
 
 # --unshare-all but the user namespace, which comes separately so that, as root, it can be made
