@@ -322,6 +322,42 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def decode_speedup(model, rows: int = 1, steps: int = 6, rounds: int = 3, cached: int = 64) -> float:
+    """Measured ratio of fp32 to bf16 time for decode steps of this model (one token for `rows`
+    rows against `cached` cached positions), the two dtypes alternated, best of `rounds`. The model
+    must still hold its fp32 master weights; its compute_dtype is restored."""
+    from picochat.model import RowKVCache
+    device, dtype = next(model.parameters()).device, model.compute_dtype
+    ids = torch.zeros(rows, dtype=torch.long, device=device)
+    best = {}
+    try:
+        for _ in range(rounds):
+            for d in (torch.float32, torch.bfloat16):
+                model.compute_dtype = d
+                cache = RowKVCache(model.config, rows, cached + steps + 1, device, d)
+                cache.rows, cache.lengths[:] = rows, [cached] * rows
+                model.decode_step(ids, cache, masked=False)  # warm-up (and the cast, done once)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    model.decode_step(ids, cache, masked=False)
+                best[d] = min(best.get(d, float("inf")), time.perf_counter() - t0)
+    finally:
+        model.compute_dtype = dtype
+        model._decode_weights = None  # do not keep a bf16 copy around
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def decode_dtype(model, requested: str, device: torch.device) -> torch.dtype:
+    """Inference dtype for chat: as resolve_dtype, except that 'auto' on a CPU times decode steps
+    of this very model in both dtypes (decode_speedup) and takes bf16 only when it is clearly
+    faster (> 1.2x), measured at start-up on the machine that will decode (with the weights
+    prepared once, bf16 won at d4 batch 1 on the dev CPU: docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy;
+    fp32 keeps a row's tokens independent of the batch). Call before prepare_for_inference()."""
+    if requested != "auto" or device.type != "cpu":
+        return resolve_dtype(requested, device)
+    return torch.bfloat16 if decode_speedup(model) > 1.2 else torch.float32
+
+
 def seed_everything(seed: int) -> None:
     """Seed every generator a run may draw from: Python's random, NumPy and torch (all devices)."""
     import random

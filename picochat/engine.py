@@ -26,6 +26,7 @@ state machine of one row (the server runs the tool itself, in a worker thread).
 from __future__ import annotations
 
 import codecs
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -33,7 +34,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from picochat.model import KVCache
+from picochat.model import CompiledDecode, KVCache, RowKVCache
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -109,6 +110,32 @@ def expand_cache(prefill: KVCache, config, num_rows: int, max_len: int) -> KVCac
 # The engine
 
 
+def compile_decode(device: torch.device) -> CompiledDecode:
+    """The compiled decode step for `device`: CUDA graphs on CUDA, plain inductor elsewhere."""
+    if torch.device(device).type == "cuda":
+        return CompiledDecode(mode="reduce-overhead")
+    return CompiledDecode()
+
+
+def reference_generate(model, tokens: list[int], num_samples: int, max_tokens: int) -> list[list[int]]:
+    """The slow, obvious greedy decode loop that the fast path is checked and timed against
+    (tests/test_decode_fast.py, benchmarks/decode_speed.py): the model's own forward with a KVCache,
+    one step at a time, every Linear casting its weight per call as before prepare_for_inference,
+    no stop tokens, no tools. Returns num_samples rows of max_tokens tokens."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        prefill = KVCache(model.config, 1, len(tokens), device, model.compute_dtype)
+        logits = model(torch.tensor([tokens], device=device), kv_cache=prefill)[:, -1, :]
+        cache = expand_cache(prefill, model.config, num_samples, len(tokens) + max_tokens)
+        logits = logits.expand(num_samples, -1)
+        out = []
+        for _ in range(max_tokens):
+            ids = logits.argmax(dim=-1)
+            out.append(ids.tolist())
+            logits = model(ids.unsqueeze(1), kv_cache=cache)[:, -1, :]
+    return [list(row) for row in zip(*out)]
+
+
 @dataclass
 class RowState:
     """Where one sample is in the tool-use state machine."""
@@ -119,9 +146,18 @@ class RowState:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, tool: Callable[[str], str] | None = None):
+    def __init__(self, model, tokenizer, tool: Callable[[str], str] | None = None,
+                 compile: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        # The decode step compiled with static shapes and captured as CUDA graphs (picochat.model.
+        # CompiledDecode). Opt-in (compile=True, or PICOCHAT_COMPILE_DECODE=1 with compile=None):
+        # on the dev CPU inductor's step was 4x slower than eager
+        # (docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy), and the CUDA-graph path has
+        # not yet been timed or checked on a GPU.
+        if compile is None:
+            compile = os.environ.get("PICOCHAT_COMPILE_DECODE") == "1"
+        self.compiled = compile_decode(next(model.parameters()).device) if compile else None
         self._tool = tool  # None: picochat.tools.run_tool, imported on the first tool call
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -164,32 +200,64 @@ class Engine:
         generator = torch.Generator(device=device).manual_seed(seed)
 
         # 1) Prefill the prompt once, batch 1, into a cache of exactly its length.
-        prefill = KVCache(model.config, 1, prompt_len, device, model.compute_dtype)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, kv_cache=prefill)[:, -1, :]
+        logits, prefill = self.prefill(tokens)
         # 2) Share the prefix with every row. The prefill logits are expanded too, so even the
         #    first token is sampled per row (nanochat's seed sampled it once for all; fixed 8f979a8).
-        cache = expand_cache(prefill, model.config, num_samples, prompt_len + steps - 1)
+        cache = RowKVCache(model.config, num_samples, prompt_len + steps - 1, device, prefill.k.dtype)
+        cache.k[:, :, :, :prompt_len] = prefill.k  # broadcast over the rows
+        cache.v[:, :, :, :prompt_len] = prefill.v
+        cache.lengths[:] = [prompt_len] * num_samples
+        cache.rows = num_samples
         del prefill
         logits = logits.expand(num_samples, -1)
         rows = [RowState() for _ in range(num_samples)]
+        greedy = temperature == 0 and not top_k and top_p in (None, 1.0)
+        busy: set[int] = set()  # rows with forced tokens queued or inside a tool call
+        watch = self.stop_tokens | {self.python_start, self.python_end}
+        done = 0
 
         # 3) Decode: sample, let forced tokens override, advance the state machines, feed back.
+        #    The per-row state machine runs only for rows that emitted a stop or tool token, are
+        #    collecting a tool call or have forced tokens queued; the others just stream.
         for step in range(steps):
-            sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
-            token_column, mask_column = [], []
-            for row, sample in zip(rows, sampled):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else sample
-                token_column.append(token)
-                mask_column.append(0 if forced else 1)
-                if not row.done and (code := self.advance(row, token)) is not None:
-                    self.force_output(row, self.run_tool(code))
+            if greedy:
+                ids = logits.argmax(dim=-1)
+            else:
+                ids = sample_next_token(logits, generator, temperature, top_k, top_p)
+            token_column = ids.tolist()
+            mask_column = [1] * num_samples
+            if busy or not watch.isdisjoint(token_column):
+                changed = False
+                for i, row in enumerate(rows):
+                    token = token_column[i]
+                    if row.forced:
+                        token_column[i] = token = row.forced.popleft()
+                        mask_column[i], changed = 0, True
+                    elif not (row.in_python or token in watch):
+                        continue
+                    if not row.done:
+                        if (code := self.advance(row, token)) is not None:
+                            self.force_output(row, self.run_tool(code))
+                        done += row.done
+                    if row.forced or row.in_python:
+                        busy.add(i)
+                    else:
+                        busy.discard(i)
+                if changed:
+                    ids = torch.tensor(token_column, dtype=torch.long, device=device)
             yield token_column, mask_column
-            if all(row.done for row in rows) or step == steps - 1:
+            if done == num_samples or step == steps - 1:
                 return
-            ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = model(ids, kv_cache=cache)[:, -1, :]
+            logits = model.decode_step(ids, cache, masked=False, compiled=self.compiled)
+
+    @torch.no_grad()
+    def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
+        """The prompt through the model, batch 1: (last position's logits (1, V), its KVCache)."""
+        model = self.model
+        device = next(model.parameters()).device
+        cache = KVCache(model.config, 1, len(tokens), device, model.compute_dtype)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        return model(ids, kv_cache=cache)[:, -1, :], cache
 
     def advance(self, row: RowState, token: int) -> str | None:
         """The tool-use state machine of one row, after it emitted `token`. When the token closes

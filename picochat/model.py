@@ -13,7 +13,9 @@ Dtypes are explicit: master weights are fp32 and every Linear casts its weight t
 dtype (`compute_dtype`, bf16 on modern GPUs and fast-bf16 CPUs), so there is no autocast anywhere.
 A `KVCache` turns the same forward into incremental decoding; a `RowKVCache` does it for rows
 at different positions (continuous batching in picochat serve; tests/test_serve.py checks it against
-running each row alone). The elementwise ops (RMSNorm, RoPE + QK-norm, ReLU²) run as fused
+running each row alone). Inference decodes through `GPT.decode_step` instead (the fast path: weights
+prepared once by `prepare_for_inference`, one flat function per step, `CompiledDecode` for CUDA
+graphs); tests/test_decode_fast.py pins it to the plain forward's tokens. The elementwise ops (RMSNorm, RoPE + QK-norm, ReLU²) run as fused
 autograd Functions, each with its plain reference beside it (tests/test_fast_paths.py pins them
 together; benchmarks/train_throughput.py times both).
 
@@ -81,7 +83,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight  # already in x's dtype after GPT.prepare_for_inference: no per-call cast
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -314,6 +317,156 @@ class RowKVCache:
         self.lengths[dst] = n
 
 
+# --- Fast decoding (docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy) ---------------------
+# One decode step of the whole model as a flat function over prepared weights: no module dispatch,
+# no autograd Functions, q/k/v as one matmul, RoPE + QK-norm of q and k in three ops, weights in the
+# compute dtype (cast once, re-cast only if the model's weights change), positions and masks built
+# once per step rather than per layer. Rows are independent (row-wise ops and the same batched
+# matmuls the model uses), so a row's tokens do not depend on the batch (fp32).
+
+
+class DecodeWeights:
+    """The model's weights arranged for decode_step, in `dtype`: per layer (w_qkv, w_o, w_fc,
+    w_proj), the embedding, the head, and RoPE tables as (T, D) with the halves' signs folded in.
+    Built by GPT.decode_weights, which rebuilds them when a parameter was changed in place
+    (its _version moved), so an engine over a model that is still being trained never decodes stale
+    weights."""
+
+    def __init__(self, model: "GPT", dtype: torch.dtype):
+        c = model.config
+        cast = lambda w: w.detach().to(dtype)  # noqa: E731 (a no-op view when already in dtype)
+        self.dtype = dtype
+        self.layers = []
+        for block in model.transformer.h:
+            a, m = block.attn, block.mlp
+            qkv = torch.cat([cast(a.c_q.weight), cast(a.c_k.weight), cast(a.c_v.weight)])
+            self.layers.append((qkv, cast(a.c_proj.weight), cast(m.c_fc.weight), cast(m.c_proj.weight)))
+        self.wte = cast(model.transformer.wte.weight)
+        self.lm_head = cast(model.lm_head.weight)
+        cos, sin = model.cos[0, :, 0].to(dtype), model.sin[0, :, 0].to(dtype)  # (T, D/2)
+        self.cos2 = torch.cat([cos, cos], -1)  # y = x·cos2 + swap_halves(x)·sin2
+        self.sin2 = torch.cat([sin, -sin], -1)
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.versions = model._weight_versions()
+        self.linear = F.linear
+        if packed_bf16_linear(self.wte):  # oneDNN's prepacked bf16 matmul: the same numbers, faster
+            self.layers = [tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer)
+                           for layer in self.layers]
+            self.lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head, 1)
+            self.linear = _mkldnn_linear
+
+    def __deepcopy__(self, memo):  # prepacked oneDNN tensors cannot be copied: a copied model rebuilds
+        return None
+
+
+def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def packed_bf16_linear(w: torch.Tensor) -> bool:
+    """Whether decode matmuls use oneDNN's prepacked bf16 weights: bf16 on a CPU with native bf16
+    support (about 1.5-2x faster than F.linear per decode step; bitwise the same results)."""
+    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops: plain F.linear
+        return False
+
+
+def decode_forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, end: int, masked: bool) -> torch.Tensor:
+    """One token for each of B rows: ids (B,) at positions pos (B,), long. k_cache, v_cache
+    (n_layer, >=B, H_kv, T_max, D) get this step's keys and values at pos; each row attends to
+    its first end positions, and with `masked` only to those <= its own position (rows at
+    different positions); without, every row must be at position end - 1. Returns fp32 softcapped
+    logits (B, V). Static shapes for fixed (B, end): what the compiled / CUDA-graph path captures."""
+    B = ids.size(0)
+    H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
+    eps = RMS_EPS
+    cos, sin = w.cos2[pos].unsqueeze(1), w.sin2[pos].unsqueeze(1)  # (B, 1, D)
+    rows = torch.arange(B, device=ids.device)
+    mask = None
+    if masked:  # (B, 1, 1, end): row b sees keys up to its own position
+        mask = (torch.arange(end, device=ids.device) <= pos.unsqueeze(1)).view(B, 1, 1, end)
+    bf16_attention = ids.device.type == "cpu" and w.dtype == torch.bfloat16  # prefer_decode_attention
+    linear = w.linear
+    x = F.rms_norm(F.embedding(ids, w.wte), (w.wte.size(1),), eps=eps)
+    for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(w.layers):
+        qkv = linear(F.rms_norm(x, (x.size(-1),), eps=eps), w_qkv)
+        qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
+        swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
+        qk = F.rms_norm(torch.addcmul(qk * cos, swapped, sin), (D,), eps=eps)  # RoPE, then QK-norm
+        q, k = qk[:, :H].unsqueeze(2), qk[:, H:]  # q (B, H, 1, D); k (B, Hkv, D)
+        v = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+        k_cache[i, rows, :, pos] = k
+        v_cache[i, rows, :, pos] = v
+        keys, values = k_cache[i, :B, :, :end], v_cache[i, :B, :, :end]
+        if bf16_attention:
+            y = decode_attention(q, keys, values, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+        x = x + linear(y.reshape(B, H * D), w_o)
+        h = F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=eps), w_fc))
+        x = x + linear(h * h, w_proj)
+    logits = linear(F.rms_norm(x, (x.size(-1),), eps=eps), w.lm_head).float()
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    """The next power of two >= n (at least floor), capped at cap."""
+    b = floor
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+class CompiledDecode:
+    """decode_forward compiled with static shapes, one graph per (rows, cache length) bucket:
+    rows padded to a power of two (the padding rows write into free cache rows at position 0, which
+    a later load_row overwrites), attention over a power-of-two prefix (>= 64) of the cache with a
+    per-row mask. On CUDA mode "reduce-overhead" captures each bucket as a CUDA graph (the step's
+    inputs are copied into static buffers; the cache and weights are marked static). Anything that
+    fails to compile falls back to the eager step, once and for good (`self.failed`).
+
+        compiled = CompiledDecode(mode="reduce-overhead")          # CUDA (Engine/Scheduler default)
+        compiled = CompiledDecode(backend="aot_eager")             # CPU tests
+        logits = model.decode_step(ids, cache, compiled=compiled)
+    """
+
+    def __init__(self, backend: str = "inductor", mode: str | None = None, min_len: int = 64):
+        self.fn = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+        self.min_len = min_len
+        self.failed: Exception | None = None
+        self._static: set[int] = set()
+
+    def _mark_static(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.is_cuda and id(t) not in self._static:
+                torch._dynamo.mark_static_address(t)
+                self._static.add(id(t))
+
+    def __call__(self, w: DecodeWeights, ids: torch.Tensor, lengths: list[int], cache: "RowKVCache",
+                 end: int) -> torch.Tensor:
+        B, max_rows = ids.size(0), cache.k.size(1)
+        pos = torch.tensor(lengths, device=ids.device)
+        if self.failed is None:
+            try:
+                Bb = _bucket(B, max_rows)
+                Lb = _bucket(end, cache.max_len, self.min_len)
+                if Bb > B:
+                    ids = torch.cat([ids, ids.new_zeros(Bb - B)])
+                    pos = torch.cat([pos, pos.new_zeros(Bb - B)])
+                self._mark_static(cache.k, cache.v, w.wte, w.lm_head, w.cos2, w.sin2,
+                                  *(t for layer in w.layers for t in layer))
+                return self.fn(w, ids, pos, cache.k, cache.v, Lb, True)[:B].clone()
+            except Exception as e:  # no compiler on this machine, an unsupported op: stay eager
+                self.failed = e
+                ids = ids[:B]
+                pos = pos[:B]
+        return decode_forward(w, ids, pos, cache.k, cache.v, end, True)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -485,6 +638,63 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         return norm(x)
+
+    # --- inference ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare_for_inference(self) -> "GPT":
+        """Cast the fp32 master weights to compute_dtype once, for a model that will only run
+        (picochat.checkpoint.load_model's, in chat and serve): every Linear then skips its per-call
+        cast, and the weights take half the memory in bf16. Irreversible: never call it on a model
+        you train (it refuses one in training mode). Returns the model."""
+        if self.training:
+            raise RuntimeError("prepare_for_inference casts the master weights: call it only on an "
+                               "inference model in eval mode, never on one being trained")
+        self.requires_grad_(False)
+        for p in self.parameters():
+            p.data = p.data.to(self.compute_dtype)
+        self._decode_weights = None
+        self.prepared = True  # weights frozen: decode_weights stops checking them for changes
+        return self
+
+    @torch.no_grad()
+    def decode_step(self, ids: torch.Tensor, cache: "RowKVCache", masked: bool = True,
+                    compiled: "CompiledDecode | None" = None) -> torch.Tensor:
+        """One token for each of the first ids.size(0) rows of `cache`, each at its own length
+        (the fast path of forward(ids[:, None], kv_cache=cache)[:, -1]): fp32 logits (B, V).
+        masked=False when every row is at the same length (Engine): no mask is built. `compiled`
+        runs the step through a CompiledDecode (static shapes, CUDA graphs on CUDA)."""
+        rows = ids.size(0)
+        if getattr(self.forward, "__func__", None) is not GPT.forward:  # a forward of its own (tests): use it
+            cache.rows = rows
+            return self(ids.unsqueeze(1), kv_cache=cache)[:, -1, :]
+        lengths = cache.lengths[:rows]
+        end = max(lengths) + 1
+        if end > cache.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {cache.max_len} allocated")
+        self._check_length(end)
+        if compiled is not None:
+            logits = compiled(self.decode_weights(), ids, lengths, cache, end)
+        else:
+            if masked or min(lengths) != end - 1:
+                pos, masked = torch.tensor(lengths, device=ids.device), True
+            else:
+                pos = torch.full((rows,), end - 1, dtype=torch.long, device=ids.device)
+            logits = decode_forward(self.decode_weights(), ids, pos, cache.k, cache.v, end, masked)
+        cache.lengths[:rows] = [n + 1 for n in lengths]
+        return logits
+
+    def _weight_versions(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def decode_weights(self) -> "DecodeWeights":
+        """The weights arranged for decode_forward in compute_dtype, built once and rebuilt only
+        when a parameter changed (in place: an optimizer step, load_state_dict)."""
+        w = getattr(self, "_decode_weights", None)
+        if w is None or w.dtype != self.compute_dtype or (
+                not getattr(self, "prepared", False) and w.versions != self._weight_versions()):
+            w = self._decode_weights = DecodeWeights(self, self.compute_dtype)
+        return w
 
     def _check_length(self, end: int) -> None:
         if end > self.rotary_len:

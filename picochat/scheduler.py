@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from picochat.engine import Engine, RowState, StreamDecoder, sample_rows
-from picochat.model import KVCache, RowKVCache
+from picochat.model import RowKVCache
 
 
 class QueueFull(Exception):
@@ -230,10 +230,7 @@ class Scheduler:
     @torch.no_grad()
     def prefill(self, job: Job) -> None:
         """Run the prompt alone, copy it into one free row per choice, sample the first tokens."""
-        model = self.engine.model
-        prefill = KVCache(model.config, 1, len(job.prompt), self.device, model.compute_dtype)
-        ids = torch.tensor([job.prompt], dtype=torch.long, device=self.device)
-        logits = model(ids, kv_cache=prefill)[:, -1, :]
+        logits, prefill = self.engine.prefill(job.prompt)
         new = []
         for i in range(job.n):
             self.cache.load_row(len(self.rows), prefill)
@@ -250,21 +247,27 @@ class Scheduler:
         """One token for every active row. A row waiting for a tool is fed its last token again and
         its cache length is stepped back afterwards, so that write is simply redone later."""
         waiting = [self.waiting(row) for row in self.rows]
-        ids = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.device)
-        logits = self.engine.model(ids, kv_cache=self.cache)[:, -1, :]
-        for i, wait in enumerate(waiting):
-            if wait:
-                self.cache.lengths[i] -= 1
-        ready = [i for i, wait in enumerate(waiting) if not wait]
-        self.sample_and_emit([self.rows[i] for i in ready], logits[ready])
+        ids = torch.tensor([row.last for row in self.rows], dtype=torch.long, device=self.device)
+        logits = self.engine.model.decode_step(ids, self.cache, masked=True, compiled=self.engine.compiled)
+        if any(waiting):
+            for i, wait in enumerate(waiting):
+                if wait:
+                    self.cache.lengths[i] -= 1
+            ready = [i for i, wait in enumerate(waiting) if not wait]
+            self.sample_and_emit([self.rows[i] for i in ready], logits[ready])
+        else:
+            self.sample_and_emit(self.rows, logits)
         self.steps += 1
         self.remove_finished()
 
     def sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
         jobs = [row.job for row in rows]
-        sampled = sample_rows(logits, torch.tensor([j.temperature for j in jobs]),
-                              torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
-                              [row.generator for row in rows]).tolist()
+        if all(job.temperature == 0 for job in jobs):  # greedy rows draw nothing
+            sampled = logits.argmax(dim=-1).tolist()
+        else:
+            sampled = sample_rows(logits, torch.tensor([j.temperature for j in jobs]),
+                                  torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
+                                  [row.generator for row in rows]).tolist()
         for row, token in zip(rows, sampled):
             if row.state.forced:  # the tool's output overrides what was sampled
                 token = row.state.forced.popleft()

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
-from picochat.common import PicochatError, dist_info, resolve_device, resolve_dtype
+from picochat.common import PicochatError, decode_dtype, dist_info, resolve_device
 from picochat.engine import Engine, StreamDecoder
 from picochat.tokenizer import get_tokenizer
 
@@ -55,8 +57,9 @@ def main(argv=None):
     tokenizer = get_tokenizer()
     model, meta = load_model(args.source, args.model_tag or None, device,
                              step=None if args.step < 0 else args.step,
-                             compute_dtype=resolve_dtype(args.dtype, device), tokenizer=tokenizer)
-    chat = Chat(Engine(model, tokenizer), args)
+                             compute_dtype=torch.float32, tokenizer=tokenizer)
+    model.compute_dtype = decode_dtype(model, args.dtype, device)  # 'auto' on a CPU: measured
+    chat = Chat(Engine(model.prepare_for_inference(), tokenizer), args)
     if args.prompt:
         chat.reply(args.prompt)
         return 0

@@ -210,6 +210,7 @@ def main(argv=None):
     for device in engine_devices(args.device, args.num_gpus):
         model, meta = load_model(args.source, tag, device, step=None if args.step < 0 else args.step,
                                  compute_dtype=serving_dtype(args.dtype, device), tokenizer=tokenizer)
+        model.prepare_for_inference()  # weights cast to the serving dtype once, not every step
         schedulers.append(Scheduler(Engine(model, tokenizer), args.max_batch_size, args.max_queue))
     config = schedulers[0].engine.model.config
     app = create_app(EnginePool(schedulers), tokenizer, model_name=tag, context_len=config.sequence_len,

@@ -1,0 +1,204 @@
+"""
+The fast decode path (GPT.decode_step over prepared weights, picochat/model.py) against the slow,
+obvious loop (picochat.engine.reference_generate: the model's own forward, one step at a time) and
+against the engine run through the model's plain forward; the compiled path (CompiledDecode, via
+torch.compile's aot_eager backend on CPU) against eager. All fp32 on CPU, tiny random models.
+
+    pytest -q tests/test_decode_fast.py
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from picochat.engine import Engine, reference_generate
+from picochat.model import GPT, CompiledDecode, GPTConfig
+from picochat.scheduler import Job, Scheduler
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Tok:
+    """Just what the engine needs. Special tokens default to ids the model can never emit."""
+
+    def __init__(self, **special):
+        self.bos_id = special.pop("bos", VOCAB + 5)
+        names = ["python_start", "python_end", "output_start", "output_end", "assistant_end"]
+        self.special = {f"<|{n}|>": special.get(n, VOCAB + i) for i, n in enumerate(names)}
+
+    def encode_special(self, name):
+        return self.special[name]
+
+    def encode(self, text):
+        return [30 + ord(c) % 64 for c in text]
+
+    def decode(self, ids):
+        return ",".join(map(str, ids))
+
+    def id_to_bytes(self, t):
+        return b"x"
+
+
+def random_model(seed=0, n_kv_head=2):
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64)
+    model = GPT(config)
+    model.init_weights(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # the head and output projections start at zero: make every layer count
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def plain(model):
+    """The same model decoding through its plain forward (GPT.decode_step falls back to it)."""
+    slow = copy.deepcopy(model)
+    forward = slow.forward
+    slow.forward = lambda *a, **k: forward(*a, **k)
+    return slow
+
+
+def prompts(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+def columns(engine, prompt, n, max_tokens, **kw):
+    out = [(col, mask) for col, mask in engine.generate(prompt, num_samples=n, max_tokens=max_tokens, **kw)]
+    return [list(r) for r in zip(*[c for c, _ in out])], [list(r) for r in zip(*[m for _, m in out])]
+
+
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("kv", [4, 2])
+def test_fast_greedy_equals_the_plain_loop(n, kv):
+    model = random_model(n_kv_head=kv)
+    engine = Engine(model, Tok())
+    for prompt in prompts(4):
+        expected = reference_generate(model, prompt, n, 40)
+        got, masks = columns(engine, prompt, n, 40, temperature=0.0)
+        assert got == expected
+        assert all(m == [1] * 40 for m in masks)
+
+
+def test_prepared_weights_give_the_same_tokens_and_training_models_are_refused():
+    model = random_model()
+    prepared = copy.deepcopy(model).prepare_for_inference()
+    for prompt in prompts(3, seed=1):
+        assert columns(Engine(prepared, Tok()), prompt, 2, 30, temperature=0.0)[0] == reference_generate(model, prompt, 2, 30)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        copy.deepcopy(model).train().prepare_for_inference()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_decode_weights_follow_in_place_updates():
+    model = random_model()
+    engine = Engine(model, Tok())
+    prompt = prompts(1)[0]
+    columns(engine, prompt, 1, 5, temperature=0.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # an optimizer step would do this in place
+    assert columns(engine, prompt, 1, 20, temperature=0.0)[0] == reference_generate(model, prompt, 1, 20)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_a_tool_call_mid_stream_decodes_as_the_plain_loop(n):
+    model = random_model(seed=3)
+    done = 0
+    for prompt in prompts(6, seed=2):
+        ref = reference_generate(model, prompt, 1, 30)[0]
+        start, end = ref[2], ref[6]
+        if start == end or start in ref[:2] or end in ref[3:6]:
+            continue
+        tok = Tok(python_start=start, python_end=end, output_start=VOCAB - 1, output_end=VOCAB - 2)
+        fast, fast_masks = columns(Engine(model, tok, tool=lambda e: "42!"), prompt, n, 30, temperature=0.0)
+        slow, slow_masks = columns(Engine(plain(model), tok, tool=lambda e: "42!"), prompt, n, 30, temperature=0.0)
+        assert fast == slow and fast_masks == slow_masks
+        assert fast[0][7] == VOCAB - 1 and fast_masks[0][7:12] == [0] * 5 and fast_masks[0][12] == 1  # the tool's output, forced
+        assert fast[0][:7] == ref[:7] and fast[0][12:] != ref[12:]  # then the model carries on from it
+        done += 1
+    assert done >= 2, "pick other seeds: too few prompts made a tool call"
+
+
+def run_jobs(scheduler, jobs):
+    texts = {id(j): [] for j in jobs}
+    for job in jobs:
+        job.emit = lambda d, k=id(job): texts[k].append(d)
+        scheduler.submit(job)
+    while scheduler.rows or scheduler.queue:
+        scheduler.run_once()
+    return [("".join(d.text for d in texts[id(j)]), texts[id(j)][-1].completion_tokens) for j in jobs]
+
+
+def job(prompt, **kw):
+    return Job(prompt, emit=None, max_tokens=kw.pop("max_tokens", 25), **kw)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_scheduler_rows_at_different_positions_match_the_plain_loop_and_each_alone(compiled):
+    model = random_model(seed=4)
+    ps = prompts(8, seed=4)
+    fast = Scheduler(Engine(model, Tok(), compile=False), max_rows=8)
+    if compiled:
+        fast.engine.compiled = CompiledDecode(backend="aot_eager", min_len=64)
+    together = run_jobs(fast, [job(p, temperature=0.0) for p in ps])
+    slow = run_jobs(Scheduler(Engine(plain(model), Tok()), max_rows=8), [job(p, temperature=0.0) for p in ps])
+    assert together == slow
+    if compiled:
+        assert fast.engine.compiled.failed is None
+    alone = [run_jobs(Scheduler(Engine(model, Tok()), max_rows=8), [job(p, temperature=0.0)])[0] for p in ps[:3]]
+    assert together[:3] == alone
+
+
+def test_a_seeded_sampled_row_is_the_same_alone_or_in_a_batch():
+    model = random_model(seed=5)
+    ps = prompts(8, seed=5)
+    settings = dict(temperature=0.9, top_k=50, top_p=0.95)
+    alone = run_jobs(Scheduler(Engine(model, Tok()), max_rows=8), [job(ps[0], seed=7, **settings)])
+    others = [job(p, seed=i, temperature=1.0) for i, p in enumerate(ps[1:])]
+    batched = run_jobs(Scheduler(Engine(model, Tok()), max_rows=8), [*others[:3], job(ps[0], seed=7, **settings), *others[3:]])
+    assert batched[3] == alone[0]
+
+
+def test_the_compiled_engine_gives_the_eager_tokens():
+    model = random_model(seed=6)
+    engine = Engine(model, Tok(), compile=False)
+    compiled = Engine(model, Tok(), compile=False)
+    compiled.compiled = CompiledDecode(backend="aot_eager", min_len=64)
+    for prompt in prompts(2, seed=6):
+        assert columns(compiled, prompt, 3, 30, temperature=0.0) == columns(engine, prompt, 3, 30, temperature=0.0)
+    assert compiled.compiled.failed is None
+
+
+def test_bf16_decode_follows_the_model_and_packed_matmuls_change_no_number():
+    from picochat.model import DecodeWeights, _mkldnn_linear, packed_bf16_linear
+    model = random_model(seed=7)
+    model.compute_dtype = torch.bfloat16
+    prompt = prompts(1, seed=7)[0]
+    got = columns(Engine(copy.deepcopy(model).prepare_for_inference(), Tok()), prompt, 2, 10, temperature=0.0)[0]
+    assert got[0] == got[1] and len(got[0]) == 10
+    w = torch.randn(96, 64).bfloat16()
+    x = torch.randn(5, 64).bfloat16()
+    if packed_bf16_linear(w):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        assert torch.equal(_mkldnn_linear(x, packed), torch.nn.functional.linear(x, w))
+        assert DecodeWeights(model, torch.bfloat16).linear is _mkldnn_linear
+
+
+def test_a_model_that_has_decoded_can_still_be_copied():
+    model = random_model(seed=8)
+    model.compute_dtype = torch.bfloat16
+    model.prepare_for_inference()
+    prompt = prompts(1, seed=8)[0]
+    first = columns(Engine(model, Tok()), prompt, 1, 5, temperature=0.0)[0]
+    assert columns(Engine(copy.deepcopy(model), Tok()), prompt, 1, 5, temperature=0.0)[0] == first
