@@ -70,3 +70,16 @@ def tiny_home(tmp_path_factory):
         else:
             os.environ["PICOCHAT_HOME"] = old
     return home
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are a few thousand weights: extra threads only add synchronization, which turns
+    tiny ops from microseconds into milliseconds on a busy machine (measured 0.25 s vs 2 ms per
+    forward with 2 threads on a loaded 2-core box). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -45,6 +45,18 @@ def make_tiny_chat_model(home: Path, tag: str = TINY_TAG, sequence_len: int = 25
     return tag
 
 
+def load_tiny_chat_model(home: Path):
+    """(model, tokenizer) of the tiny SFT checkpoint in `home`, fp32 on the CPU, made if missing."""
+    from picochat.checkpoint import load_checkpoint
+    from picochat.model import GPT, GPTConfig
+    from picochat.tokenizer import Tokenizer
+    tag = make_tiny_chat_model(home)
+    state, meta, _ = load_checkpoint(home / "checkpoints" / "sft" / tag, 1, "cpu")
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(state)
+    return model.eval(), Tokenizer.load(home / "tokenizer")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import uuid
 import pytest
 import torch
 
-from picochat.checkpoint import (CorruptCheckpointError, _meta_digest, latest_step, list_steps, load_checkpoint,
+from picochat.checkpoint import (CorruptCheckpointError, _meta_digest, list_steps, load_checkpoint,
                                  load_meta, load_model, save_checkpoint, step_dir)
 from picochat.common import PicochatError, check_model_tag, checkpoint_dir
 from picochat.training import load_for_resume, run_is_complete, truncate_metrics

@@ -27,15 +27,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. What is 6*7? It is 42, ok.
         "zero. Tokyo is 東京 and the weather is 天気. Smile 😀 and world 🌍 and ñ. ") * 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are a few thousand weights: extra threads only add synchronization, which
-    turns tiny ops from microseconds into milliseconds on a busy machine (measured 0.25 s vs 2 ms
-    per forward with 2 threads on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -56,16 +56,16 @@ def fabricated_run(home):
     fabricate_stage(home, "base", "t", 4, 512)
     fabricate_stage(home, "mid", "t", 4, 512, source=("base", "t", 4), mixture="demo")
     fabricate_stage(home, "sft", "t", 2, 256, source=("mid", "t", 4), mixture="demo")
-    fabricate_stage(home, "base", "unrelated", 2, 512)
-    os.utime(home / "checkpoints" / "base" / "unrelated", (2e9, 2e9))  # the newest base tag
+    fabricate_stage(home, "base", "zzunrelated", 2, 512)
+    os.utime(home / "checkpoints" / "base" / "zzunrelated", (2e9, 2e9))  # the newest base tag
     core = {"metric": "CORE-offline", "tasks_run": 13, "tasks_total": 22, "score": 0.0123,
             "tasks": {"hellaswag_zeroshot": {"accuracy": 0.26, "centered": 0.0133, "examples": 100,
                                              "random_baseline": 25.0}}}
     write_json(home / "evals" / "base_t_step000004.json",
                {"model_tag": "t", "step": 4, "dataset": "tiny", "train_bpb": 1.5, "val_bpb": 1.6,
                 "samples": {"The king": " is here"}, "core": core})
-    write_json(home / "evals" / "base_unrelated_step000002.json",
-               {"model_tag": "unrelated", "step": 2, "train_bpb": 9.0, "val_bpb": 9.0,
+    write_json(home / "evals" / "base_zzunrelated_step000002.json",
+               {"model_tag": "zzunrelated", "step": 2, "train_bpb": 9.0, "val_bpb": 9.0,
                 "core": {"metric": "CORE", "score": 0.9}})
     write_json(home / "evals" / "chat_base_t_step000004.json",
                {"source": "base", "model_tag": "t", "step": 4, "results": {"SpellingBee": 0.0}, "chatcore": None})
@@ -119,7 +119,7 @@ def test_report_has_every_section_and_the_exact_numbers_of_the_evals(fabricated_
         "ChatCORE": ["–", "0.0512", "–", "–"],
     }
     # the chain sft t → mid t → base t, not the newest base tag
-    assert "base `t` step 4, mid `t` step 4, sft `t` step 2" in text and "unrelated" not in text
+    assert "base `t` step 4, mid `t` step 4, sft `t` step 2" in text and "zzunrelated" not in text
     assert "trains only on validation/dev splits and evaluates on test splits" in text
     assert "| hellaswag_zeroshot | 0.2600 |" in text  # CORE per task
     assert "| tokens trained on | 2,048 |" in text  # base: 4 steps × 512
@@ -142,7 +142,7 @@ def test_cost_is_wall_time_times_the_hourly_price_of_the_gpus(fabricated_run, mo
 
 
 def test_report_writes_where_asked_and_labels_full_core_plainly(fabricated_run, tmp_path):
-    out = write_report(tmp_path / "out" / "card.md", model_tag="unrelated")
+    out = write_report(tmp_path / "out" / "card.md", model_tag="zzunrelated")
     text = out.read_text()
     assert summary_table(text)["CORE"] == ["0.9000", "–", "–", "–"]
     assert "Not run." in text.split("## Midtraining")[1]
@@ -260,12 +260,13 @@ def test_secrets_and_private_prompts_never_reach_the_run_log(home):
 
 
 def test_sft_trained_straight_from_base_reports_no_unrelated_mid_model(home):
+    # "zzother" names the other chain: a word no commit message quoted in the report holds by chance
     fabricate_stage(home, "base", "b", 4, 512)
-    fabricate_stage(home, "mid", "other", 4, 512, source=("base", "other", 4), mixture="demo")
+    fabricate_stage(home, "mid", "zzother", 4, 512, source=("base", "zzother", 4), mixture="demo")
     fabricate_stage(home, "sft", "b", 2, 256, source=("base", "b", 4), mixture="demo")
-    os.utime(home / "checkpoints" / "mid" / "other", (2e9, 2e9))
+    os.utime(home / "checkpoints" / "mid" / "zzother", (2e9, 2e9))
     text = write_report().read_text()
-    assert "base `b` step 4, sft `b` step 2" in text and "other" not in text
-    fabricate_stage(home, "mid", "b", 4, 512, source=("base", "other", 4), mixture="demo")  # same tag, other chain
+    assert "base `b` step 4, sft `b` step 2" in text and "zzother" not in text
+    fabricate_stage(home, "mid", "b", 4, 512, source=("base", "zzother", 4), mixture="demo")  # same tag, other chain
     text = write_report(model_tag="b").read_text()
     assert "base `b` step 4, sft `b` step 2" in text and "mid `b`" not in text

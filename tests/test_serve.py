@@ -23,35 +23,23 @@ import torch
 from fastapi.testclient import TestClient
 
 from picochat.__main__ import main as picochat_main
-from picochat.checkpoint import load_checkpoint
 from picochat.engine import Engine
 from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
 from picochat.serve.api import Defaults, parse_messages
 from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app, serve_config
 from picochat.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler
-from picochat.tokenizer import Tokenizer
-from serve_fixtures import free_port, make_tiny_chat_model, running_server
+from serve_fixtures import free_port, load_tiny_chat_model, running_server
 
 GREEDY = Defaults(temperature=0.0, top_k=50, max_tokens=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from threads on a shared 2-core machine (see test_engine.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_home):
     """(model, tokenizer) of the tiny SFT checkpoint, fp32 on the CPU."""
-    tag = make_tiny_chat_model(tiny_home)
-    state, meta, _ = load_checkpoint(tiny_home / "checkpoints" / "sft" / tag, 1, "cpu")
-    model = GPT(GPTConfig(**meta["model_config"]))
-    model.load_state_dict(state)
-    return model.eval(), Tokenizer.load(tiny_home / "tokenizer")
+    return load_tiny_chat_model(tiny_home)
 
 
 def slowed(model: GPT, seconds: float) -> GPT:

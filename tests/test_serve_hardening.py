@@ -25,14 +25,11 @@ import httpx
 import pytest
 
 from picochat.__main__ import main as picochat_main
-from picochat.checkpoint import load_checkpoint
 from picochat.engine import Engine
-from picochat.model import GPT, GPTConfig
 from picochat.scheduler import EnginePool, Scheduler
 from picochat.serve.api import Defaults
 from picochat.serve.app import create_app, serve_config
-from picochat.tokenizer import Tokenizer
-from serve_fixtures import TINY_TAG, free_port, make_tiny_chat_model
+from serve_fixtures import TINY_TAG, free_port, load_tiny_chat_model
 from stagerun import env_for
 
 GREEDY = Defaults(temperature=0.0, top_k=50, max_tokens=64)
@@ -42,11 +39,8 @@ MB = 1 << 20
 
 @pytest.fixture(scope="module")
 def tiny(tiny_home):
-    tag = make_tiny_chat_model(tiny_home)
-    state, meta, _ = load_checkpoint(tiny_home / "checkpoints" / "sft" / tag, 1, "cpu")
-    model = GPT(GPTConfig(**meta["model_config"]))
-    model.load_state_dict(state)
-    return model.eval(), Tokenizer.load(tiny_home / "tokenizer")
+    """(model, tokenizer) of the tiny SFT checkpoint, fp32 on the CPU."""
+    return load_tiny_chat_model(tiny_home)
 
 
 @contextlib.contextmanager
