@@ -29,7 +29,7 @@ from picochat.engine import Engine
 from picochat.scheduler import EnginePool, Scheduler
 from picochat.serve.api import Defaults
 from picochat.serve.app import create_app, serve_config
-from serve_fixtures import TINY_TAG, free_port, load_tiny_chat_model
+from serve_fixtures import TINY_TAG, free_port, load_tiny_chat_model, stop_process
 from stagerun import env_for
 
 GREEDY = Defaults(temperature=0.0, top_k=50, max_tokens=64)
@@ -273,12 +273,7 @@ def serve_process(home: Path, *args: str, env: dict | None = None, nofile: int |
             time.sleep(0.2)
         yield port, proc, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def peak_rss_mb(pid: int) -> float:
