@@ -76,6 +76,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import picochat.model as M  # noqa: E402
+from picochat.common import shutdown_distributed  # noqa: E402
 from picochat.data.shards import shard_name, write_shard  # noqa: E402
 from picochat.engine import Engine  # noqa: E402
 from picochat.model import GPT, KVCache, config_from_depth  # noqa: E402
@@ -402,7 +403,7 @@ def check_sharded_optim(ctx) -> tuple[bool, str, str, dict]:
         collectives_ok = torch.equal(t, expected)
         world = optimizer.world_size
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
     diff = max(max_abs(a - b) for a, b in zip(plain.parameters(), grouped.parameters()))
     moved = max(max_abs(a - b) for a, b in zip(plain.parameters(), initial))
     numbers = dict(backend=backend, steps=steps, max_param_diff=diff, max_update=moved,

@@ -179,7 +179,11 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group together: without the barrier, rank 0 (which hosts the rendezvous store)
+    can exit while another rank is still tearing down gloo, and that rank aborts with "terminate called
+    without an active exception"."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

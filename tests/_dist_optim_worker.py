@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from picochat.common import shutdown_distributed
 from picochat.optim import MuonAdamW
 
 VOCAB, DIM, BATCH, SEQ, STEPS = 16, 32, 8, 4, 5
@@ -79,7 +80,7 @@ def main(out_dir: str) -> None:
     torch.save({"params": model.state_dict(), "optim": opt.state_dict()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     if world_size > 1:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from picochat.common import shutdown_distributed
 from picochat.evals.bpb import evaluate_bpb
 
 # Token 0 is special (0 bytes); tokens 1, 2, 3 stand for 1, 2 and 4 bytes of text.
@@ -55,7 +56,7 @@ def _rank_main(rank, world, port, out):
         mine = batches()[rank::world]  # strided, as the loaders' streams are
         out[rank] = evaluate_bpb(nats_of, mine, TOKEN_BYTES)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_two_ranks_scoring_half_each_agree_with_one_process():

@@ -66,6 +66,7 @@ def test_the_cpu_threads_of_a_node_are_shared_by_its_processes():
 def _agree_worker(rank, init_file, budgets, out_dir):
     import torch.distributed as dist
     from picochat import training
+    from picochat.common import shutdown_distributed
     from picochat.model import GPT, config_from_depth
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     training.available_memory_gib = lambda device: budgets[rank]  # this rank sees less memory
@@ -73,7 +74,7 @@ def _agree_worker(rank, init_file, budgets, out_dir):
     model.init_weights()
     chosen = training.auto_device_batch_size(model, 64, 32, torch.device("cpu"), torch.float32, 2)
     (Path(out_dir) / f"rank{rank}").write_text(str(chosen))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow
