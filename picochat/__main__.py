@@ -18,6 +18,7 @@ STAGES = {
     "base_eval": "evaluate a base checkpoint: CORE, train/val bits per byte, samples",
     "mid_train": "midtrain a base model on conversations, tool use and spelling",
     "sft": "supervised fine-tuning on assistant tokens only",
+    "rl": "reinforcement learning on a task with a checker (GSM8K; SpellingBee, Arithmetic offline)",
     "chat_eval": "accuracy of a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee",
     "chat": "talk to a chat model in the terminal (interactive or -p)",
     "serve": "OpenAI-compatible API and web chat UI with continuous batching",

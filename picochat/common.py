@@ -42,10 +42,27 @@ def tokenizer_dir() -> Path:
     return picochat_home() / "tokenizer"
 
 
-# Checkpoint directories are named after the model a stage produces (base, mid, sft, rl); commands
-# after what they do. The two differ for pretraining and midtraining only; this is the one place
-# that maps them (`picochat mid_train` writes checkpoints/mid/<tag>/).
-COMMAND_OF_STAGE = {"base": "base_train", "mid": "mid_train", "sft": "sft", "rl": "rl"}
+@dataclass(frozen=True)
+class TrainingStage:
+    """One training stage. Its checkpoints live in checkpoints/<name>/<tag>; `command` runs it
+    (checkpoint folders are named after the model a stage produces, commands after what they do: the
+    two differ for pretraining and midtraining); `starts_from` lists the stages whose checkpoints it
+    may start from; `title` and `column` are its section and column in the report card."""
+    name: str
+    command: str
+    starts_from: tuple[str, ...]
+    title: str
+    column: str
+
+
+# The one list of training stages, in pipeline order.
+TRAINING_STAGES = {stage.name: stage for stage in (
+    TrainingStage("base", "base_train", (), "Base model training", "BASE"),
+    TrainingStage("mid", "mid_train", ("base", "mid", "sft"), "Midtraining", "MID"),
+    TrainingStage("sft", "sft", ("mid", "base", "sft"), "SFT", "SFT"),
+    TrainingStage("rl", "rl", ("sft", "mid", "rl", "base"), "Reinforcement learning", "RL"),
+)}
+COMMAND_OF_STAGE = {name: stage.command for name, stage in TRAINING_STAGES.items()}
 
 
 MODEL_TAG = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # fullmatch: one path component, never "." or ".."

@@ -36,12 +36,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from picochat.checkpoint import list_steps, load_meta
-from picochat.common import COMMAND_OF_STAGE, PicochatError, atomic_write_text, picochat_home, read_jsonl
+from picochat.common import COMMAND_OF_STAGE, TRAINING_STAGES, PicochatError, atomic_write_text, picochat_home, read_jsonl
 
-TRAIN_STAGES = ("base", "mid", "sft", "rl")
-COLUMNS = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
-TITLES = {"base": "Base model training", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}
-CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+TRAIN_STAGES = tuple(TRAINING_STAGES)
+COLUMNS = {name: stage.column for name, stage in TRAINING_STAGES.items()}
+TITLES = {name: stage.title for name, stage in TRAINING_STAGES.items()}
+CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic")
 NOT_PIPELINE = ("chat", "serve", "report", "export", "import")  # interactive or after the fact: not part of the run's time
 # Hourly rental price per GPU in USD, from nanochat's seed report (docs/DESIGN.md#report-card); other GPUs $2.00.
 GPU_HOURLY_USD = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))
@@ -285,7 +285,24 @@ def model_size(meta: dict) -> tuple[int, int]:
 # -----------------------------------------------------------------------------
 # Numbers as text
 
+class Accuracy(float):
+    """An accuracy that knows how many problems it was measured on: printed with its 95% interval."""
+    def __new__(cls, value: float, n: int | None):
+        self = super().__new__(cls, value)
+        self.n = n
+        return self
+
+
+def accuracy_of(ev: dict | None, task: str) -> Accuracy | None:
+    value = (ev or {}).get("results", {}).get(task)
+    return None if value is None else Accuracy(value, (ev or {}).get("problems", {}).get(task))
+
+
 def fmt(value) -> str:
+    if isinstance(value, Accuracy) and value.n:
+        from picochat.evals.chat_eval import wilson_interval
+        lo, hi = wilson_interval(float(value), value.n)
+        return f"{float(value):.4f} ({lo:.2f}–{hi:.2f})"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return DASH
     if isinstance(value, bool):
@@ -329,7 +346,31 @@ def as_flags(stage: str, config: dict) -> str:
 # -----------------------------------------------------------------------------
 # Sections
 
+def rl_results(run: StageRun) -> list[tuple[str, object]]:
+    """RL: what was sampled per step, how the reward moved, pass@k before and after."""
+    meta, c = run.meta, run.meta["model_config"]
+    rollout = meta.get("rollout", {})
+    steps = [r for r in run.metrics if "reward" in r]
+    evals = [r for r in run.metrics if "pass@1" in r]
+    rows = [("started from", "{stage} checkpoint {tag} step {step}".format(**meta.get("source", {}))),
+            ("model", f"depth {c['n_layer']}, width {c['n_embd']}, vocab {c['vocab_size']:,}"),
+            ("tasks", ", ".join(rollout.get("tasks", []))),
+            ("per step", f"{rollout.get('prompts_per_step')} problems × {rollout.get('num_samples')} samples"),
+            ("steps", meta.get("step")), ("processes", meta.get("world_size"))]
+    if steps:
+        first, last = steps[:10], steps[-10:]
+        rows += [("mean reward, first 10 steps", sum(r["reward"] for r in first) / len(first)),
+                 ("mean reward, last 10 steps", sum(r["reward"] for r in last) / len(last))]
+    for r in (evals[:1] + evals[-1:]) if len(evals) > 1 else evals:
+        rows.append((f"pass@k at step {r['step']}", ", ".join(f"{k} {v:.4f}" for k, v in r.items()
+                                                             if k.startswith("pass@"))))
+    rows.append(("training time", fmt_duration(meta.get("loop", {}).get("total_time", 0))))
+    return rows
+
+
 def stage_results(run: StageRun) -> list[tuple[str, object]]:
+    if run.stage == "rl":
+        return rl_results(run)
     meta, c = run.meta, run.meta["model_config"]
     params, flops_per_token = model_size(meta)
     steps = [r for r in run.metrics if "loss" in r]
@@ -376,7 +417,9 @@ def summary_rows(base_eval: dict | None, chat_evals: dict[str, dict]) -> list[li
     core = (base_eval or {}).get("core")
     rows = [[core_label(core), core.get("score") if core else None, None, None, None]]
     for task in CHAT_TASKS:
-        rows.append([task] + [chat_evals.get(s, {}).get("results", {}).get(task) for s in TRAIN_STAGES])
+        row = [task] + [accuracy_of(chat_evals.get(s), task) for s in TRAIN_STAGES]
+        if task not in ("Arithmetic",) or any(v is not None for v in row[1:]):  # a demo task: only when run
+            rows.append(row)
     rows.append(["ChatCORE"] + [chat_evals.get(s, {}).get("chatcore") for s in TRAIN_STAGES])
     return rows
 
@@ -441,8 +484,11 @@ def base_eval_section(ev: dict | None) -> str:
 def chat_eval_section(ev: dict | None, stage: str) -> str:
     if not ev:
         return f"Not run (`picochat chat_eval --source {stage}`)."
-    rows = [[k, v] for k, v in ev.get("results", {}).items()] + [["ChatCORE", ev.get("chatcore")]]
-    return f"Checkpoint step {ev.get('step')}.\n\n" + table(["task", "accuracy"], rows)
+    problems = ev.get("problems", {})
+    rows = [[k, accuracy_of(ev, k), problems.get(k)] for k in ev.get("results", {})]
+    rows.append(["ChatCORE", ev.get("chatcore"), None])
+    return (f"Checkpoint step {ev.get('step')}. Accuracies with their 95% interval (Wilson) over the "
+            f"problems evaluated.\n\n" + table(["task", "accuracy", "problems"], rows))
 
 
 # -----------------------------------------------------------------------------
@@ -462,7 +508,7 @@ def ema(values: list[float], beta: float = 0.9) -> list[float]:
 def plot_training(runs: dict[str, StageRun], path: Path) -> bool:
     """Train loss against tokens and against training time, one row per stage."""
     from matplotlib.figure import Figure
-    stages = [s for s, r in runs.items() if any("loss" in m for m in r.metrics)]
+    stages = [s for s, r in runs.items() if s != "rl" and any("loss" in m for m in r.metrics)]  # rl: plot_rl
     if not stages:
         return False
     fig = Figure(figsize=(11, 3.2 * len(stages)), layout="constrained")
@@ -494,6 +540,33 @@ def plot_val_bpb(run: StageRun | None, path: Path) -> bool:
     ax.annotate(f"{ys[-1]:.4f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-10, 8), ha="right")
     ax.set(xlabel="tokens (millions)", ylabel="val bits per byte", title=f"base ({run.tag}): validation bpb")
     ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def plot_rl(run: StageRun | None, path: Path) -> bool:
+    """RL: mean reward per step (and its EMA), and pass@k on the test problems at each evaluation."""
+    from matplotlib.figure import Figure
+    steps = [r for r in run.metrics if "reward" in r] if run else []
+    if not steps:
+        return False
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    xs, rewards = [r["step"] for r in steps], [r["reward"] for r in steps]
+    left.plot(xs, rewards, color=STAGE_COLORS["rl"], alpha=0.3, linewidth=0.8, label="reward")
+    left.plot(xs, ema(rewards), color=STAGE_COLORS["rl"], linewidth=1.6, label="smoothed (EMA 0.9)")
+    left.set(xlabel="step", ylabel="mean reward of the samples", title=f"rl ({run.tag}): reward")
+    left.legend(loc="lower right")
+    evals = [r for r in run.metrics if "pass@1" in r]
+    ks = sorted({int(k[5:]) for r in evals for k in r if k.startswith("pass@")})
+    for k in ks:
+        points = [(r["step"], r[f"pass@{k}"]) for r in evals if f"pass@{k}" in r]
+        right.plot(*zip(*points), marker="o", label=f"pass@{k}")
+    right.set(xlabel="step", ylabel="fraction of test problems", title=f"rl ({run.tag}): pass@k")
+    if ks:
+        right.legend(loc="lower right")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
     return True
 
@@ -558,6 +631,7 @@ def write_report(output: Path | None = None, model_tag: str | None = None) -> Pa
     plots = []
     for name, title, draw in (("train_loss", "Train loss against tokens and time", lambda p: plot_training(runs, p)),
                               ("val_bpb", "Validation bits per byte (base)", lambda p: plot_val_bpb(runs.get("base"), p)),
+                              ("rl", "Reinforcement learning: reward and pass@k", lambda p: plot_rl(runs.get("rl"), p)),
                               ("eval_scores", "Evaluations by stage", lambda p: plot_evals(rows, p))):
         path = output.parent / f"{stem}_{name}.png"
         if draw(path):

@@ -52,6 +52,9 @@ class Delta:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    tokens: list[int] | None = None   # with the finish_reason, for a job with keep_tokens: every token
+    sampled: list[bool] | None = None  # generated (the end token included), and which were sampled
+                                       # (False: forced in, the tool's output)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     timeout: float | None = None  # seconds from submission, then finish_reason "length"
     cancelled: bool = False  # set by the consumer when its client went away
+    keep_tokens: bool = False  # report each choice's tokens when it finishes (RL trains on them)
 
     def __post_init__(self):
         self.submitted = time.monotonic()
@@ -98,6 +102,8 @@ class Row:
     sent: int = 0  # how much of text has been emitted
     tool: Future | None = None  # a tool call in flight: the row waits for it
     finished: bool = False
+    ids: list[int] = field(default_factory=list)  # with job.keep_tokens: every token generated
+    sampled: list[bool] = field(default_factory=list)  # and whether it was sampled (not forced)
 
 
 class Scheduler:
@@ -269,8 +275,12 @@ class Scheduler:
                                   torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
                                   [row.generator for row in rows]).tolist()
         for row, token in zip(rows, sampled):
-            if row.state.forced:  # the tool's output overrides what was sampled
+            forced = bool(row.state.forced)
+            if forced:  # the tool's output overrides what was sampled
                 token = row.state.forced.popleft()
+            if row.job.keep_tokens:
+                row.ids.append(token)
+                row.sampled.append(not forced)
             self.advance(row, token)
 
     def advance(self, row: Row, token: int) -> None:
@@ -320,7 +330,9 @@ class Scheduler:
         if flush:  # the rest of the text, held-back stop-string prefixes and partial characters
             row.text += row.stream.flush()
             self.send(row, row.text[row.sent:])
-        row.job.emit(Delta(row.index, finish_reason=reason, completion_tokens=row.tokens))
+        keep = row.job.keep_tokens
+        row.job.emit(Delta(row.index, finish_reason=reason, completion_tokens=row.tokens,
+                           tokens=row.ids if keep else None, sampled=row.sampled if keep else None))
 
     def remove_finished(self) -> None:
         """Free the rows that are done: the last active row moves into each hole."""
@@ -383,3 +395,48 @@ class EnginePool:
     def stop(self) -> None:
         for s in self.schedulers:
             s.stop()
+
+
+# -----------------------------------------------------------------------------
+# Batch generation on the caller's thread (chat_eval, RL rollouts)
+
+@dataclass
+class Completion:
+    """One finished choice of a job run by run_to_completion."""
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: list[int] | None = None   # with Job.keep_tokens
+    sampled: list[bool] | None = None
+
+
+def run_to_completion(scheduler: Scheduler, jobs: list[Job],
+                      on_job_done: Callable[[int], None] | None = None) -> list[list[Completion]]:
+    """Run `jobs` on `scheduler`, turned on this thread, until every choice has finished; returns
+    each job's choices in order. Jobs are queued as the scheduler's queue has room, so any number
+    can be given; `on_job_done(i)` is called when all of job i's choices are done (progress)."""
+    results = [[Completion() for _ in range(job.n)] for job in jobs]
+    left = [job.n for job in jobs]
+    unfinished = sum(left)
+
+    def emitter(i: int):
+        def emit(delta: Delta) -> None:
+            nonlocal unfinished
+            choice = results[i][delta.index]
+            choice.text += delta.text
+            if delta.finish_reason is not None and choice.finish_reason is None:
+                choice.finish_reason, choice.tokens, choice.sampled = delta.finish_reason, delta.tokens, delta.sampled
+                left[i] -= 1
+                unfinished -= 1
+                if left[i] == 0 and on_job_done is not None:
+                    on_job_done(i)
+        return emit
+
+    pending = deque(jobs)
+    for i, job in enumerate(jobs):
+        job.emit = emitter(i)
+    while unfinished:
+        while pending and scheduler.queued < scheduler.max_queue:
+            scheduler.submit(pending.popleft())
+        if not scheduler.run_once():
+            time.sleep(0.005)  # every active row is waiting for its tool
+    return results

@@ -306,9 +306,10 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def run_is_complete(path: Path, step: int) -> bool:
-    """True when the last readable line is the final step with its evaluation: nothing is left to do."""
+def run_is_complete(path: Path, step: int, final_metric: str = "val_bpb") -> bool:
+    """True when the last readable line is the final step with its evaluation (`final_metric`):
+    nothing is left to do."""
     if not path.exists():
         return False
     records = [record for _, record in _metric_lines(path)]
-    return bool(records) and records[-1].get("step") == step and "val_bpb" in records[-1]
+    return bool(records) and records[-1].get("step") == step and final_metric in records[-1]

@@ -29,9 +29,10 @@ def losses(home: Path, tag: str, stage: str = "base") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
-def kill_after(home, *args, marker: str) -> None:
-    """Start `picochat *args`, SIGKILL it as soon as it prints `marker`, and check it died."""
-    proc = subprocess.Popen([sys.executable, "-m", "picochat", *args], env=env_for(home),
+def kill_after(home, *args, marker: str, command=("-m", "picochat")) -> None:
+    """Start `picochat *args` (or python `command` *args), SIGKILL it as soon as it prints `marker`,
+    and check it died."""
+    proc = subprocess.Popen([sys.executable, *command, *args], env=env_for(home),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if marker in line:

@@ -5,10 +5,12 @@ only, a finite loss when a micro-batch has nothing to learn, and exact resume af
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from stagerun import kill_after, losses, picochat
+from stagerun import env_for, kill_after, losses, picochat
 
 BASE = ["--dataset", "tiny", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
         "--total-batch-size", "512", "--dtype", "float32", "--device", "cpu", "--eval-every", "-1",
@@ -65,3 +67,19 @@ def test_mid_train_runs_one_epoch_by_default_with_loss_on_every_token(base_home,
     assert "loss on          every token" in out
     records = [json.loads(l) for l in (base_home / "checkpoints" / "mid" / "mid-epoch" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["progress"] == 1.0 and all(r["progress"] < 1.0 for r in records[:-1])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_in_sft(base_home, tmp_path):
+    data = write_conversations(tmp_path / "chats.jsonl", 300)
+    run = [*SFT, "--mixture", str(data), "--num-iterations", "6"]
+    picochat(base_home, "sft", *run, "--model-tag", "sft-one")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "picochat", "sft", *run, "--model-tag", "sft-two"],
+                          env=env_for(base_home), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 rows × 64 × 2 proc × 1 accum" in proc.stdout
+    one, two = losses(base_home, "sft-one", stage="sft"), losses(base_home, "sft-two", stage="sft")
+    assert one.keys() == two.keys() == set(range(1, 7))
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-4, (step, one[step], two[step])

@@ -13,12 +13,13 @@ import shutil
 import pytest
 
 from picochat.__main__ import main as picochat_main
+from picochat.evals.chat_eval import wilson_interval
 from picochat.report import log_run, write_report
 from stagerun import picochat
 
 SECTIONS = ["Summary", "Plots", "Environment", "Data and splits", "Run log", "Tokenizer",
             "Base model training", "Base model evaluation", "Chat evaluation BASE", "Midtraining",
-            "Chat evaluation MID", "SFT", "Chat evaluation SFT", "RL", "Chat evaluation RL"]
+            "Chat evaluation MID", "SFT", "Chat evaluation SFT", "Reinforcement learning", "Chat evaluation RL"]
 PLOTS = ["report_train_loss.png", "report_val_bpb.png", "report_eval_scores.png"]
 CONFIG = {"sequence_len": 64, "vocab_size": 512, "n_layer": 2, "n_head": 1, "n_kv_head": 1, "n_embd": 128}
 
@@ -230,8 +231,10 @@ def test_report_of_a_tiny_pipeline_run_through_the_cli(tiny_home, tmp_path, monk
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
     sft_eval = json.loads(next((home / "evals").glob("chat_sft_e2e_step*.json")).read_text())
     table = summary_table(text)
-    assert table["SpellingBee"] == ["–", "–", f"{sft_eval['results']['SpellingBee']:.4f}", "–"]
-    assert table["ARC-Easy"] == ["–", "–", "0.5000", "–"]
+    # each accuracy with its 95% interval over the problems run (2 and 10 here)
+    lo, hi = wilson_interval(sft_eval['results']['SpellingBee'], 2)
+    assert table["SpellingBee"] == ["–", "–", f"{sft_eval['results']['SpellingBee']:.4f} ({lo:.2f}–{hi:.2f})", "–"]
+    assert table["ARC-Easy"] == ["–", "–", "0.5000 (0.24–0.76)", "–"]
     assert table["CORE"] == ["–"] * 4  # CORE was not asked for (--eval bpb,sample)
     log_rows = [line for line in text.split("## Run log")[1].split("## ")[0].splitlines() if line.startswith("| 20")]
     logged = [line.split("|")[2].strip() for line in log_rows]
@@ -270,3 +273,26 @@ def test_sft_trained_straight_from_base_reports_no_unrelated_mid_model(home):
     fabricate_stage(home, "mid", "b", 4, 512, source=("base", "zzother", 4), mixture="demo")  # same tag, other chain
     text = write_report(model_tag="b").read_text()
     assert "base `b` step 4, sft `b` step 2" in text and "mid `b`" not in text
+
+
+def test_an_rl_run_fills_the_rl_column_and_plots_reward_and_pass_at_k(fabricated_run):
+    home = fabricated_run
+    root = home / "checkpoints" / "rl" / "t"
+    records = [{"step": 0, "pass@1": 0.25, "pass@4": 0.5}]
+    records += [{"step": s, "loss": -0.01, "reward": 0.1 * s, "progress": s / 4} for s in range(1, 5)]
+    records[-1] |= {"pass@1": 0.5, "pass@4": 0.75}
+    root.mkdir(parents=True)
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_json(root / "step_000004" / "meta.json", {
+        "step": 4, "model_config": CONFIG, "user_config": {"task": "SpellingBee"}, "world_size": 1,
+        "source": {"stage": "sft", "tag": "t", "step": 2}, "loop": {"total_time": 2.0},
+        "rollout": {"tasks": ["SpellingBee"], "prompts_per_step": 16, "num_samples": 16}})
+    write_json(home / "evals" / "chat_rl_t_step000004.json",
+               {"source": "rl", "model_tag": "t", "step": 4, "chatcore": None,
+                "results": {"SpellingBee": 0.95}, "problems": {"SpellingBee": 256}})
+    text = write_report().read_text()
+    assert summary_table(text)["SpellingBee"] == ["0.0000", "0.2500", "0.5000", "0.9500 (0.92–0.97)"]
+    rl = text.split("\n## Reinforcement learning\n")[1].split("\n## ")[0]
+    assert "| 16 problems × 16 samples |" in rl and "| mean reward, last 10 steps | 0.2500 |" in rl
+    assert "| pass@k at step 4 | pass@1 0.5000, pass@4 0.7500 |" in rl
+    assert_is_png(home / "report" / "report_rl.png")

@@ -12,8 +12,7 @@ Problems are strided across ranks and the counts all-reduced.
 """
 from __future__ import annotations
 
-import functools
-import time
+import math
 
 import torch
 import torch.distributed as dist
@@ -60,45 +59,28 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
     from concurrent.futures import ThreadPoolExecutor
 
     from picochat.engine import Engine
-    from picochat.scheduler import Job, Scheduler
+    from picochat.scheduler import Job, Scheduler, run_to_completion
     info, device = dist_info(), model.lm_head.weight.device
     n = len(task) if max_problems is None else min(max_problems, len(task))
     mine = list(range(info.rank, n, info.world_size))
-    texts = {j: [""] * num_samples for j in mine}
-    choices_left = {j: set(range(num_samples)) for j in mine}  # a problem is done when all its choices are
-    errors = []  # (problem, choice) that failed on the engine (a prompt longer than the context...)
     bar = progress_bar(total=len(mine), desc=f"{type(task).__name__} generating", unit="problem")
-
-    def collect(j, delta):  # called by scheduler.run_once, on this thread
-        texts[j][delta.index] += delta.text
-        if delta.finish_reason is not None and delta.index in choices_left.get(j, ()):
-            if delta.finish_reason == "error":
-                errors.append((j, delta.index))
-            choices_left[j].discard(delta.index)
-            if not choices_left[j]:
-                del choices_left[j]
-                bar.update(1)
-
     scheduler = Scheduler(Engine(model, tokenizer, tool=tool), max_rows=max(batch_size, num_samples),
                           max_queue=max(1, len(mine)))
     convs = {j: task[j] for j in mine}
-    too_long = 0  # prompts that leave no room in the model's context: wrong, without decoding
-    for j in mine:
-        prompt = tokenizer.render_for_completion(convs[j])
-        if len(prompt) >= scheduler.max_len:
-            too_long += 1
-            del choices_left[j]
-            bar.update(1)
-            continue
-        scheduler.submit(Job(prompt, emit=functools.partial(collect, j), n=num_samples,
-                             max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0, seed=j))
+    prompts = {j: tokenizer.render_for_completion(convs[j]) for j in mine}
+    # prompts that leave no room in the model's context: wrong, without decoding
+    fits = [j for j in mine if len(prompts[j]) < scheduler.max_len]
+    too_long = len(mine) - len(fits)
+    bar.update(too_long)
+    jobs = [Job(prompts[j], emit=None, n=num_samples, max_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k or 0, seed=j) for j in fits]
     try:
-        while choices_left:
-            if not scheduler.run_once():
-                time.sleep(0.005)  # every active row is waiting for its tool
+        results = run_to_completion(scheduler, jobs, on_job_done=lambda _: bar.update(1))
     finally:
         bar.close()
         scheduler.stop()
+    texts = {j: [c.text for c in choices] for j, choices in zip(fits, results)}
+    errors = [(j, i) for j, choices in zip(fits, results) for i, c in enumerate(choices) if c.finish_reason == "error"]
     skipped = torch.tensor(too_long, dtype=torch.long, device=device)
     if dist.is_initialized():
         dist.all_reduce(skipped)
@@ -109,7 +91,7 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
         print0(f"warning: {len(errors)} of {len(mine) * num_samples} {type(task).__name__} completions failed "
                f"on the engine (counted as wrong); e.g. problem {errors[0][0]} (see the traceback above)")
     with ThreadPoolExecutor(4) as pool:
-        passed = pool.map(lambda j: any(task.evaluate(convs[j], c) for c in texts[j]), mine)
+        passed = pool.map(lambda j: any(task.evaluate(convs[j], c) for c in texts[j]), fits)
         correct = torch.tensor(sum(passed), dtype=torch.long, device=device)
     return _mean(correct, n)
 
@@ -120,6 +102,22 @@ def constant_answer_baseline(task, max_problems: int | None = None, answers=rang
     n = len(task) if max_problems is None else min(max_problems, len(task))
     convs = [task[i] for i in range(n)]
     return max(sum(task.evaluate(c, f"#### {a}") for c in convs) / max(1, n) for a in answers)
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of an accuracy measured on n problems (Wilson score interval: unlike p ± 1.96·se
+    it stays inside [0, 1] and is honest at 0 and 1). 64 problems at 0.8: 0.69-0.88."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def with_interval(accuracy: float, n: int) -> str:
+    """'0.8047 (95% CI 0.75-0.85, 256 problems)'."""
+    lo, hi = wilson_interval(accuracy, n)
+    return f"{accuracy:.4f} (95% CI {lo:.2f}–{hi:.2f}, {n} problems)"
 
 
 def _mean(correct: torch.Tensor, n: int) -> float:
@@ -138,6 +136,8 @@ def evaluate_task(model, tokenizer, task, **kwargs) -> float:
 # Random-guess baselines for ChatCORE: 4-way multiple choice 0.25, generative 0 (docs/DESIGN.md#chat-evals-and-chatcore).
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
+# Tasks chat_eval also runs by name (-a), outside ChatCORE: the offline demo's arithmetic.
+EXTRA_TASKS = ("Arithmetic",)
 
 
 def chatcore(results: dict[str, float]) -> float | None:

@@ -12,23 +12,17 @@ continues exactly: same data, same optimizer state, same losses as an uninterrup
 """
 from __future__ import annotations
 
-import math
-import time
-
 import torch
-import torch.distributed as dist
 
-from picochat.checkpoint import save_checkpoint
 from picochat.cli import Parser, add_device_args, int_or_auto
-from picochat.common import (PicochatError, check_model_tag, checkpoint_dir, peak_flops, print0, resolve_dtype,
-                             seed_everything, setup_device, shutdown_distributed)
+from picochat.common import (PicochatError, check_model_tag, checkpoint_dir, dist_info, peak_flops, print0,
+                             resolve_dtype, seed_everything, setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
-from picochat.training import (append_metrics, batch_layout, check_shared_checkpoint_dir,
-                               estimate_eval_memory_gib, estimate_memory_gib, load_for_resume, lr_multiplier_by_step, muon_momentum, run_is_complete,
-                               set_schedules, truncate_metrics)
+from picochat.loop import LoopSettings, Recipe, StepData, run_loop
+from picochat.training import batch_layout, estimate_eval_memory_gib, estimate_memory_gib, lr_multiplier_by_step
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -102,7 +96,6 @@ def train(args, info, device, dtype):
     W = info.world_size
     tokenizer = get_tokenizer()
     args.dataset = args.dataset or default_dataset(tokenizer)
-    token_bytes = tokenizer.token_bytes().to(device)
     T = args.max_seq_len
     if T < 8:
         raise PicochatError(f"--max-seq-len must be at least 8, got {T}")
@@ -141,7 +134,6 @@ def train(args, info, device, dtype):
     args.model_tag = args.model_tag or f"d{args.depth}"  # saved resolved: later stages read it back
     model_tag = args.model_tag
     ckpt_root = checkpoint_dir("base", model_tag)
-    metrics_path = ckpt_root / "metrics.jsonl"
 
     mem = estimate_memory_gib(model, device_batch, T, dtype, W)
     eval_mem = estimate_eval_memory_gib(model, device_batch, T, dtype, W)
@@ -168,154 +160,86 @@ def train(args, info, device, dtype):
     ]:
         print0(f"{key:<{width}} {value}")
 
-    # --- resume --------------------------------------------------------------------------
-    check_shared_checkpoint_dir(ckpt_root, device)
-    step, loop = 0, {"smooth_loss": 0.0, "total_time": 0.0, "min_val_bpb": float("inf"), "last_metrics": {}}
-    loader_states = [None] * grad_accum
-    resumed = load_for_resume(ckpt_root, args.resume, args.resume_if_possible, info.rank,
-                              {"model_config": config.to_dict(), "world_size": W,
-                               "device_batch_size": device_batch, "total_batch_size": B_total})
-    was_resumed = resumed is not None
-    if resumed:
-        resume_step, meta, model_state, rank_state = resumed
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(rank_state["optimizer"])
-        loader_states = rank_state["loaders"]
-        torch.set_rng_state(rank_state["rng"])
-        step, loop = resume_step, meta["loop"]
-        del resumed, model_state, rank_state  # host copies; the model and optimizer hold their own
-        num_iterations = meta["num_iterations"]
-        if info.is_master:  # drop lines written after the checkpoint
-            truncate_metrics(metrics_path, step)
-        print0(f"resumed from step {step} of {num_iterations}")
-        if step == num_iterations and run_is_complete(metrics_path, step):
-            print0("this run is already complete; nothing to do")
-            return 0
-    elif info.is_master and metrics_path.exists():
-        metrics_path.unlink()
-
-    train_loaders = [PackingLoader(args.dataset, "train", tokenizer, device_batch, T,
-                                   stream=info.rank + k * W, num_streams=num_streams, device=device,
-                                   state=loader_states[k]) for k in range(grad_accum)]
-
+    loaders = [PackingLoader(args.dataset, "train", tokenizer, device_batch, T, stream=info.rank + k * W,
+                             num_streams=num_streams, device=device) for k in range(grad_accum)]
     compile_model = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
-    trunk = torch.compile(model.trunk, dynamic=False) if compile_model else model.trunk
     print0(f"{'compile':<{width}} {'trunk and head chunks (torch.compile)' if compile_model else 'no (eager)'}")
-    peak = peak_flops(device, dtype)
+    recipe = Pretraining(args, model, tokenizer, loaders, num_iterations, layout, T, compile_model, device, dtype)
+    meta = {"model_tag": model_tag, "model_config": config.to_dict(), "user_config": vars(args),
+            "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W, "device_batch_size": device_batch,
+            "total_batch_size": B_total, "max_seq_len": T, "num_iterations": num_iterations}
+    return run_loop(recipe, model, optimizer, LoopSettings.from_args(args), meta,
+                    must_match=("model_config", "world_size", "device_batch_size", "total_batch_size"))
 
-    def val_bpb() -> float:
+
+class Pretraining(Recipe):
+    """Next-token loss on packed documents, a fixed number of steps, LR by step; val bits per byte
+    (also before the first step) and, when due, greedy samples of the fixed prompts."""
+    stage = "base"
+    eval_at_start = True
+
+    def __init__(self, args, model, tokenizer, loaders, num_iterations, layout, seq_len, compile_model, device, dtype):
+        self.args, self.model, self.tokenizer, self.loaders = args, model, tokenizer, loaders
+        self.num_iterations, self.layout, self.seq_len = num_iterations, layout, seq_len
+        self.total_batch, self.compiled, self.device = layout.total_batch, compile_model, device
+        self.trunk = torch.compile(model.trunk, dynamic=False) if compile_model else model.trunk
+        self.token_bytes = tokenizer.token_bytes().to(device)
+        self.flops_per_token = model.flops_per_token()
+        self.peak = peak_flops(device, dtype) * dist_info().world_size
+
+    def next_step(self) -> StepData:
+        batches = [ld.next_batch() for ld in self.loaders]
+        return StepData(batches, count=sum(x.numel() for x, _ in batches))
+
+    def micro_loss(self, batch):
+        x, y = batch
+        return head_loss(self.trunk(x), self.model.lm_head.weight, y, reduction="sum", compiled=self.compiled)
+
+    def data_state(self):
+        return [ld.state_dict() for ld in self.loaders]
+
+    def load_data_state(self, state) -> None:
+        for ld, st in zip(self.loaders, state):
+            ld.load_state_dict(st)
+
+    def on_resume(self, meta: dict) -> None:
+        self.num_iterations = meta["num_iterations"]
+
+    def progress(self, step, sums) -> float:
+        return step / self.num_iterations
+
+    def may_end_at(self, step) -> bool:
+        return step >= self.num_iterations
+
+    def lr_multiplier(self, step, progress) -> float:
+        a = self.args
+        return lr_multiplier_by_step(step, self.num_iterations, a.warmup_ratio, a.warmdown_ratio, a.final_lr_frac)
+
+    def step_record(self, sums, dt) -> dict:
+        tok_per_sec = self.total_batch / dt
+        return {"tok_per_sec": tok_per_sec, "mfu": self.flops_per_token * tok_per_sec / self.peak}
+
+    def evaluate(self, step) -> dict:
         # Same streams as training, so the numbers do not depend on the number of processes.
-        steps = max(1, args.eval_tokens // (device_batch * T * num_streams))
-        loaders = [PackingLoader(args.dataset, "val", tokenizer, device_batch, T, stream=info.rank + k * W,
-                                 num_streams=num_streams, buffer_docs=100, device=device)
-                   for k in range(grad_accum)]
+        a, B, T = self.args, self.layout.device_batch, self.seq_len
+        info = dist_info()
+        num_streams = self.layout.grad_accum * info.world_size
+        steps = max(1, a.eval_tokens // (B * T * num_streams))
+        loaders = [PackingLoader(a.dataset, "val", self.tokenizer, B, T, stream=info.rank + k * info.world_size,
+                                 num_streams=num_streams, buffer_docs=100, device=self.device)
+                   for k in range(self.layout.grad_accum)]
         batches = (batch for ld in loaders for batch in ld.one_pass(steps))
-        model.eval()
-        result = evaluate_bpb(lambda x, y: model(x, y, loss_reduction="none"), batches, token_bytes)
-        model.train()
-        return result
+        return {"val_bpb": evaluate_bpb(lambda x, y: self.model(x, y, loss_reduction="none"), batches,
+                                        self.token_bytes)}
 
-    def samples() -> None:
-        if not info.is_master:
+    def after_step(self, step, last) -> None:
+        a = self.args
+        if not (last or (a.sample_every > 0 and step % a.sample_every == 0)) or not dist_info().is_master:
             return
-        model.eval()
-        engine = Engine(model, tokenizer)
+        self.model.eval()
+        engine = Engine(self.model, self.tokenizer)
         for prompt in SAMPLE_PROMPTS:
-            ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+            ids = self.tokenizer.encode(prompt, prepend=self.tokenizer.bos_id)
             out = engine.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
-            print0(f"  {prompt!r} → {tokenizer.decode(out)!r}")
-        model.train()
-
-    def checkpoint(at_step: int, loader_states: list[dict]) -> None:
-        meta = {"step": at_step, "model_tag": model_tag, "model_config": config.to_dict(), "user_config": vars(args),
-                "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W,
-                "device_batch_size": device_batch, "total_batch_size": B_total, "max_seq_len": T,
-                "num_iterations": num_iterations, "loop": loop}
-        rank_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                      "loaders": loader_states}
-        save_checkpoint(ckpt_root, at_step, model.state_dict(), meta, rank_state,
-                        keep_last=args.keep_last or None)
-        print0(f"saved checkpoint step {at_step} → {ckpt_root}")
-
-    def write_metrics(record: dict) -> None:
-        if info.is_master:
-            append_metrics(metrics_path, record)
-
-    # --- the loop --------------------------------------------------------------------------
-    if step == 0 and args.eval_every > 0:
-        v = val_bpb()
-        print0(f"step 0 | val bpb {v:.4f}")
-        write_metrics({"step": 0, "val_bpb": v})
-    model.train()
-    finished_before_final_eval = was_resumed and step == num_iterations
-
-    def saves_after(s: int) -> bool:
-        return s == num_iterations or (args.save_every > 0 and s % args.save_every == 0)
-
-    batches = [ld.next_batch() for ld in train_loaders] if step < num_iterations else []
-    while step < num_iterations:
-        t0 = time.perf_counter()
-        lr_mult = lr_multiplier_by_step(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_schedules(optimizer, lr_mult, muon_momentum(step))
-        loss_sum = torch.zeros((), device=device)
-        for x, y in batches:
-            loss = head_loss(trunk(x), model.lm_head.weight, y, compiled=compile_model)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        # Pack the next step's batches while the device is still busy with this one (nothing has
-        # waited for it yet); a checkpoint after this step records the loaders as they were before.
-        saved_loaders = [ld.state_dict() for ld in train_loaders] if saves_after(step + 1) else None
-        if step + 1 < num_iterations:
-            batches = [ld.next_batch() for ld in train_loaders]
-        if W > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item() / num_streams  # the step's one wait for the device (logging)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        step += 1
-        if not math.isfinite(train_loss):
-            raise PicochatError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
-
-        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
-        if step > 1:  # the first step includes compilation and warm-up
-            loop["total_time"] += dt
-        tok_per_sec = B_total / dt
-        mfu = flops_per_token * tok_per_sec / (peak * W)
-        record = {"step": step, "loss": train_loss, "smooth_loss": smooth, "lr_mult": lr_mult, "dt": dt,
-                  "tok_per_sec": tok_per_sec, "mfu": mfu, "tokens": step * B_total,
-                  "time": loop["total_time"]}
-        eta = (num_iterations - step) * loop["total_time"] / max(1, step - 1)
-        print0(f"step {step:5d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | "
-               f"lr× {lr_mult:.2f} | {dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
-               f"ETA {eta / 60:.1f} min")
-
-        last = step == num_iterations
-        if last:  # the model is saved before any final evaluation, so an eval crash loses nothing
-            loop["last_metrics"] = record
-            checkpoint(step, saved_loaders)
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            record["val_bpb"] = val_bpb()
-            loop["min_val_bpb"] = min(loop["min_val_bpb"], record["val_bpb"])
-            print0(f"step {step} | val bpb {record['val_bpb']:.4f}")
-        if last or (args.sample_every > 0 and step % args.sample_every == 0):
-            samples()
-        write_metrics(record)
-        if not last and args.save_every > 0 and step % args.save_every == 0:
-            checkpoint(step, saved_loaders)
-    if finished_before_final_eval:
-        # resumed from the final checkpoint (killed during the final eval): finish the eval
-        record = dict(loop["last_metrics"])
-        record["val_bpb"] = val_bpb()
-        print0(f"step {step} | val bpb {record['val_bpb']:.4f}")
-        samples()
-        write_metrics(record)
-
-    if device.type == "cuda":
-        print0(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print0(f"done: {step} steps, training time {loop['total_time'] / 60:.2f} min, "
-           f"min val bpb {loop['min_val_bpb']:.4f}")
-    return 0
+            print0(f"  {prompt!r} → {self.tokenizer.decode(out)!r}")
+        self.model.train()

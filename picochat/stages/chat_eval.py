@@ -1,5 +1,6 @@
 """
-Evaluate a chat model on ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and SpellingBee (test splits).
+Evaluate a chat model on ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and SpellingBee (test splits),
+and on request Arithmetic (the offline demo's). Every accuracy is printed with its 95% interval.
 
     picochat chat_eval --source sft                          # every task
     picochat chat_eval --source sft -a SpellingBee --max-problems 200
@@ -15,9 +16,10 @@ import time
 
 from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
-from picochat.common import (PicochatError, atomic_write_text, picochat_home, print0,
+from picochat.common import (TRAINING_STAGES, PicochatError, atomic_write_text, picochat_home, print0,
                              resolve_dtype, setup_device, shutdown_distributed)
-from picochat.evals.chat_eval import BASELINES, chatcore, constant_answer_baseline, evaluate_task
+from picochat.evals.chat_eval import (BASELINES, EXTRA_TASKS, chatcore, constant_answer_baseline, evaluate_task,
+                                     with_interval)
 
 
 def make_task(name: str, source: str):
@@ -36,15 +38,19 @@ def make_task(name: str, source: str):
     if name == "SpellingBee":
         from picochat.tasks.spelling import SpellingBee
         return SpellingBee(size=256, split="test")
-    raise PicochatError(f"unknown task {name!r}; choose from {', '.join(BASELINES)}")
+    if name == "Arithmetic":
+        from picochat.tasks.arithmetic import Arithmetic
+        return Arithmetic(size=256, split="test")
+    raise PicochatError(f"unknown task {name!r}; choose from {', '.join([*BASELINES, *EXTRA_TASKS])}")
 
 
 def build_parser() -> Parser:
     p = Parser("chat_eval", "Accuracy of a chat model on the chat benchmarks (test splits).")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    p.add_argument("--source", default="sft", choices=list(TRAINING_STAGES), help="which stage's model")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
-    p.add_argument("-a", "--tasks", default=",".join(BASELINES), help="comma-separated task names")
+    p.add_argument("-a", "--tasks", default=",".join(BASELINES),
+                   help=f"comma-separated task names (default: the ChatCORE tasks; also: {', '.join(EXTRA_TASKS)})")
     p.add_argument("--data-source", default="auto", choices=["auto", "hub", "offline"],
                    help="where task data comes from (auto: the Hub when reachable)")
     p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all)")
@@ -78,8 +84,9 @@ def main(argv=None):
                 max_problems=None if args.max_problems < 0 else args.max_problems,
                 num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k or None)
-            line = f"{name:<14} accuracy {results[name]:.4f}  ({time.perf_counter() - t0:.1f}s)"
-            if name in ("SpellingBee", "GSM8K"):
+            n = len(task) if args.max_problems < 0 else min(args.max_problems, len(task))
+            line = f"{name:<14} accuracy {with_interval(results[name], n)}  ({time.perf_counter() - t0:.1f}s)"
+            if name in ("SpellingBee", "GSM8K", "Arithmetic"):
                 chance = constant_answer_baseline(task, None if args.max_problems < 0 else args.max_problems)
                 results[f"{name}_chance"] = chance
                 line += f"  chance (best constant answer) {chance:.4f}"
@@ -92,7 +99,7 @@ def main(argv=None):
                     **{name: len(task) if args.max_problems < 0 else min(args.max_problems, len(task))
                        for name, task in tasks.items()}}
         results = {**earlier.get("results", {}), **results}
-        score = chatcore({k: v for k, v in results.items() if not k.endswith("_chance")})
+        score = chatcore({k: results[k] for k in BASELINES if k in results})
         if score is not None:
             print0(f"{'ChatCORE':<14} {score:.4f}" + ("  (with earlier results of this checkpoint)"
                                                      if set(earlier.get("results", {})) - set(names) else ""))

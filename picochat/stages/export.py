@@ -24,17 +24,16 @@ from pathlib import Path
 
 from picochat.checkpoint import latest_step, list_steps, load_checkpoint, load_meta, resolve_model_dir
 from picochat.cli import Parser
-from picochat.common import COMMAND_OF_STAGE, PicochatError, checkpoint_dir, picochat_home
+from picochat.common import COMMAND_OF_STAGE, TRAINING_STAGES, PicochatError, checkpoint_dir, picochat_home
 from picochat.interop import check_config, check_state_dict, expected_shapes, hf, swap_into_place
 from picochat.model import GPTConfig
 from picochat.report import read_log, run_log_path
 from picochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, get_tokenizer
 
-SOURCES = ("base", "mid", "sft", "rl")
+SOURCES = tuple(TRAINING_STAGES)
 PROVENANCE_FILE = "picochat.json"
 PROVENANCE_FORMAT = "picochat-export/1"
-STAGE_NAMES = {"base": "pretraining (base_train)", "mid": "midtraining (mid_train)",
-               "sft": "supervised fine-tuning (sft)", "rl": "reinforcement learning (rl)"}
+STAGE_NAMES = {name: f"{stage.title.lower()} ({stage.command})" for name, stage in TRAINING_STAGES.items()}
 
 
 def build_parser() -> Parser:

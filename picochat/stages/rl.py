@@ -1,0 +1,262 @@
+"""
+Reinforcement learning on tasks with a checker (GSM8K; SpellingBee and Arithmetic offline), on the
+shared training loop (picochat/loop.py) with the pieces in picochat/rl.py.
+
+    picochat rl --task SpellingBee,Arithmetic --source-tag demo     # the offline demo
+    torchrun --nproc_per_node=8 -m picochat rl                      # GSM8K, the d20 recipe
+
+Each step takes --prompts-per-step training problems (split over the processes), samples
+--num-samples completions of each at temperature 1 with the Python tool, rewards them with the task's
+checker and takes one policy-gradient step (the advantage is the reward minus the prompt's mean).
+Every --eval-every steps: pass@1..k on the task's test problems, into metrics.jsonl. The LR falls
+linearly to 0. Resumable like every stage (--save-every, --resume): the sampling seeds follow the
+step, so a resumed run draws the same completions.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from picochat.checkpoint import load_model
+from picochat.cli import Parser, add_device_args
+from picochat.common import (TRAINING_STAGES, PicochatError, check_model_tag, dist_info, print0,
+                             resolve_dtype, setup_device, shutdown_distributed)
+from picochat.loop import LoopSettings, Recipe, StepData, run_loop
+from picochat.rl import pass_at_k, policy_gradient_loss, sample_completions, score, training_rows
+from picochat.training import lr_multiplier_by_progress
+
+
+def _gsm8k(split):
+    from picochat.tasks.gsm8k import GSM8K
+    return GSM8K(split=split)
+
+
+def _spelling(split):
+    from picochat.tasks.spelling import SpellingBee
+    return SpellingBee(size=5000 if split == "train" else 256, split=split)
+
+
+def _arithmetic(split):
+    from picochat.tasks.arithmetic import Arithmetic
+    return Arithmetic(size=5000 if split == "train" else 256, split=split)
+
+
+# name -> task of a split ("train" or "test"); a test can add its own
+TASKS = {"GSM8K": _gsm8k, "SpellingBee": _spelling, "Arithmetic": _arithmetic}
+
+
+def build_parser() -> Parser:
+    p = Parser("rl", "Reinforcement learning with the task's checker as the reward (on-policy, "
+               "advantage = reward - the prompt's mean, no KL).")
+    p.add_argument("--task", default="GSM8K", help=f"task, or comma-separated tasks ({', '.join(TASKS)})")
+    p.add_argument("--source", default="sft", choices=TRAINING_STAGES["rl"].starts_from, help="stage to start from")
+    p.add_argument("--source-tag", default="", help="tag of the starting checkpoint (default: the only one)")
+    p.add_argument("--source-step", type=int, default=-1, help="step of the starting checkpoint (-1: latest)")
+    p.add_argument("--model-tag", default="", help="tag to save under (default: the source's tag)")
+    p.add_argument("--prompts-per-step", type=int, default=16, help="training problems per step, all processes")
+    p.add_argument("--num-samples", type=int, default=16, help="completions sampled per problem")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--top-k", type=int, default=50, help="top-k of the rollouts (0: off)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="completions per forward/backward")
+    p.add_argument("--rollout-batch", type=int, default=64, help="rows decoding together during sampling")
+    p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: --num-epochs of the training problems)")
+    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the training problems")
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="every learning rate, as a fraction of pretraining's")
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (at width 768)")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the head (at width 768)")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--eval-every", type=int, default=60, help="pass@k on the test problems every N steps (-1: end only)")
+    p.add_argument("--eval-problems", type=int, default=400, help="test problems per evaluation (all tasks together)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per test problem: pass@1..k")
+    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
+    p.add_argument("--resume-if-possible", action="store_true", help="resume when a checkpoint exists, else start")
+    p.add_argument("--seed", type=int, default=42, help="seed of the problem order and the sampling")
+    add_device_args(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag, tag in (("--model-tag", args.model_tag), ("--source-tag", args.source_tag)):
+        if tag:
+            check_model_tag(tag, flag)
+    names = [t.strip() for t in args.task.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise PicochatError(f"--task {args.task!r}: unknown task {unknown[0] if unknown else ''!r}; "
+                            f"choose from {', '.join(TASKS)}")
+    for flag in ("prompts_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):
+        if getattr(args, flag) < 1:
+            raise PicochatError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    info, device = setup_device(args.device)
+    try:
+        return train(args, names, info, device)
+    finally:
+        shutdown_distributed()
+
+
+def train(args, names, info, device):
+    from picochat.tasks.base import TaskMixture
+    from picochat.tokenizer import get_tokenizer
+    W = info.world_size
+    if args.prompts_per_step % W:
+        raise PicochatError(f"--prompts-per-step {args.prompts_per_step} does not split over {W} processes; "
+                            f"use a multiple of {W}")
+    tokenizer = get_tokenizer()
+    dtype = resolve_dtype(args.dtype, device)
+    model, source_meta = load_model(args.source, args.source_tag or None, device,
+                                    step=None if args.source_step < 0 else args.source_step, compute_dtype=dtype)
+    model.train()
+    train_tasks = [TASKS[n]("train") for n in names]
+    test_tasks = {n: TASKS[n]("test") for n in names}
+    train_task = train_tasks[0] if len(train_tasks) == 1 else TaskMixture(train_tasks)
+    steps = (args.num_iterations if args.num_iterations > 0
+             else math.ceil(args.num_epochs * len(train_task) / args.prompts_per_step))
+    model_tag = args.model_tag or source_meta["model_tag"]
+    f = args.init_lr_frac
+    optimizer = model.setup_optimizer(args.embedding_lr * f, args.unembedding_lr * f, args.matrix_lr * f,
+                                      args.weight_decay)
+    for key, value in [
+        ("source", f"{args.source} checkpoint {source_meta['model_tag']} step {source_meta['step']}"),
+        ("model", f"depth {model.config.n_layer}, width {model.config.n_embd}, {model.num_params():,} parameters, {dtype}"),
+        ("task", f"{', '.join(names)}: {len(train_task):,} training problems"),
+        ("per step", f"{args.prompts_per_step} problems × {args.num_samples} samples "
+                     f"({args.prompts_per_step // W} problems per process), temperature {args.temperature:g}"),
+        ("horizon", f"{steps} steps"),
+        ("evaluation", f"pass@1..{args.eval_samples} on {args.eval_problems} test problems every "
+                       f"{args.eval_every} steps"),
+        ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
+    ]:
+        print0(f"{key:<16} {value}")
+    recipe = PolicyGradient(args, model, tokenizer, train_task, test_tasks, steps)
+    meta = {"stage": "rl", "model_tag": model_tag, "model_config": model.config.to_dict(),
+            "user_config": vars(args) | {"model_tag": model_tag}, "compute_dtype": str(dtype).replace("torch.", ""),
+            "world_size": W, "max_seq_len": model.config.sequence_len, "num_iterations": steps,
+            "rollout": {"tasks": names, "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
+                        "device_batch_size": args.device_batch_size, "seed": args.seed},
+            "source": {"stage": args.source, "tag": source_meta["model_tag"], "step": source_meta["step"]}}
+    return run_loop(recipe, model, optimizer, LoopSettings.from_args(args), meta,
+                    must_match=("model_config", "world_size", "rollout"))
+
+
+class PolicyGradient(Recipe):
+    """One step: sample this process's problems, score, and the policy-gradient loss over the
+    sampled tokens, normalized by their count over every process."""
+    stage = "rl"
+    final_metric = "pass@1"
+    eval_at_start = True
+
+    def __init__(self, args, model, tokenizer, train_task, test_tasks, steps):
+        self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.train_task, self.test_tasks, self.steps = train_task, test_tasks, steps
+        self.position = 0  # the next step whose data is prepared
+        self._orders = {}
+
+    # --- data: the step's problems, sampled with seeds that follow the step ------------------------
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: random.Random(self.args.seed * 1_000_003 + epoch).sample(
+                range(len(self.train_task)), len(self.train_task))}
+        return self._orders[epoch]
+
+    def problems_of_step(self, step: int) -> list[int]:
+        """Global sample numbers of the step's problems that this process takes."""
+        info, P = dist_info(), self.args.prompts_per_step
+        return list(range(step * P + info.rank, (step + 1) * P, info.world_size))
+
+    def sample(self, task, conversations: list[dict], seeds: list[int], k: int):
+        a = self.args
+        prompts = [self.tokenizer.render_for_completion(c) for c in conversations]
+        room = self.model.config.sequence_len - 1
+        too_long = [len(p) for p in prompts if len(p) >= room]
+        if too_long:
+            raise PicochatError(f"a prompt of {too_long[0]} tokens leaves no room in the model's "
+                                f"{room + 1}-token context")
+        groups = sample_completions(self.model, self.tokenizer, prompts, seeds, k, a.max_new_tokens,
+                                    temperature=a.temperature, top_k=a.top_k, max_rows=a.rollout_batch)
+        for conv, group in zip(conversations, groups):
+            score(task, conv, group)
+        return groups
+
+    def next_step(self) -> StepData:
+        a, n = self.args, len(self.train_task)
+        numbers = self.problems_of_step(self.position)
+        self.position += 1
+        conversations = [self.train_task[self.order(g // n)[g % n]] for g in numbers]
+        seeds = [(a.seed << 32) + g * a.num_samples for g in numbers]
+        self.model.eval()
+        groups = self.sample(self.train_task, conversations, seeds, a.num_samples)
+        self.model.train()
+        rollouts = [r for group in groups for r in group]
+        micro, count = [], 0
+        for i in range(0, len(rollouts), a.device_batch_size):
+            inputs, targets, advantages, c = training_rows(rollouts[i:i + a.device_batch_size],
+                                                           self.tokenizer.bos_id)
+            device = self.model.lm_head.weight.device
+            micro.append((inputs.to(device), targets.to(device), advantages.to(device)))
+            count += c
+        return StepData(micro, count=float(count), sums={
+            "reward": sum(r.reward for r in rollouts), "samples": float(len(rollouts)),
+            "solved": float(sum(r.reward > 0 for r in rollouts)),
+            "tokens": float(sum(len(r.tokens) for r in rollouts)), "sampled_tokens": float(count)})
+
+    def micro_loss(self, batch):
+        return policy_gradient_loss(self.model, *batch)
+
+    def data_state(self):
+        return {"position": self.position}
+
+    def load_data_state(self, state) -> None:
+        self.position = state["position"]
+
+    # --- schedule -------------------------------------------------------------------------------
+    def progress(self, step, sums) -> float:
+        return step / self.steps
+
+    def may_end_at(self, step) -> bool:
+        return step >= self.steps
+
+    def lr_multiplier(self, step, progress) -> float:
+        return lr_multiplier_by_progress(progress, 1.0)  # linear to 0 over the whole run
+
+    def step_record(self, sums, dt) -> dict:
+        n = max(1.0, sums["samples"])
+        return {"reward": sums["reward"] / n, "solved": sums["solved"] / n, "mean_tokens": sums["tokens"] / n,
+                "sampled_tokens": int(sums["sampled_tokens"])}
+
+    # --- evaluation: pass@k on the test problems, the same seeds every time -----------------------
+    def evaluate(self, step) -> dict:
+        a, info = self.args, dist_info()
+        k = a.eval_samples
+        names = list(self.test_tasks)
+        per_task = [a.eval_problems // len(names) + (i < a.eval_problems % len(names)) for i in range(len(names))]
+        results = {}
+        device = self.model.lm_head.weight.device
+        correct_all = torch.zeros(k + 1, dtype=torch.float64, device=device)
+        for name, count in zip(names, per_task):
+            task = self.test_tasks[name]
+            count = min(count, len(task))
+            mine = list(range(info.rank, count, info.world_size))
+            seeds = [(a.seed << 32) + (1 << 31) + j * k for j in mine]
+            conversations = [task[j] for j in mine]
+            groups = self.sample(task, conversations, seeds, k) if mine else []
+            correct = [[task.evaluate(conv, r.text) for r in group] for conv, group in zip(conversations, groups)]
+            tally = torch.tensor([len(correct)] + [pass_at_k(correct, i) * len(correct) for i in range(1, k + 1)],
+                                 dtype=torch.float64, device=device)
+            if info.world_size > 1:
+                torch.distributed.all_reduce(tally)
+            total, *passed = tally.tolist()
+            correct_all += tally
+            results[f"{name}/pass@1"] = passed[0] / max(1.0, total)
+            results[f"{name}/pass@{k}"] = passed[-1] / max(1.0, total)
+        total, *passed = correct_all.tolist()
+        results.update({f"pass@{i}": passed[i - 1] / max(1.0, total) for i in range(1, k + 1)})
+        if len(names) == 1:
+            results = {key: v for key, v in results.items() if "/" not in key}
+        return results
