@@ -437,6 +437,9 @@ def data_note(runs: dict[str, StageRun]) -> str:
                      "training words by a hash of the word), so no evaluated item was trained on.")
     elif mixtures:
         lines.append("- chat stages train on the datasets' train splits and are evaluated on their test splits.")
+    if dataset == "demo" or "demo" in mixtures.values():
+        from picochat.data.sources import DEMO_LICENSES
+        lines.append("- licenses of the offline sources: " + "; ".join(f"{k}: {v}" for k, v in DEMO_LICENSES.items()))
     return "\n".join(lines) or "No training stage has run yet."
 
 
@@ -487,8 +490,15 @@ def chat_eval_section(ev: dict | None, stage: str) -> str:
     problems = ev.get("problems", {})
     rows = [[k, accuracy_of(ev, k), problems.get(k)] for k in ev.get("results", {})]
     rows.append(["ChatCORE", ev.get("chatcore"), None])
-    return (f"Checkpoint step {ev.get('step')}. Accuracies with their 95% interval (Wilson) over the "
+    text = (f"Checkpoint step {ev.get('step')}. Accuracies with their 95% interval (Wilson) over the "
             f"problems evaluated.\n\n" + table(["task", "accuracy", "problems"], rows))
+    everyday = ev.get("everyday")
+    if everyday:
+        text += ("\n\nEveryday prompts (greedy replies; docs/EVALS.md#everyday-prompts):\n\n" +
+                 table(["score", "value"], [[k.replace("_", " "), v] for k, v in everyday.items()]))
+        text += "\n\nSome replies, for a person to read:\n\n" + "\n".join(
+            f"- {prompt!r} → {reply!r}" for prompt, reply in ev.get("everyday_samples", []))
+    return text
 
 
 # -----------------------------------------------------------------------------

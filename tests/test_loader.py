@@ -117,3 +117,18 @@ def test_a_batch_still_in_flight_is_never_overwritten_by_the_next_one(home, byte
         loader.next_batch()
     for (x, y), (x0, y0) in zip(batches, snapshots):
         assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_cropped_tokens_are_counted_and_documents_that_fit_lose_only_row_tails(home, byte_tokenizer):
+    """tokens_cropped measures what the packer never trains on (docs/DATA.md): a document longer than
+    a row loses everything past the row; documents that fit lose at most a row's unfillable tail."""
+    write_shard(data_dir("long") / "shard_00000.parquet", ["x" * 500] * 8, row_group_size=2)
+    loader = PackingLoader("long", "train", byte_tokenizer, batch_size=1, seq_len=64, buffer_docs=4)
+    for _ in range(8):
+        loader.next_batch()
+    assert loader.tokens_cropped == 8 * (501 - 65)  # BOS + 500 bytes, of which a row keeps 65
+    write_shard(data_dir("fit") / "shard_00000.parquet", ["y" * 31] * 40, row_group_size=8)
+    loader = PackingLoader("fit", "train", byte_tokenizer, batch_size=1, seq_len=63, buffer_docs=8)
+    for _ in range(10):
+        loader.next_batch()
+    assert loader.tokens_cropped == 0  # 32-token documents fill 64-token rows exactly

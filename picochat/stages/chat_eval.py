@@ -44,13 +44,32 @@ def make_task(name: str, source: str):
     raise PicochatError(f"unknown task {name!r}; choose from {', '.join([*BASELINES, *EXTRA_TASKS])}")
 
 
+def everyday_scores(model, tokenizer, max_new_tokens: int) -> dict:
+    """The Everyday prompts (greetings, who are you, what is / tell me about a held-out topic, a
+    follow-up), replied to greedily and scored (docs/EVALS.md), plus bits per byte on held-out
+    conversations; printed, and returned for the eval file."""
+    from picochat.evals.everyday import chat_bpb, generate_replies, score_replies
+    from picochat.tasks.everyday import Everyday
+    from picochat.tasks.smalltalk import ChitChat
+    t0 = time.perf_counter()
+    scores, samples = score_replies(generate_replies(model, tokenizer, Everyday(), max_new_tokens=max_new_tokens))
+    scores["chat_bpb"] = chat_bpb(model, tokenizer, ChitChat(split="test"))
+    print0(f"{'Everyday':<14} {scores['prompts']} prompts: on topic {scores['topic_on_topic']:.2f}, canned "
+           f"{scores['canned']:.2f}, modern English {scores['modern_english']:.2f}, ends the turn "
+           f"{scores['ends_turn']:.2f}; chat bpb {scores['chat_bpb']:.3f}  ({time.perf_counter() - t0:.1f}s)")
+    for prompt, reply in samples:
+        print0(f"  {prompt!r} → {reply!r}")
+    return {"everyday": scores, "everyday_samples": samples}
+
+
 def build_parser() -> Parser:
     p = Parser("chat_eval", "Accuracy of a chat model on the chat benchmarks (test splits).")
     p.add_argument("--source", default="sft", choices=list(TRAINING_STAGES), help="which stage's model")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("-a", "--tasks", default=",".join(BASELINES),
-                   help=f"comma-separated task names (default: the ChatCORE tasks; also: {', '.join(EXTRA_TASKS)})")
+                   help=f"comma-separated task names (default: the ChatCORE tasks; also: {', '.join(EXTRA_TASKS)}, "
+                        f"Everyday: scored replies to everyday prompts)")
     p.add_argument("--data-source", default="auto", choices=["auto", "hub", "offline"],
                    help="where task data comes from (auto: the Hub when reachable)")
     p.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all)")
@@ -75,6 +94,8 @@ def main(argv=None):
                                  compute_dtype=resolve_dtype(args.dtype, device), tokenizer=tokenizer)
         tag = meta["model_tag"]
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        everyday = "Everyday" in names  # what a user sees: scored replies, not one accuracy
+        names = [n for n in names if n != "Everyday"]
         tasks = {name: make_task(name, args.data_source) for name in names}  # fail fast on a bad name
         results = {}
         for name, task in tasks.items():
@@ -91,6 +112,7 @@ def main(argv=None):
                 results[f"{name}_chance"] = chance
                 line += f"  chance (best constant answer) {chance:.4f}"
             print0(line)
+        extra = everyday_scores(model, tokenizer, args.max_new_tokens) if everyday and info.is_master else {}
         # Merge with earlier runs on this checkpoint, so `-a SpellingBee` after a full run keeps the
         # other tasks (and ChatCORE); `problems` says how many problems each score is over.
         out = picochat_home() / "evals" / f"chat_{args.source}_{tag}_step{meta['step']:06d}.json"
@@ -105,7 +127,9 @@ def main(argv=None):
                                                      if set(earlier.get("results", {})) - set(names) else ""))
         if info.is_master:
             atomic_write_text(out, json.dumps({"source": args.source, "model_tag": tag, "step": meta["step"],
-                                               "results": results, "problems": problems, "chatcore": score},
+                                               "results": results, "problems": problems, "chatcore": score,
+                                               **{k: v for k, v in earlier.items() if k.startswith("everyday")},
+                                               **extra},
                                               indent=2))
             print0(f"wrote {out}")
         return 0

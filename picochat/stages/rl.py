@@ -102,7 +102,6 @@ def main(argv=None):
 
 
 def train(args, names, info, device):
-    from picochat.tasks.base import TaskMixture
     from picochat.tokenizer import get_tokenizer
     W = info.world_size
     if args.prompts_per_step % W:
@@ -115,9 +114,9 @@ def train(args, names, info, device):
     model.train()
     train_tasks = [TASKS[n]("train") for n in names]
     test_tasks = {n: TASKS[n]("test") for n in names}
-    train_task = train_tasks[0] if len(train_tasks) == 1 else TaskMixture(train_tasks)
+    problems = [(task, i) for task in train_tasks for i in range(len(task))]  # each with its own checker
     steps = (args.num_iterations if args.num_iterations > 0
-             else math.ceil(args.num_epochs * len(train_task) / args.prompts_per_step))
+             else math.ceil(args.num_epochs * len(problems) / args.prompts_per_step))
     model_tag = args.model_tag or source_meta["model_tag"]
     f = args.init_lr_frac
     optimizer = model.setup_optimizer(args.embedding_lr * f, args.unembedding_lr * f, args.matrix_lr * f,
@@ -125,16 +124,16 @@ def train(args, names, info, device):
     for key, value in [
         ("source", f"{args.source} checkpoint {source_meta['model_tag']} step {source_meta['step']}"),
         ("model", f"depth {model.config.n_layer}, width {model.config.n_embd}, {model.num_params():,} parameters, {dtype}"),
-        ("task", f"{', '.join(names)}: {len(train_task):,} training problems"),
+        ("task", f"{', '.join(names)}: {len(problems):,} training problems"),
         ("per step", f"{args.prompts_per_step} problems × {args.num_samples} samples "
                      f"({args.prompts_per_step // W} problems per process), temperature {args.temperature:g}"),
         ("horizon", f"{steps} steps"),
-        ("evaluation", f"pass@1..{args.eval_samples} on {args.eval_problems} test problems every "
-                       f"{args.eval_every} steps"),
+        ("evaluation", f"pass@1..{args.eval_samples} on {args.eval_problems} test problems "
+                       + (f"every {args.eval_every} steps" if args.eval_every > 0 else "at the end")),
         ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
     ]:
         print0(f"{key:<16} {value}")
-    recipe = PolicyGradient(args, model, tokenizer, train_task, test_tasks, steps)
+    recipe = PolicyGradient(args, model, tokenizer, problems, test_tasks, steps)
     meta = {"stage": "rl", "model_tag": model_tag, "model_config": model.config.to_dict(),
             "user_config": vars(args) | {"model_tag": model_tag}, "compute_dtype": str(dtype).replace("torch.", ""),
             "world_size": W, "max_seq_len": model.config.sequence_len, "num_iterations": steps,
@@ -152,17 +151,17 @@ class PolicyGradient(Recipe):
     final_metric = "pass@1"
     eval_at_start = True
 
-    def __init__(self, args, model, tokenizer, train_task, test_tasks, steps):
+    def __init__(self, args, model, tokenizer, problems, test_tasks, steps):
         self.args, self.model, self.tokenizer = args, model, tokenizer
-        self.train_task, self.test_tasks, self.steps = train_task, test_tasks, steps
+        self.problems, self.test_tasks, self.steps = problems, test_tasks, steps  # problems: (task, index)
         self.position = 0  # the next step whose data is prepared
         self._orders = {}
 
     # --- data: the step's problems, sampled with seeds that follow the step ------------------------
     def order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: random.Random(self.args.seed * 1_000_003 + epoch).sample(
-                range(len(self.train_task)), len(self.train_task))}
+            n = len(self.problems)
+            self._orders = {epoch: random.Random(self.args.seed * 1_000_003 + epoch).sample(range(n), n)}
         return self._orders[epoch]
 
     def problems_of_step(self, step: int) -> list[int]:
@@ -170,7 +169,8 @@ class PolicyGradient(Recipe):
         info, P = dist_info(), self.args.prompts_per_step
         return list(range(step * P + info.rank, (step + 1) * P, info.world_size))
 
-    def sample(self, task, conversations: list[dict], seeds: list[int], k: int):
+    def sample(self, tasks: list, conversations: list[dict], seeds: list[int], k: int):
+        """k completions of each conversation, scored by its task's checker."""
         a = self.args
         prompts = [self.tokenizer.render_for_completion(c) for c in conversations]
         room = self.model.config.sequence_len - 1
@@ -180,18 +180,19 @@ class PolicyGradient(Recipe):
                                 f"{room + 1}-token context")
         groups = sample_completions(self.model, self.tokenizer, prompts, seeds, k, a.max_new_tokens,
                                     temperature=a.temperature, top_k=a.top_k, max_rows=a.rollout_batch)
-        for conv, group in zip(conversations, groups):
+        for task, conv, group in zip(tasks, conversations, groups):
             score(task, conv, group)
         return groups
 
     def next_step(self) -> StepData:
-        a, n = self.args, len(self.train_task)
+        a, n = self.args, len(self.problems)
         numbers = self.problems_of_step(self.position)
         self.position += 1
-        conversations = [self.train_task[self.order(g // n)[g % n]] for g in numbers]
+        picked = [self.problems[self.order(g // n)[g % n]] for g in numbers]
+        conversations = [task[i] for task, i in picked]
         seeds = [(a.seed << 32) + g * a.num_samples for g in numbers]
         self.model.eval()
-        groups = self.sample(self.train_task, conversations, seeds, a.num_samples)
+        groups = self.sample([task for task, _ in picked], conversations, seeds, a.num_samples)
         self.model.train()
         rollouts = [r for group in groups for r in group]
         micro, count = [], 0
@@ -245,7 +246,7 @@ class PolicyGradient(Recipe):
             mine = list(range(info.rank, count, info.world_size))
             seeds = [(a.seed << 32) + (1 << 31) + j * k for j in mine]
             conversations = [task[j] for j in mine]
-            groups = self.sample(task, conversations, seeds, k) if mine else []
+            groups = self.sample([task] * len(mine), conversations, seeds, k) if mine else []
             correct = [[task.evaluate(conv, r.text) for r in group] for conv, group in zip(conversations, groups)]
             tally = torch.tensor([len(correct)] + [pass_at_k(correct, i) * len(correct) for i in range(1, k + 1)],
                                  dtype=torch.float64, device=device)

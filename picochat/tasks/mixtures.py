@@ -4,6 +4,11 @@ recipe) and `--mixture demo` (offline sources only). A mixture is a (train, val)
 """
 from __future__ import annotations
 
+# Sizes of the demo mixtures' general conversation and SpellingBee (docs/DATA.md has the token shares).
+DEMO_CHATS, SFT_CHATS = 2500, 1000    # ChitChat windows: midtraining's, then SFT's, disjoint
+DEMO_QA, SFT_QA = 2500, 1000          # EncyclopediaQA questions, the same way
+MID_SPELLING_BEE, SFT_SPELLING_BEE = 10_000, 1_700  # were 8,000 and 1,000 before general conversation
+
 
 def mid_mixture(kind: str):
     """Midtraining: (train, val) for --mixture full (the Hub) or demo (offline)."""
@@ -21,14 +26,21 @@ def mid_mixture(kind: str):
         val = TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
                            GSM8K(split="test", stop=420)])
         return train, val
-    # Offline: synthetic tasks plus the MMLU/ARC splits the evaluations do not use (they test on test).
+    # Offline: synthetic tasks, the MMLU/ARC splits the evaluations do not use (they test on test),
+    # and general conversation (tasks/smalltalk.py, tasks/encyclopedia.py) on their train splits.
+    # SpellingBee grows with the mixture so its share of the tokens stays about what it was.
     from picochat.tasks.arithmetic import Arithmetic
-    train = TaskMixture([SpellingBee(size=8000, split="train"), SimpleSpelling(size=2000, split="train"),
+    from picochat.tasks.encyclopedia import EncyclopediaQA
+    from picochat.tasks.smalltalk import Chatterbot, ChitChat
+    train = TaskMixture([SpellingBee(size=MID_SPELLING_BEE, split="train"), SimpleSpelling(size=2000, split="train"),
                          Arithmetic(size=2000, split="train"), IdentityConversations(), IdentityConversations(),
                          MMLU(subset="all", split="validation", source="offline"),
                          ARC(subset="ARC-Easy", split="validation", source="offline"),
-                         ARC(subset="ARC-Challenge", split="validation", source="offline")])
-    val = TaskMixture([SpellingBee(size=200, split="test"), Arithmetic(size=200, split="test")])
+                         ARC(subset="ARC-Challenge", split="validation", source="offline"),
+                         ChitChat(split="train", stop=DEMO_CHATS), Chatterbot(),
+                         EncyclopediaQA(split="train", stop=DEMO_QA)])
+    val = TaskMixture([SpellingBee(size=200, split="test"), Arithmetic(size=200, split="test"),
+                       ChitChat(split="test", stop=200), EncyclopediaQA(split="test", stop=200)])
     return train, val
 
 
@@ -46,11 +58,17 @@ def sft_mixture(kind: str):
                              SimpleSpelling(size=300, split="train"), SpellingBee(size=300, split="train")])
         return train, SmolTalk(split="test")
     from picochat.tasks.arithmetic import Arithmetic
+    from picochat.tasks.encyclopedia import EncyclopediaQA
     from picochat.tasks.mmlu import MMLU
+    from picochat.tasks.smalltalk import Chatterbot, ChitChat
+    # Conversations midtraining did not see (the slices after its own), and every other chatterbot exchange.
     train = TaskMixture([ARC(subset="ARC-Easy", split="validation", source="offline"),
                          ARC(subset="ARC-Challenge", split="validation", source="offline"),
                          MMLU(subset="all", split="validation", source="offline"), IdentityConversations(),
-                         SimpleSpelling(size=300, split="train"), SpellingBee(size=1000, split="train"),
-                         Arithmetic(size=300, split="train")])
-    val = TaskMixture([SpellingBee(size=200, split="test"), Arithmetic(size=200, split="test")])
+                         SimpleSpelling(size=300, split="train"), SpellingBee(size=SFT_SPELLING_BEE, split="train"),
+                         Arithmetic(size=300, split="train"),
+                         ChitChat(split="train", start=DEMO_CHATS, stop=DEMO_CHATS + SFT_CHATS),
+                         Chatterbot(step=2), EncyclopediaQA(split="train", start=DEMO_QA, stop=DEMO_QA + SFT_QA)])
+    val = TaskMixture([SpellingBee(size=200, split="test"), Arithmetic(size=200, split="test"),
+                       ChitChat(split="test", stop=200), EncyclopediaQA(split="test", stop=200)])
     return train, val
