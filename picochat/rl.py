@@ -10,7 +10,9 @@ The loss is -Σ advantage · log p(token) over the sampled tokens only (the prom
 forced into the stream are not the policy's choices), divided by the number of sampled tokens.
 
 Sampling is seeded per (step, prompt, sample), so a resumed run and a run on any number of
-processes draw the same completions (up to float rounding in batched matmuls).
+processes draw the same completions (up to float rounding in batched matmuls). Like the seed's RL,
+the samples are drawn with top-k (50 by default) while the loss scores them under the full
+distribution: an approximation that only matters for the rare token outside the top k.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ class Rollout:
     tokens: list[int]     # generated tokens, the assistant-end token included when it was sampled
     sampled: list[bool]   # False where the token was forced in (the tool's output)
     text: str
+    failed: bool = False  # the engine failed on this row (out of memory...): not scored, not trained on
     reward: float = 0.0
+    correct: bool = False  # the task's own pass/fail check
     advantage: float = 0.0
 
 
@@ -48,22 +52,29 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], seeds: list[i
             results = run_to_completion(scheduler, jobs)
     finally:
         scheduler.stop()
-    return [[Rollout(prompt, c.tokens or [], c.sampled or [], c.text) for c in choices]
-            for prompt, choices in zip(prompts, results)]
+    return [[Rollout(prompt, c.tokens or [], c.sampled or [], c.text, failed=c.finish_reason == "error")
+             for c in choices] for prompt, choices in zip(prompts, results)]
 
 
 def score(task, conversation: dict, group: list[Rollout]) -> None:
-    """Rewards from the task's checker; advantages against the mean of the prompt's samples."""
-    for r in group:
+    """Rewards from the task's checker; advantages against the mean of the prompt's samples (the
+    failed ones left out: they get neither a reward nor an advantage)."""
+    ok = [r for r in group if not r.failed]
+    for r in ok:
         r.reward = float(task.reward(conversation, r.text))
-    mean = sum(r.reward for r in group) / len(group)
-    for r in group:
+        r.correct = bool(task.evaluate(conversation, r.text))
+    mean = sum(r.reward for r in ok) / max(1, len(ok))
+    for r in ok:
         r.advantage = r.reward - mean
 
 
 def training_rows(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(inputs, targets, advantages, number of sampled tokens) for a list of rollouts, padded to the
-    longest. targets is -1 wherever nothing is learned: the prompt, forced tool output, padding."""
+    longest. targets is -1 wherever nothing is learned: the prompt, forced tool output, padding.
+    No rollouts give one row with nothing to learn (every process must run a backward)."""
+    if not rollouts:
+        return (torch.full((1, 1), pad_id, dtype=torch.long), torch.full((1, 1), -1, dtype=torch.long),
+                torch.zeros((1, 1)), 0)
     width = max(len(r.prompt) + len(r.tokens) for r in rollouts) - 1
     inputs = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rollouts), width), -1, dtype=torch.long)

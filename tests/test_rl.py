@@ -37,6 +37,9 @@ def test_the_policy_gradient_loss_is_the_hand_computed_sum_over_sampled_tokens_o
         def reward(self, conversation, text):
             return float(text.startswith("a"))
 
+        def evaluate(self, conversation, text):
+            return text.startswith("a")
+
     group = [Rollout([1, 2, 3], [7, 8, 9, 10], [True, False, False, True], "abc"),  # 8, 9: the tool's output
              Rollout([1, 2, 3], [11, 12], [True, True], "xyz")]
     score(Half(), {}, group)

@@ -115,7 +115,7 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
 
 
 def with_interval(accuracy: float, n: int) -> str:
-    """'0.8047 (95% CI 0.75-0.85, 256 problems)'."""
+    """'0.8047 (95% CI 0.75–0.85, 256 problems)'."""
     lo, hi = wilson_interval(accuracy, n)
     return f"{accuracy:.4f} (95% CI {lo:.2f}–{hi:.2f}, {n} problems)"
 

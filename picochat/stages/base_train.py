@@ -18,6 +18,7 @@ from picochat.cli import Parser, add_device_args, int_or_auto
 from picochat.common import (PicochatError, check_model_tag, checkpoint_dir, dist_info, peak_flops, print0,
                              resolve_dtype, seed_everything, setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
+from picochat.data.sources import read_manifest
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
@@ -167,9 +168,10 @@ def train(args, info, device, dtype):
     recipe = Pretraining(args, model, tokenizer, loaders, num_iterations, layout, T, compile_model, device, dtype)
     meta = {"model_tag": model_tag, "model_config": config.to_dict(), "user_config": vars(args),
             "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W, "device_batch_size": device_batch,
-            "total_batch_size": B_total, "max_seq_len": T, "num_iterations": num_iterations}
+            "total_batch_size": B_total, "max_seq_len": T, "num_iterations": num_iterations,
+            "data_recipe": (read_manifest(args.dataset) or {}).get("recipe")}  # a rebuilt corpus is new data
     return run_loop(recipe, model, optimizer, LoopSettings.from_args(args), meta,
-                    must_match=("model_config", "world_size", "device_batch_size", "total_batch_size"))
+                    must_match=("model_config", "world_size", "device_batch_size", "total_batch_size", "data_recipe"))
 
 
 class Pretraining(Recipe):
@@ -177,6 +179,7 @@ class Pretraining(Recipe):
     (also before the first step) and, when due, greedy samples of the fixed prompts."""
     stage = "base"
     eval_at_start = True
+    untimed_first_step = True
 
     def __init__(self, args, model, tokenizer, loaders, num_iterations, layout, seq_len, compile_model, device, dtype):
         self.args, self.model, self.tokenizer, self.loaders = args, model, tokenizer, loaders

@@ -21,7 +21,7 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
-from picochat.common import PicochatError, decode_dtype, dist_info, resolve_device
+from picochat.common import TRAINING_STAGES, PicochatError, decode_dtype, dist_info, resolve_device
 from picochat.engine import Engine, StreamDecoder
 from picochat.tokenizer import get_tokenizer
 
@@ -35,7 +35,7 @@ ANSI = {"bold": "\033[1m", "dim": "\033[2m", "cyan": "\033[36m", "reset": "\033[
 
 def build_parser() -> Parser:
     p = Parser("chat", "Chat with a trained model in the terminal, interactively or one prompt with -p.")
-    p.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="which stage's checkpoint")
+    p.add_argument("--source", default="sft", choices=list(TRAINING_STAGES), help="which stage's checkpoint")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one there)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("-p", "--prompt", default="", help="answer this one prompt, then exit")

@@ -112,7 +112,8 @@ def main(argv=None):
                 results[f"{name}_chance"] = chance
                 line += f"  chance (best constant answer) {chance:.4f}"
             print0(line)
-        extra = everyday_scores(model, tokenizer, args.max_new_tokens) if everyday and info.is_master else {}
+        # every process runs all 50 prompts (a few seconds): chat bpb's sums are collectives
+        extra = everyday_scores(model, tokenizer, args.max_new_tokens) if everyday else {}
         # Merge with earlier runs on this checkpoint, so `-a SpellingBee` after a full run keeps the
         # other tasks (and ChatCORE); `problems` says how many problems each score is over.
         out = picochat_home() / "evals" / f"chat_{args.source}_{tag}_step{meta['step']:06d}.json"

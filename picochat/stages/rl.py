@@ -20,9 +20,8 @@ import random
 import torch
 
 from picochat.checkpoint import load_model
-from picochat.cli import Parser, add_device_args
-from picochat.common import (TRAINING_STAGES, PicochatError, check_model_tag, dist_info, print0,
-                             resolve_dtype, setup_device, shutdown_distributed)
+from picochat.cli import Parser, add_device_args, add_source_args, check_tags
+from picochat.common import PicochatError, dist_info, print0, resolve_dtype, setup_device, shutdown_distributed
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
 from picochat.rl import pass_at_k, policy_gradient_loss, sample_completions, score, training_rows
 from picochat.training import lr_multiplier_by_progress
@@ -51,10 +50,7 @@ def build_parser() -> Parser:
     p = Parser("rl", "Reinforcement learning with the task's checker as the reward (on-policy, "
                "advantage = reward - the prompt's mean, no KL).")
     p.add_argument("--task", default="GSM8K", help=f"task, or comma-separated tasks ({', '.join(TASKS)})")
-    p.add_argument("--source", default="sft", choices=TRAINING_STAGES["rl"].starts_from, help="stage to start from")
-    p.add_argument("--source-tag", default="", help="tag of the starting checkpoint (default: the only one)")
-    p.add_argument("--source-step", type=int, default=-1, help="step of the starting checkpoint (-1: latest)")
-    p.add_argument("--model-tag", default="", help="tag to save under (default: the source's tag)")
+    add_source_args(p, "rl", "sft")
     p.add_argument("--prompts-per-step", type=int, default=16, help="training problems per step, all processes")
     p.add_argument("--num-samples", type=int, default=16, help="completions sampled per problem")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion")
@@ -83,15 +79,14 @@ def build_parser() -> Parser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for flag, tag in (("--model-tag", args.model_tag), ("--source-tag", args.source_tag)):
-        if tag:
-            check_model_tag(tag, flag)
+    check_tags(args)
     names = [t.strip() for t in args.task.split(",") if t.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise PicochatError(f"--task {args.task!r}: unknown task {unknown[0] if unknown else ''!r}; "
                             f"choose from {', '.join(TASKS)}")
-    for flag in ("prompts_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):
+    for flag in ("prompts_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples",
+                 "eval_problems"):
         if getattr(args, flag) < 1:
             raise PicochatError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     info, device = setup_device(args.device)
@@ -169,19 +164,26 @@ class PolicyGradient(Recipe):
         info, P = dist_info(), self.args.prompts_per_step
         return list(range(step * P + info.rank, (step + 1) * P, info.world_size))
 
-    def sample(self, tasks: list, conversations: list[dict], seeds: list[int], k: int):
-        """k completions of each conversation, scored by its task's checker."""
+    def sample(self, tasks: list, conversations: list[dict], seeds: list[int], k: int) -> list:
+        """k completions of each conversation, scored by its task's checker; None for a prompt that
+        leaves no room in the model's context (skipped in training, wrong in evaluation)."""
         a = self.args
         prompts = [self.tokenizer.render_for_completion(c) for c in conversations]
-        room = self.model.config.sequence_len - 1
-        too_long = [len(p) for p in prompts if len(p) >= room]
-        if too_long:
-            raise PicochatError(f"a prompt of {too_long[0]} tokens leaves no room in the model's "
-                                f"{room + 1}-token context")
-        groups = sample_completions(self.model, self.tokenizer, prompts, seeds, k, a.max_new_tokens,
-                                    temperature=a.temperature, top_k=a.top_k, max_rows=a.rollout_batch)
-        for task, conv, group in zip(tasks, conversations, groups):
-            score(task, conv, group)
+        fits = [i for i, p in enumerate(prompts) if len(p) < self.model.config.sequence_len]
+        if len(fits) < len(prompts):
+            print(f"warning: {len(prompts) - len(fits)} prompt(s) do not fit the model's "
+                  f"{self.model.config.sequence_len}-token context; skipped", flush=True)
+        groups = [None] * len(prompts)
+        sampled = sample_completions(self.model, self.tokenizer, [prompts[i] for i in fits], [seeds[i] for i in fits],
+                                     k, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                     max_rows=a.rollout_batch)
+        for i, group in zip(fits, sampled):
+            score(tasks[i], conversations[i], group)
+            groups[i] = group
+        failed = sum(r.failed for group in sampled for r in group)
+        if failed:
+            print(f"warning: {failed} completion(s) failed on the engine (see the traceback above); "
+                  f"not trained on", flush=True)
         return groups
 
     def next_step(self) -> StepData:
@@ -194,9 +196,9 @@ class PolicyGradient(Recipe):
         self.model.eval()
         groups = self.sample([task for task, _ in picked], conversations, seeds, a.num_samples)
         self.model.train()
-        rollouts = [r for group in groups for r in group]
+        rollouts = [r for group in groups if group for r in group if not r.failed]
         micro, count = [], 0
-        for i in range(0, len(rollouts), a.device_batch_size):
+        for i in range(0, max(1, len(rollouts)), a.device_batch_size):  # at least one (maybe empty) batch
             inputs, targets, advantages, c = training_rows(rollouts[i:i + a.device_batch_size],
                                                            self.tokenizer.bos_id)
             device = self.model.lm_head.weight.device
@@ -204,11 +206,14 @@ class PolicyGradient(Recipe):
             count += c
         return StepData(micro, count=float(count), sums={
             "reward": sum(r.reward for r in rollouts), "samples": float(len(rollouts)),
-            "solved": float(sum(r.reward > 0 for r in rollouts)),
-            "tokens": float(sum(len(r.tokens) for r in rollouts)), "sampled_tokens": float(count)})
+            "correct": float(sum(r.correct for r in rollouts)),
+            "generated_tokens": float(sum(len(r.tokens) for r in rollouts)), "sampled_tokens": float(count)})
 
     def micro_loss(self, batch):
         return policy_gradient_loss(self.model, *batch)
+
+    def on_resume(self, meta: dict) -> None:
+        self.steps = meta["num_iterations"]  # the horizon the run started with, whatever the flags say now
 
     def data_state(self):
         return {"position": self.position}
@@ -228,8 +233,8 @@ class PolicyGradient(Recipe):
 
     def step_record(self, sums, dt) -> dict:
         n = max(1.0, sums["samples"])
-        return {"reward": sums["reward"] / n, "solved": sums["solved"] / n, "mean_tokens": sums["tokens"] / n,
-                "sampled_tokens": int(sums["sampled_tokens"])}
+        return {"reward": sums["reward"] / n, "correct": sums["correct"] / n,
+                "mean_tokens": sums["generated_tokens"] / n, "sampled_tokens": int(sums["sampled_tokens"])}
 
     # --- evaluation: pass@k on the test problems, the same seeds every time -----------------------
     def evaluate(self, step) -> dict:
@@ -247,7 +252,7 @@ class PolicyGradient(Recipe):
             seeds = [(a.seed << 32) + (1 << 31) + j * k for j in mine]
             conversations = [task[j] for j in mine]
             groups = self.sample([task] * len(mine), conversations, seeds, k) if mine else []
-            correct = [[task.evaluate(conv, r.text) for r in group] for conv, group in zip(conversations, groups)]
+            correct = [[r.correct for r in group] if group else [False] * k for group in groups]
             tally = torch.tensor([len(correct)] + [pass_at_k(correct, i) * len(correct) for i in range(1, k + 1)],
                                  dtype=torch.float64, device=device)
             if info.world_size > 1:

@@ -28,7 +28,7 @@ import torch
 
 from picochat.checkpoint import load_model, resolve_model_dir
 from picochat.cli import Parser, add_device_args, positive_int
-from picochat.common import PicochatError, dist_info, resolve_device, resolve_dtype
+from picochat.common import TRAINING_STAGES, PicochatError, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine
 from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
 from picochat.serve.app import (BODY_TIMEOUT_S, FD_RESERVE, HEADER_TIMEOUT_S, LOOPBACK_NAMES, MAX_CONNECTIONS,
@@ -39,7 +39,7 @@ from picochat.tokenizer import get_tokenizer
 
 def build_parser() -> Parser:
     p = Parser("serve", "Serve a chat model over an OpenAI-compatible HTTP API and a web chat page.")
-    p.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="which stage's checkpoint")
+    p.add_argument("--source", default="sft", choices=list(TRAINING_STAGES), help="which stage's checkpoint")
     p.add_argument("--model-tag", default="", help="checkpoint tag (default: the only one there)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-key")

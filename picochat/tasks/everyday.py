@@ -25,8 +25,8 @@ from picochat.data.sources import held_out, wiki_summaries
 from picochat.tasks.base import Task
 from picochat.tasks.encyclopedia import TELL, WHAT, WHO, first_sentences, subject_of, topic_name
 
-GREETINGS = ["Hi there, how are you?", "Good evening!", "Hey, what's up?", "Good afternoon.",
-             "Hi! Nice to meet you.", "Hello, how is your day going?"]
+GREETINGS = ["Hi there, how are you?", "Good evening!", "Hey, what have you been up to today?", "Good afternoon.",
+             "Good morning, how are you feeling?", "Hello, how is your day going?"]
 IDENTITY = ["Could you tell me who you are?", "What are you called?", "Who built you?",
             "What sort of things can you help me with?"]
 GENERAL = [("Why do people like music?", "music"), ("What should I eat for breakfast?", "breakfast"),
