@@ -91,6 +91,10 @@ class Recipe:
         """The stage's own numbers for the step's record (throughput, rewards, ...)."""
         return {}
 
+    def describe(self, record: dict) -> str:
+        """The step_record numbers as the progress line shows them."""
+        return " | ".join(f"{k} {_fmt(v)}" for k, v in record.items())
+
     def after_step(self, step: int, last: bool) -> None:
         """Anything else at the end of a step (base_train prints samples)."""
 
@@ -231,7 +235,7 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
         record.update(own)
         done_frac, timed = loop["progress"], loop.get("timed_progress", 0.0)
         eta = loop["total_time"] * (1 - done_frac) / timed if timed > 0 else float("nan")
-        extra = "".join(f" | {k} {_fmt(v)}" for k, v in own.items())
+        extra = f" | {recipe.describe(own)}" if own else ""
         print0(f"{recipe.stage} step {step} | loss {train_loss:.4f} | lr× {lr_mult:.2f} | "
                f"{100 * done_frac:.1f}% | {dt * 1000:.0f} ms{extra} | ETA {eta / 60:.1f} min")
         if last:  # saved before the final evaluation: a crash there loses no training

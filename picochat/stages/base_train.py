@@ -222,6 +222,9 @@ class Pretraining(Recipe):
         tok_per_sec = self.total_batch / dt
         return {"tok_per_sec": tok_per_sec, "mfu": self.flops_per_token * tok_per_sec / self.peak}
 
+    def describe(self, record) -> str:
+        return f"{record['tok_per_sec']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
+
     def evaluate(self, step) -> dict:
         # Same streams as training, so the numbers do not depend on the number of processes.
         a, B, T = self.args, self.layout.device_batch, self.seq_len
