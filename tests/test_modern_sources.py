@@ -173,7 +173,7 @@ def test_a_demo_corpus_of_an_older_recipe_is_rebuilt(wheels, tmp_path, capsys):
 # Chat tasks: the held-out split never reaches training
 
 def test_chat_tasks_split_by_title_and_conversation(wheels):
-    from picochat.tasks.encyclopedia import EncyclopediaQA
+    from picochat.tasks.encyclopedia import OPENERS, EncyclopediaQA
     from picochat.tasks.smalltalk import Chatterbot, ChitChat
     train, test = EncyclopediaQA(split="train"), EncyclopediaQA(split="test")
     assert {ex["title"] for ex in train} == {t for t, _, _ in fx.WIKI} - fx.HELD_OUT_TITLES
@@ -181,9 +181,10 @@ def test_chat_tasks_split_by_title_and_conversation(wheels):
     edison = next(ex for ex in train if ex["title"] == "Thomas Edison")["messages"]
     assert edison[0]["content"].startswith(("Who was Thomas Edison", "Do you know who Thomas Edison was",
                                             "Tell me", "What do you know", "Give me", "I'd like", "Explain"))
-    assert edison[1]["content"] == "Thomas Edison was an American inventor and businessman."
+    opener = next(o for o in OPENERS["what"] + OPENERS["tell"] if edison[1]["content"].startswith(o))
+    assert edison[1]["content"] == opener + "Thomas Edison was an American inventor and businessman."
     glacier = next(ex for ex in train if ex["title"] == "Glacier")["messages"][1]["content"]
-    assert len(glacier) <= 800 and glacier.endswith(".")
+    assert len(glacier) <= 520 and glacier.endswith(".")
 
     chats = ChitChat(split="train")
     assert {ex["id"] for ex in chats} == {"c1", "c2", "c7"}
@@ -192,6 +193,20 @@ def test_chat_tasks_split_by_title_and_conversation(wheels):
         roles = [m["role"] for m in ex["messages"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and all(m["content"] for m in ex["messages"])
     assert len(Chatterbot()) == fx.NUM_CHATTERBOT - 1  # the one-turn exchange is dropped
+
+
+def test_answers_restate_the_subject_as_asked():
+    """The opener puts the subject after a space, tokenized as the question has it; a follow-up
+    names the subject where the summary said 'It'."""
+    from picochat.tasks.encyclopedia import follow_up, restate
+    assert restate("The cello is a bowed instrument.", "the cello", "Sure, ") == "Sure, the cello is a bowed instrument."
+    assert restate("Yasser Arafat, also known as Abu Ammar, was a leader.", "Yasser Arafat", "Briefly, ") \
+        == "Briefly, Yasser Arafat, also known as Abu Ammar, was a leader."
+    assert restate("In botany, a leaf is an organ.", "a leaf", "Sure, ") == "In botany, a leaf is an organ."
+    summary = "Pteropus is a genus of bats. It is among the largest bats in the world. They live in Asia."
+    assert follow_up(summary, "Sure, Pteropus is a genus of bats.", "Pteropus") \
+        == "Pteropus is among the largest bats in the world. They live in Asia."
+    assert follow_up("Pteropus is a genus of bats.", "Pteropus is a genus of bats.", "Pteropus") is None
 
 
 class Stub:

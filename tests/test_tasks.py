@@ -21,7 +21,7 @@ from picochat.tasks.arithmetic import Arithmetic, problem_split
 from picochat.tasks.base import TaskMixture
 from picochat.tasks.gsm8k import GSM8K, solution_parts
 from picochat.tasks.humaneval import HumanEval, build_program
-from picochat.tasks.identity import IdentityConversations
+from picochat.tasks.identity import GREETINGS, IdentityConversations
 from picochat.tasks.mmlu import MMLU
 from picochat.tasks.smoltalk import SmolTalk
 from picochat.tasks.spelling import SimpleSpelling, SpellingBee, word_split
@@ -365,7 +365,9 @@ def test_identity_conversations_are_varied_deterministic_and_about_picochat():
     task = IdentityConversations()
     assert 200 <= len(task) <= 1000 and task[17] == IdentityConversations()[17]
     texts = [json.dumps(c) for c in task]
-    assert len(set(texts)) > 0.8 * len(task)
+    with_topics = [t for c, t in zip(task, texts) if len(c["messages"]) > 2 or c["messages"][0]["content"] not in
+                   {user for user, _ in GREETINGS}]
+    assert len(set(with_topics)) > 0.8 * len(with_topics) and len(with_topics) < 0.95 * len(task)  # some greet only
     for conv in task:
         roles = [m["role"] for m in conv["messages"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles

@@ -6,13 +6,22 @@ me about X." are answered with what X is, not with a canned line.
 - The question names the topic the way its summary does: "A hat is a head covering..." gives "What
   is a hat?"; a person ("Thomas Edison was...") gives "Who was Thomas Edison?". Other phrasings ask
   for a summary or an explanation.
-- The answer is the summary's first sentences, at most MAX_ANSWER_CHARS, so a conversation fits a
-  512-token row; "Tell me about" phrasings get up to the whole limit, "What is" ones the first two
-  sentences.
+- The answer is the summary's first sentence for "What is" phrasings, up to three sentences (at most
+  MAX_ANSWER_CHARS) for "Tell me about" ones: short answers that end their turn.
+- The answer restates the subject exactly as the question wrote it, after a short opener: "Tell me
+  about Pteropus." -> "Sure, Pteropus is a genus of...". The opener is there for the tokenizer: a word
+  that starts a text is split into other tokens than the same word after a space (" Pteropus" is
+  ' P','ter','op','us'; "Pteropus" is 'P','ter','op','us', and " Muscat" / "Muscat" share no token
+  at all), and a small model learns to copy a name token for token far more easily than to respell
+  it. Answers that do not start with the subject as asked (30%: "Punjabi, sometimes spelled
+  Panjabi, is..." for "What is Punjabi language?") stay as they are.
+- About a quarter of the conversations go on (a third of those with sentences left): "Go on." /
+  "Tell me more." -> the following sentences, where a leading "It"/"He"/"She" is replaced by the
+  subject, so the follow-up names the topic too.
 - Titles whose hash falls in the held-out 5% (`held_out(title)`, also validation of the pretraining
   corpus) are the test split: never in a training mixture, asked by the everyday evaluation.
 
-    EncyclopediaQA(split="train", stop=2500); EncyclopediaQA(split="test")
+    EncyclopediaQA(split="train", stop=7000); EncyclopediaQA(split="test")
 """
 from __future__ import annotations
 
@@ -23,12 +32,16 @@ from picochat.common import PicochatError
 from picochat.data.sources import held_out, wiki_summaries
 from picochat.tasks.base import Task
 
-MAX_ANSWER_CHARS = 800  # ~250 tokens at the demo tokenizer's 3.3 chars/token
-SHORT_SENTENCES = 2
+MAX_ANSWER_CHARS = 500  # ~150 tokens at the demo tokenizer's 3.3 chars/token
+SHORT_SENTENCES, LONG_SENTENCES = 1, 3
 
 WHAT = ["What {verb} {subject}?", "What {verb} {subject}?", "Can you explain what {subject} {verb}?",
         "what {verb} {subject}", "Do you know what {subject} {verb}?"]
 WHO = ["Who {verb} {subject}?", "Who {verb} {subject}?", "Do you know who {subject} {verb}?"]
+OPENERS = {"what": ["In short, ", "Simply put, ", "Briefly, "], "tell": ["Sure, ", "Sure! In short, ", "Of course: "]}
+MORE = ["Go on.", "Tell me more.", "What else can you tell me?", "Anything else?", "And what else?",
+        "Interesting. Tell me more."]  # unlike the Everyday evaluation's follow-ups
+PRONOUN = re.compile(r"^(It|He|She) (is|was|has|had|can|became|lived|served|wrote|remains|\w+ed)\b")
 TELL = ["Tell me about {subject}.", "Tell me something about {subject}.", "What do you know about {subject}?",
         "Give me a short summary of {subject}.", "I'd like to learn about {subject}.", "Explain {subject} to me."]
 
@@ -65,6 +78,27 @@ def first_sentences(text: str, max_chars: int, max_sentences: int | None = None)
     return out or text[:max_chars].rsplit(" ", 1)[0]
 
 
+def restate(answer: str, subject: str, opener: str) -> str:
+    """'Pteropus is a genus...' -> 'Sure, Pteropus is a genus...' with the subject spelled as the
+    question spelled it ('the cello', not 'The cello'); answers that do not start with it stay."""
+    if not re.match(re.escape(subject) + r"[ ,]", answer, re.IGNORECASE):
+        return answer
+    return opener + subject + answer[len(subject):]
+
+
+def follow_up(summary: str, answer: str, subject: str) -> str | None:
+    """The next one or two sentences after those the answer used, with a leading 'It'/'He'/'She'
+    replaced by the subject ('It lives in...' -> 'Pteropus lives in...'); None when nothing is left."""
+    sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", summary.replace("\n\n", " "))
+    used = len(re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", answer))
+    more = first_sentences(" ".join(sentences[used:]), MAX_ANSWER_CHARS, 2) if len(sentences) > used else ""
+    if not more:
+        return None
+    if PRONOUN.match(more):
+        more = subject[0].upper() + subject[1:] + more[more.index(" "):]
+    return more
+
+
 class EncyclopediaQA(Task):
 
     def __init__(self, split: str = "train", **kwargs):
@@ -88,17 +122,21 @@ class EncyclopediaQA(Task):
         title, topic, summary = self.rows[index]
         rng = random.Random(f"EncyclopediaQA/{self.split}/{index}")
         subject, verb = subject_of(title, summary)
-        if rng.random() < 0.5:
+        kind = "what" if rng.random() < 0.5 else "tell"
+        if kind == "what":
             question = rng.choice(WHO if topic == "People" else WHAT)
             answer = first_sentences(summary, MAX_ANSWER_CHARS, SHORT_SENTENCES)
         else:
             question = rng.choice(TELL)
-            answer = first_sentences(summary, MAX_ANSWER_CHARS)
+            answer = first_sentences(summary, MAX_ANSWER_CHARS, LONG_SENTENCES)
         question = question.format(subject=subject, verb=verb)
         question = question[0].upper() + question[1:] if rng.random() < 0.8 else question
-        return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": answer}],
-                "topic": topic_name(title), "title": title}
+        more = follow_up(summary, answer, subject)  # before the opener, which may add a sentence ("Sure!")
+        answer = restate(answer, subject, rng.choice(OPENERS[kind]))
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if more and rng.random() < 1 / 3:
+            messages += [{"role": "user", "content": rng.choice(MORE)}, {"role": "assistant", "content": more}]
+        return {"messages": messages, "topic": topic_name(title), "title": title}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         from picochat.evals.everyday import on_topic

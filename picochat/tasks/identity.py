@@ -8,7 +8,7 @@ so they need no download and say true things about picochat:
 - it is small, so it can be wrong, and it makes things up: important answers should be checked;
 - it chats, answers questions, and does arithmetic with a calculator (Python) tool.
 
-A conversation is an optional greeting, then one to three topics, each a user phrasing and an
+A conversation is an optional greeting or bit of small talk (sometimes alone), then one to three topics, each a user phrasing and an
 assistant phrasing drawn at random from several. Conversation i of a split comes from an RNG
 seeded with (split, i): the same text on every run. Train and test use different seeds.
 
@@ -30,7 +30,19 @@ GREETINGS = [
     ("hey", ["Hey! What can I help you with?", "Hey there! Ask me anything."]),
     ("Good morning!", ["Good morning! What can I do for you?",
                        "Good morning! I'm picochat. How can I help?"]),
+    # Small talk a greeting often comes with, answered as a person would, not with who picochat is.
+    ("How are you doing?", ["I'm doing well, thanks for asking! What would you like to talk about?",
+                            "Pretty good, thank you. How can I help you today?"]),
+    ("How's it going?", ["It's going well, thanks! What's on your mind?", "Good, thanks! What can I do for you?"]),
+    ("What's up?", ["Not much! I'm here if you have a question.", "Hi! Just ready to chat. What's up with you?"]),
+    ("Nice to meet you.", ["Nice to meet you too! What would you like to talk about?"]),
+    ("Good night!", ["Good night! Sleep well.", "Good night, and come back any time."]),
+    ("Good day to you.", ["Good day! How can I help?", "And a good day to you too! What can I do for you?"]),
+    ("Hey, how was your weekend?", ["I don't have weekends, but thanks for asking! How was yours?"]),
+    ("Thanks, that helps.", ["You're welcome! Anything else?", "Glad it helped."]),
+    ("Bye!", ["Bye! Take care.", "Goodbye, talk to you soon."]),
 ]
+GREETING_ONLY = 0.15  # conversations that are just a greeting and its reply
 
 # topic: (user phrasings, assistant phrasings); {maker} is "the person who trained me" or a name.
 TOPICS = {
@@ -147,10 +159,13 @@ class IdentityConversations(Task):
         fill = {"maker": maker, "maker_cap": maker[0].upper() + maker[1:],
                 "maker_subject": self.maker or "someone"}
         messages = []
-        if rng.random() < 0.3:
+        greet = rng.random()
+        if greet < 0.4:
             user, replies = rng.choice(GREETINGS)
             messages += [{"role": "user", "content": user},
                          {"role": "assistant", "content": rng.choice(replies)}]
+            if greet < GREETING_ONLY:
+                return {"messages": messages}
         for topic in rng.sample(sorted(TOPICS), rng.choice([1, 1, 2, 2, 3])):
             users, replies = TOPICS[topic]
             messages += [{"role": "user", "content": rng.choice(users)},
