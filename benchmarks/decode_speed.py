@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from picochat.common import decode_dtype
 from picochat.engine import Engine, compile_decode, reference_generate
 from picochat.model import GPT, config_from_depth
 
@@ -98,6 +99,9 @@ def main():
           f"{'fast tok/s':>10} {'ms/step':>7} {'TTFT ms':>7} | {'ratio':>5} same")
     for depth in args.depths:
         base = random_model(depth, device)
+        if device.type == "cpu":  # what `picochat chat --dtype auto` would decode this model in here
+            print(f"d{depth}: default decode dtype (common.decode_dtype, measured): "
+                  f"{str(decode_dtype(copy.deepcopy(base), 'auto', device)).removeprefix('torch.')}", flush=True)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             ref = copy.deepcopy(base)

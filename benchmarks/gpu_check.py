@@ -24,7 +24,9 @@ The checks, in order (each one's failure is caught, so the others still run):
                     tokens, and the KV cache fed those tokens one at a time against the full forward's
                     logits. Pass: both rows agree, the logits agree within 16 bf16 epsilons of the
                     largest logit, and each greedy token is the full forward's argmax unless the two
-                    are within rounding of a tie.
+                    are within rounding of a tie. Then batch-1 decode speed of the fast path, eager
+                    and compiled (CUDA graphs), at d20: ms/step and the bandwidth it reaches against
+                    the GPU's HBM peak (reported; fails only if the compiled step fell back to eager).
   sharded_optim     MuonAdamW under a 1-rank NCCL process group makes the same update as with no
                     process group, bit for bit, and NCCL's reduce, broadcast and all_reduce work.
   eval_memory       peak GPU memory of a val-bpb forward, model(x, y, loss_reduction="none") under
@@ -359,9 +361,75 @@ def check_kv_cache(ctx) -> tuple[bool, str, str, dict]:
     log(f"  prompt {P} + {K} greedy tokens, 2 rows; cached vs full logits: max diff {logit_diff:.3g} "
         f"(tolerance {logit_tol:.3g}, largest logit {max_abs(full):.3g}); greedy tokens equal the full "
         f"forward's argmax at {agree}/{K} steps, {clear_mismatches} clear mismatches")
-    ok = rows[0] == rows[1] and logit_diff <= logit_tol and clear_mismatches == 0
+    decode = decode_speed(ctx, model, prompt, K)
+    numbers["decode"] = decode
+    ok = rows[0] == rows[1] and logit_diff <= logit_tol and clear_mismatches == 0 and decode["compiled_ran"]
     return ok, f"greedy {agree}/{K} equal, {clear_mismatches} clear mismatches", \
-        f"max logit diff {logit_diff:.2g} (tol {logit_tol:.2g})", numbers
+        f"max logit diff {logit_diff:.2g} (tol {logit_tol:.2g}); {decode['summary']}", numbers
+
+
+# Peak HBM bandwidth in GB/s by device name (vendor datasheets), most specific name first: the bound
+# a batch-1 decode step meets when it reads every weight once per token.
+HBM_GBPS = (("H200", 4800), ("H100 PCIe", 2000), ("H100", 3350), ("A100 80GB PCIe", 1935),
+            ("A100-SXM4-80GB", 2039), ("A100", 1555), ("L40S", 864), ("A10", 600), ("L4", 300))
+
+
+def hbm_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((gbps for key, gbps in HBM_GBPS if key in name), None)
+
+
+def decode_speed(ctx, model: GPT, prompt: list[int], tokens: int) -> dict:
+    """Batch-1 greedy decoding on the fast path (GPT.decode_step over prepared weights), eager and
+    compiled (CompiledDecode: static shapes and CUDA graphs on CUDA; the aot_eager backend in the
+    dry run), timed after a warm-up that compiles every bucket it needs. Bandwidth: the bytes a
+    step must read (every matmul weight in the compute dtype, one embedding row, the KV cache)
+    per ms/step, against the device's HBM peak (issue: at least 50% at d20 batch 1). Reported,
+    not judged; the check fails only when the compiled path fell back to eager."""
+    device = ctx.device
+    fast = copy.deepcopy(model).prepare_for_inference()
+    tok = NoSpecialTokens(ctx.plan["vocab_size"])
+    eager = Engine(fast, tok, compile=False)
+    compiled = Engine(fast, tok, compile=False)
+    compiled.compiled = M.CompiledDecode(mode="reduce-overhead") if device.type == "cuda" \
+        else M.CompiledDecode(backend="aot_eager")
+
+    def run(engine) -> tuple[float, list[int]]:
+        out, t0 = [], 0.0
+        for i, (column, _) in enumerate(engine.generate(prompt, 1, max_tokens=tokens, temperature=0.0)):
+            if i == 0:  # after the prefill and the first token: decode steps only
+                sync(device)
+                t0 = time.perf_counter()
+            out.append(column[0])
+        sync(device)
+        return 1000 * (time.perf_counter() - t0) / (len(out) - 1), out
+
+    t_compile = time.perf_counter()
+    run(compiled)  # warm-up: compiles (and captures) the buckets this run needs
+    t_compile = time.perf_counter() - t_compile
+    run(eager)
+    (eager_ms, eager_tokens), (compiled_ms, compiled_tokens) = run(eager), run(compiled)
+    c, item = fast.config, fast.compute_dtype.itemsize
+    weights = sum(p.numel() for p in fast.parameters()) - fast.transformer.wte.weight.numel() + c.n_embd
+    cache = 2 * c.n_layer * c.n_kv_head * c.head_dim * (len(prompt) + tokens // 2)  # keys + values, mean length
+    step_bytes = (weights + cache) * item
+    peak = hbm_gbps(device)
+    numbers = dict(eager_ms_per_step=eager_ms, compiled_ms_per_step=compiled_ms, warmup_s=t_compile,
+                   compiled_ran=compiled.compiled.failed is None, step_bytes=step_bytes,
+                   same_tokens=sum(a == b for a, b in zip(eager_tokens, compiled_tokens)), tokens=len(eager_tokens),
+                   hbm_gbps=peak)
+    best = min(eager_ms, compiled_ms)
+    numbers["achieved_gbps"] = step_bytes / best / 1e6
+    numbers["bandwidth_fraction"] = numbers["achieved_gbps"] / peak if peak else None
+    bound = f", {100 * numbers['bandwidth_fraction']:.0f}% of the {peak:,} GB/s HBM peak" if peak else ""
+    log(f"  decode, batch 1: eager {eager_ms:.2f} ms/step, compiled {compiled_ms:.2f} ms/step "
+        f"(warm-up with compilation {t_compile:.1f} s{'' if numbers['compiled_ran'] else '; FELL BACK TO EAGER: ' + repr(compiled.compiled.failed)}); "
+        f"{step_bytes / 1e6:.0f} MB read per step -> {numbers['achieved_gbps']:.0f} GB/s{bound}; "
+        f"compiled tokens equal eager's at {numbers['same_tokens']}/{numbers['tokens']} steps")
+    numbers["summary"] = f"decode {best:.2f} ms/step" + (f" ({100 * numbers['bandwidth_fraction']:.0f}% of HBM)" if peak else "")
+    return numbers
 
 
 # -----------------------------------------------------------------------------

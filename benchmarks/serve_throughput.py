@@ -6,6 +6,7 @@ a time (--max-batch-size 1), both measured in the same run on the same model.
     python benchmarks/serve_throughput.py                         # a random d4 model, made here
     python benchmarks/serve_throughput.py --model-tag d4 --source sft   # a trained checkpoint
     python benchmarks/serve_throughput.py --concurrency 1,4,16 --requests 32 --max-tokens 128
+    python benchmarks/serve_throughput.py --batch-sizes 16 --code /tmp/old   # another version's code
 
 Without --model-tag it writes a throwaway PICOCHAT_HOME with a 4,096-token tokenizer and a randomly
 initialised d4 SFT checkpoint (context 1,024). A random model rarely emits <|assistant_end|>, so
@@ -59,6 +60,8 @@ def make_random_home(home: Path, depth: int) -> str:
 
 def start_server(home: Path, port: int, args, max_batch_size: int) -> subprocess.Popen:
     env = dict(os.environ, PICOCHAT_HOME=str(home))
+    if args.code:  # another checkout's picochat (the code before a change), first on the path
+        env["PYTHONPATH"] = os.pathsep.join([args.code, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "picochat", "serve", "--port", str(port), "--source", args.source,
            "--model-tag", args.model_tag, "--device", args.device, "--dtype", args.dtype,
            "--max-batch-size", str(max_batch_size), "--max-queue", "1024"]
@@ -126,6 +129,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--port", type=int, default=8931)
+    p.add_argument("--code", default="", help="serve with the picochat package in this directory (e.g. an "
+                   "unpacked `git archive HEAD`), to compare code versions on the same machine")
     args = p.parse_args()
 
     tmp = None

@@ -347,7 +347,7 @@ def decode_speedup(model, rows: int = 1, steps: int = 6, rounds: int = 3, cached
     """Measured ratio of fp32 to bf16 time for decode steps of this model (one token for `rows`
     rows against `cached` cached positions), the two dtypes alternated, best of `rounds`. The model
     must still hold its fp32 master weights; its compute_dtype is restored."""
-    from picochat.model import RowKVCache
+    from picochat.model import RowKVCache, kv_cache_dtype
     device, dtype = next(model.parameters()).device, model.compute_dtype
     ids = torch.zeros(rows, dtype=torch.long, device=device)
     best = {}
@@ -355,7 +355,7 @@ def decode_speedup(model, rows: int = 1, steps: int = 6, rounds: int = 3, cached
         for _ in range(rounds):
             for d in (torch.float32, torch.bfloat16):
                 model.compute_dtype = d
-                cache = RowKVCache(model.config, rows, cached + steps + 1, device, d)
+                cache = RowKVCache(model.config, rows, cached + steps + 1, device, kv_cache_dtype(d, device))
                 cache.rows, cache.lengths[:] = rows, [cached] * rows
                 model.decode_step(ids, cache, masked=False)  # warm-up (and the cast, done once)
                 t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from picochat.model import CompiledDecode, KVCache, RowKVCache
+from picochat.model import CompiledDecode, KVCache, RowKVCache, kv_cache_dtype
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -152,9 +152,9 @@ class Engine:
         self.tokenizer = tokenizer
         # The decode step compiled with static shapes and captured as CUDA graphs (picochat.model.
         # CompiledDecode). Opt-in (compile=True, or PICOCHAT_COMPILE_DECODE=1 with compile=None):
-        # on the dev CPU inductor's step was 4x slower than eager
-        # (docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy), and the CUDA-graph path has
-        # not yet been timed or checked on a GPU.
+        # on the dev CPU inductor's step was slower than eager (2.9 vs 2.3 ms at d4, after 11 s of
+        # compiling per bucket: docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy), and the
+        # CUDA-graph path has not yet been timed on a GPU (benchmarks/gpu_check.py will).
         if compile is None:
             compile = os.environ.get("PICOCHAT_COMPILE_DECODE") == "1"
         self.compiled = compile_decode(next(model.parameters()).device) if compile else None
@@ -163,6 +163,9 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.bos_id}
+        # The tokens that move a row's state machine when it is not inside a tool call; any other
+        # token of such a row changes nothing, so the hot loops skip advance() for it.
+        self.watch_tokens = self.stop_tokens | {self.python_start, self.python_end}
 
     def run_tool(self, expr: str) -> str:
         if self._tool is None:
@@ -173,7 +176,7 @@ class Engine:
         except Exception as e:  # a tool is meant to answer with an error string; a buggy one
             return f"Error: {type(e).__name__}: {e}"  # must still not end the whole generation
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
@@ -203,7 +206,8 @@ class Engine:
         logits, prefill = self.prefill(tokens)
         # 2) Share the prefix with every row. The prefill logits are expanded too, so even the
         #    first token is sampled per row (nanochat's seed sampled it once for all; fixed 8f979a8).
-        cache = RowKVCache(model.config, num_samples, prompt_len + steps - 1, device, prefill.k.dtype)
+        cache = RowKVCache(model.config, num_samples, prompt_len + steps - 1, device,
+                           kv_cache_dtype(prefill.k.dtype, device))
         cache.k[:, :, :, :prompt_len] = prefill.k  # broadcast over the rows
         cache.v[:, :, :, :prompt_len] = prefill.v
         cache.lengths[:] = [prompt_len] * num_samples
@@ -213,7 +217,7 @@ class Engine:
         rows = [RowState() for _ in range(num_samples)]
         greedy = temperature == 0 and not top_k and top_p in (None, 1.0)
         busy: set[int] = set()  # rows with forced tokens queued or inside a tool call
-        watch = self.stop_tokens | {self.python_start, self.python_end}
+        watch = self.watch_tokens
         done = 0
 
         # 3) Decode: sample, let forced tokens override, advance the state machines, feed back.
@@ -250,7 +254,7 @@ class Engine:
                 return
             logits = model.decode_step(ids, cache, masked=False, compiled=self.compiled)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
         """The prompt through the model, batch 1: (last position's logits (1, V), its KVCache)."""
         model = self.model

@@ -294,11 +294,12 @@ class RowKVCache:
         """Store k, v (rows, H_kv, T, D) at each row's positions; return this layer's keys, values
         and the attention mask."""
         pos, rows = self._pos, torch.arange(self.rows, device=k.device).unsqueeze(1)
-        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # (rows, T) index -> (rows, T, H_kv, D)
-        self.v[layer, rows, :, pos] = v.transpose(1, 2)
+        self.k[layer, rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # (rows, T) index -> (rows, T, H_kv, D)
+        self.v[layer, rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
         if layer == self.n_layer - 1:
             self.lengths[:self.rows] = [n + k.size(2) for n in self.lengths[:self.rows]]
-        return self.k[layer, :self.rows, :, :self.end], self.v[layer, :self.rows, :, :self.end], self._mask
+        keys, values = self.k[layer, :self.rows, :, :self.end], self.v[layer, :self.rows, :, :self.end]
+        return keys.to(k.dtype), values.to(v.dtype), self._mask  # (an fp32 cache of a bf16 model: kv_cache_dtype)
 
     def load_row(self, row: int, prefill: "KVCache") -> None:
         """Copy a batch-1 cache (a prompt prefilled alone) into `row`."""
@@ -319,20 +320,46 @@ class RowKVCache:
 
 # --- Fast decoding (docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy) ---------------------
 # One decode step of the whole model as a flat function over prepared weights: no module dispatch,
-# no autograd Functions, q/k/v as one matmul, RoPE + QK-norm of q and k in three ops, weights in the
-# compute dtype (cast once, re-cast only if the model's weights change), positions and masks built
-# once per step rather than per layer. Rows are independent (row-wise ops and the same batched
-# matmuls the model uses), so a row's tokens do not depend on the batch (fp32).
+# no autograd, q/k/v as one matmul, RoPE + QK-norm of q and k in four ops, weights in the compute
+# dtype (cast and, on CPUs, prepacked once; rebuilt only if the model's weights change), positions,
+# cache slots and the mask built once per step rather than per layer. Rows are independent (row-wise
+# ops and the same batched matmuls for every row), so a row's tokens do not depend on the batch (fp32).
+
+
+def kv_cache_dtype(compute_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The decode cache's dtype. fp32 on CPUs whatever the weights: torch's bf16 attention for one
+    query token is 3-5x slower than fp32 there (d4, 8 rows: 267 vs 45 µs per layer,
+    docs/BENCHMARKS.md), and the cache is small next to the weights. The compute dtype elsewhere."""
+    return torch.float32 if torch.device(device).type == "cpu" else compute_dtype
+
+
+def packed_linear(w: torch.Tensor) -> bool:
+    """Whether decode matmuls use oneDNN's prepacked weights: on CPUs, fp32 always and bf16 with
+    native bf16 support (d4, 2 cores: the 17 matmuls of an fp32 step take 0.75 vs 1.03 ms at batch 1,
+    1.23 vs 1.86 ms at batch 8; bf16 about 1.5-2x faster than F.linear, bitwise the same)."""
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        return w.dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops: plain F.linear
+        return False
+
+
+def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 class DecodeWeights:
-    """The model's weights arranged for decode_step, in `dtype`: per layer (w_qkv, w_o, w_fc,
-    w_proj), the embedding, the head, and RoPE tables as (T, D) with the halves' signs folded in.
-    Built by GPT.decode_weights, which rebuilds them when a parameter was changed in place
-    (its _version moved), so an engine over a model that is still being trained never decodes stale
-    weights."""
+    """The model's weights arranged for decode_forward, in `dtype`: per layer (w_qkv, w_o, w_fc,
+    w_proj), the normalized embedding table, the head, and fp32 RoPE tables as (T, D) with the halves' signs folded
+    in. `packed`: oneDNN's prepacked layout where packed_linear allows (eager CPU; a compiled step
+    needs plain tensors). Built by GPT.decode_weights, which rebuilds them when a parameter was
+    changed in place (its _version moved), so an engine over a model that is still being trained
+    never decodes stale weights."""
 
-    def __init__(self, model: "GPT", dtype: torch.dtype):
+    def __init__(self, model: "GPT", dtype: torch.dtype, packed: bool = True):
         c = model.config
         cast = lambda w: w.detach().to(dtype)  # noqa: E731 (a no-op view when already in dtype)
         self.dtype = dtype
@@ -341,15 +368,16 @@ class DecodeWeights:
             a, m = block.attn, block.mlp
             qkv = torch.cat([cast(a.c_q.weight), cast(a.c_k.weight), cast(a.c_v.weight)])
             self.layers.append((qkv, cast(a.c_proj.weight), cast(m.c_fc.weight), cast(m.c_proj.weight)))
-        self.wte = cast(model.transformer.wte.weight)
+        wte = cast(model.transformer.wte.weight)
+        self.wte_normed = F.rms_norm(wte, (wte.size(1),), eps=RMS_EPS)  # a step's first op, done for every token at once
         self.lm_head = cast(model.lm_head.weight)
-        cos, sin = model.cos[0, :, 0].to(dtype), model.sin[0, :, 0].to(dtype)  # (T, D/2)
+        cos, sin = model.cos[0, :, 0], model.sin[0, :, 0]  # (T, D/2), fp32
         self.cos2 = torch.cat([cos, cos], -1)  # y = x·cos2 + swap_halves(x)·sin2
         self.sin2 = torch.cat([sin, -sin], -1)
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         self.versions = model._weight_versions()
         self.linear = F.linear
-        if packed_bf16_linear(self.wte):  # oneDNN's prepacked bf16 matmul: the same numbers, faster
+        if packed and packed_linear(wte):
             self.layers = [tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer)
                            for layer in self.layers]
             self.lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head, 1)
@@ -359,58 +387,50 @@ class DecodeWeights:
         return None
 
 
-def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
-def packed_bf16_linear(w: torch.Tensor) -> bool:
-    """Whether decode matmuls use oneDNN's prepacked bf16 weights: bf16 on a CPU with native bf16
-    support (about 1.5-2x faster than F.linear per decode step; bitwise the same results)."""
-    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops: plain F.linear
-        return False
-
-
 def decode_forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, end: int, masked: bool) -> torch.Tensor:
     """One token for each of B rows: ids (B,) at positions pos (B,), long. k_cache, v_cache
     (n_layer, >=B, H_kv, T_max, D) get this step's keys and values at pos; each row attends to
     its first end positions, and with `masked` only to those <= its own position (rows at
     different positions); without, every row must be at position end - 1. Returns fp32 softcapped
-    logits (B, V). Static shapes for fixed (B, end): what the compiled / CUDA-graph path captures."""
-    B = ids.size(0)
+    logits (B, V). Static shapes for fixed (B, end): what the compiled / CUDA-graph path captures.
+    RoPE and QK-norm run in fp32, the matmuls in w.dtype, attention in the cache's dtype. On a CPU
+    a step is mostly the ~30 Python-level torch calls per layer (a few µs each: a width-8 model
+    decodes at ~1 ms per step there), so this counts calls: views are taken once per step, not
+    per layer, and casts that would be no-ops are skipped."""
+    B, n_layer, T_max = ids.size(0), k_cache.size(0), k_cache.size(3)
     H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
-    eps = RMS_EPS
+    linear, cdtype = w.linear, k_cache.dtype
     cos, sin = w.cos2[pos].unsqueeze(1), w.sin2[pos].unsqueeze(1)  # (B, 1, D)
-    rows = torch.arange(B, device=ids.device)
+    # Row b, kv head h writes its key at row (b·H_kv + h)·T_max + pos[b] of a layer's (rows·H_kv·T_max, D) view.
+    slots = torch.arange(B * Hkv, device=ids.device).mul_(T_max).add_(pos.repeat_interleave(Hkv))
+    k_rows, v_rows = k_cache.view(n_layer, -1, D).unbind(0), v_cache.view(n_layer, -1, D).unbind(0)
+    keys, values = k_cache[:, :B, :, :end].unbind(0), v_cache[:, :B, :, :end].unbind(0)
     mask = None
     if masked:  # (B, 1, 1, end): row b sees keys up to its own position
         mask = (torch.arange(end, device=ids.device) <= pos.unsqueeze(1)).view(B, 1, 1, end)
-    bf16_attention = ids.device.type == "cpu" and w.dtype == torch.bfloat16  # prefer_decode_attention
-    linear = w.linear
-    x = F.rms_norm(F.embedding(ids, w.wte), (w.wte.size(1),), eps=eps)
+    x = w.wte_normed[ids]  # norm(embedding), precomputed per token
     for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(w.layers):
-        qkv = linear(F.rms_norm(x, (x.size(-1),), eps=eps), w_qkv)
-        qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
-        swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
-        qk = F.rms_norm(torch.addcmul(qk * cos, swapped, sin), (D,), eps=eps)  # RoPE, then QK-norm
-        q, k = qk[:, :H].unsqueeze(2), qk[:, H:]  # q (B, H, 1, D); k (B, Hkv, D)
-        v = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
-        k_cache[i, rows, :, pos] = k
-        v_cache[i, rows, :, pos] = v
-        keys, values = k_cache[i, :B, :, :end], v_cache[i, :B, :, :end]
-        if bf16_attention:
-            y = decode_attention(q, keys, values, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
-        x = x + linear(y.reshape(B, H * D), w_o)
-        h = F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=eps), w_fc))
-        x = x + linear(h * h, w_proj)
-    logits = linear(F.rms_norm(x, (x.size(-1),), eps=eps), w.lm_head).float()
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        qkv = linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_qkv)
+        if qkv.dtype != torch.float32:
+            qkv = qkv.float()
+        qkv = qkv.view(B, -1, D)  # (B, H + 2·H_kv, D): q heads, k heads, v heads
+        qk = qkv[:, :H + Hkv]
+        swapped = qk.unflatten(2, (2, D // 2)).flip(2).flatten(2)
+        qk = F.rms_norm(torch.addcmul(qk * cos, swapped, sin), (D,), eps=RMS_EPS)  # RoPE, then QK-norm
+        v = qkv[:, H + Hkv:]
+        if qk.dtype != cdtype:  # a bf16 cache (GPUs)
+            qk, v = qk.to(cdtype), v.to(cdtype)
+        k_rows[i].index_copy_(0, slots, qk[:, H:].reshape(-1, D))
+        v_rows[i].index_copy_(0, slots, v.reshape(-1, D))
+        y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[i], values[i], attn_mask=mask,
+                                           enable_gqa=H != Hkv).reshape(B, -1)
+        if y.dtype != w.dtype:
+            y = y.to(w.dtype)
+        x = x + linear(y, w_o)
+        x = x + linear(F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc)).square_(), w_proj)
+    logits = linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w.lm_head).float()
+    return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
 
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -457,7 +477,7 @@ class CompiledDecode:
                 if Bb > B:
                     ids = torch.cat([ids, ids.new_zeros(Bb - B)])
                     pos = torch.cat([pos, pos.new_zeros(Bb - B)])
-                self._mark_static(cache.k, cache.v, w.wte, w.lm_head, w.cos2, w.sin2,
+                self._mark_static(cache.k, cache.v, w.wte_normed, w.lm_head, w.cos2, w.sin2,
                                   *(t for layer in w.layers for t in layer))
                 return self.fn(w, ids, pos, cache.k, cache.v, Lb, True)[:B].clone()
             except Exception as e:  # no compiler on this machine, an unsupported op: stay eager
@@ -657,13 +677,14 @@ class GPT(nn.Module):
         self.prepared = True  # weights frozen: decode_weights stops checking them for changes
         return self
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_step(self, ids: torch.Tensor, cache: "RowKVCache", masked: bool = True,
                     compiled: "CompiledDecode | None" = None) -> torch.Tensor:
         """One token for each of the first ids.size(0) rows of `cache`, each at its own length
         (the fast path of forward(ids[:, None], kv_cache=cache)[:, -1]): fp32 logits (B, V).
         masked=False when every row is at the same length (Engine): no mask is built. `compiled`
-        runs the step through a CompiledDecode (static shapes, CUDA graphs on CUDA)."""
+        runs the step through a CompiledDecode (static shapes, CUDA graphs on CUDA). Inference
+        mode, not just no_grad: it skips autograd's bookkeeping on each of the ~100 small ops."""
         rows = ids.size(0)
         if getattr(self.forward, "__func__", None) is not GPT.forward:  # a forward of its own (tests): use it
             cache.rows = rows
@@ -674,7 +695,7 @@ class GPT(nn.Module):
             raise RuntimeError(f"KV cache full: {end} positions needed, {cache.max_len} allocated")
         self._check_length(end)
         if compiled is not None:
-            logits = compiled(self.decode_weights(), ids, lengths, cache, end)
+            logits = compiled(self.decode_weights(packed=False), ids, lengths, cache, end)
         else:
             if masked or min(lengths) != end - 1:
                 pos, masked = torch.tensor(lengths, device=ids.device), True
@@ -687,13 +708,16 @@ class GPT(nn.Module):
     def _weight_versions(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
-    def decode_weights(self) -> "DecodeWeights":
-        """The weights arranged for decode_forward in compute_dtype, built once and rebuilt only
-        when a parameter changed (in place: an optimizer step, load_state_dict)."""
-        w = getattr(self, "_decode_weights", None)
+    def decode_weights(self, packed: bool = True) -> "DecodeWeights":
+        """The weights arranged for decode_forward in compute_dtype (prepacked for eager CPU
+        matmuls unless packed=False), built once and rebuilt only when a parameter changed (in
+        place: an optimizer step, load_state_dict)."""
+        cached = getattr(self, "_decode_weights", None) or {}
+        w = cached.get(packed)
         if w is None or w.dtype != self.compute_dtype or (
                 not getattr(self, "prepared", False) and w.versions != self._weight_versions()):
-            w = self._decode_weights = DecodeWeights(self, self.compute_dtype)
+            w = DecodeWeights(self, self.compute_dtype, packed)
+            self._decode_weights = {packed: w}  # one layout at a time: a model decodes one way
         return w
 
     def _check_length(self, end: int) -> None:

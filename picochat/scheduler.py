@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from picochat.engine import Engine, RowState, StreamDecoder, sample_rows
-from picochat.model import RowKVCache
+from picochat.model import RowKVCache, kv_cache_dtype
 
 
 class QueueFull(Exception):
@@ -116,7 +116,8 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.max_rows, self.max_queue = max_rows, max_queue
         self.max_len = model.config.sequence_len
-        self.cache = RowKVCache(model.config, max_rows, self.max_len, self.device, model.compute_dtype)
+        self.cache = RowKVCache(model.config, max_rows, self.max_len, self.device,
+                                kv_cache_dtype(model.compute_dtype, self.device))
         self.rows: list[Row] = []  # rows[i] lives in cache row i
         self.queue: deque[Job] = deque()
         self.lock = threading.Lock()  # guards queue (submit runs on the HTTP thread)
@@ -288,7 +289,9 @@ class Scheduler:
         engine, job = self.engine, row.job
         row.last = token
         self.tokens_generated += 1
-        code = engine.advance(row.state, token)
+        code = None
+        if row.state.in_python or token in engine.watch_tokens:  # the state machine only where it can move
+            code = engine.advance(row.state, token)
         if row.state.done:  # <|assistant_end|> or <|bos|>: not part of the text
             return self.finish(row, "stop")
         row.tokens += 1

@@ -175,19 +175,24 @@ def test_the_compiled_engine_gives_the_eager_tokens():
     assert compiled.compiled.failed is None
 
 
-def test_bf16_decode_follows_the_model_and_packed_matmuls_change_no_number():
-    from picochat.model import DecodeWeights, _mkldnn_linear, packed_bf16_linear
+def test_bf16_decode_follows_the_model_and_packed_matmuls_agree_with_f_linear():
+    from picochat.model import DecodeWeights, _mkldnn_linear, packed_linear
     model = random_model(seed=7)
     model.compute_dtype = torch.bfloat16
     prompt = prompts(1, seed=7)[0]
     got = columns(Engine(copy.deepcopy(model).prepare_for_inference(), Tok()), prompt, 2, 10, temperature=0.0)[0]
     assert got[0] == got[1] and len(got[0]) == 10
-    w = torch.randn(96, 64).bfloat16()
-    x = torch.randn(5, 64).bfloat16()
-    if packed_bf16_linear(w):
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        assert torch.equal(_mkldnn_linear(x, packed), torch.nn.functional.linear(x, w))
-        assert DecodeWeights(model, torch.bfloat16).linear is _mkldnn_linear
+    x = torch.randn(5, 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = torch.randn(96, 64).to(dtype)
+        if packed_linear(w):
+            packed = _mkldnn_linear(x.to(dtype), torch.ops.mkldnn._reorder_linear_weight(w, 1))
+            if dtype == torch.bfloat16:  # the same kernel as F.linear's: bitwise equal
+                assert torch.equal(packed, torch.nn.functional.linear(x.to(dtype), w))
+            else:  # another summation order: fp32 rounding apart (the greedy tests above pin the tokens)
+                torch.testing.assert_close(packed, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+            assert DecodeWeights(model, dtype).linear is _mkldnn_linear
+            assert DecodeWeights(model, dtype, packed=False).linear is torch.nn.functional.linear
 
 
 def test_a_model_that_has_decoded_can_still_be_copied():
