@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from picochat.model import CompiledDecode, KVCache, RowKVCache, kv_cache_dtype
+from picochat.model import CompiledDecode, CompiledPrefill, KVCache, RowKVCache, kv_cache_dtype
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -151,13 +151,14 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         # The decode step compiled with static shapes and captured as CUDA graphs (picochat.model.
-        # CompiledDecode). Opt-in (compile=True, or PICOCHAT_COMPILE_DECODE=1 with compile=None):
-        # on the dev CPU inductor's step was slower than eager (2.9 vs 2.3 ms at d4, after 11 s of
+        # CompiledDecode), and the prefill compiled per power-of-two prompt length (CompiledPrefill).
+        # Opt-in (compile=True, or PICOCHAT_COMPILE_DECODE=1 with compile=None): on the dev CPU inductor's step was slower than eager (2.9 vs 2.3 ms at d4, after 11 s of
         # compiling per bucket: docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy), and the
         # CUDA-graph path has not yet been timed on a GPU (benchmarks/gpu_check.py will).
         if compile is None:
             compile = os.environ.get("PICOCHAT_COMPILE_DECODE") == "1"
         self.compiled = compile_decode(next(model.parameters()).device) if compile else None
+        self.compiled_prefill = CompiledPrefill() if compile else None  # inductor; no CUDA graphs
         self._tool = tool  # None: picochat.tools.run_tool, imported on the first tool call
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -202,14 +203,14 @@ class Engine:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
 
-        # 1) Prefill the prompt once, batch 1, into a cache of exactly its length.
+        # 1) Prefill the prompt once, batch 1 (its cache ends at the prompt: prefill.pos).
         logits, prefill = self.prefill(tokens)
         # 2) Share the prefix with every row. The prefill logits are expanded too, so even the
         #    first token is sampled per row (nanochat's seed sampled it once for all; fixed 8f979a8).
         cache = RowKVCache(model.config, num_samples, prompt_len + steps - 1, device,
                            kv_cache_dtype(prefill.k.dtype, device))
-        cache.k[:, :, :, :prompt_len] = prefill.k  # broadcast over the rows
-        cache.v[:, :, :, :prompt_len] = prefill.v
+        cache.k[:, :, :, :prompt_len] = prefill.k[:, :, :, :prompt_len]  # broadcast over the rows (a compiled
+        cache.v[:, :, :, :prompt_len] = prefill.v[:, :, :, :prompt_len]  # prefill's cache is padded past them)
         cache.lengths[:] = [prompt_len] * num_samples
         cache.rows = num_samples
         del prefill
@@ -258,6 +259,10 @@ class Engine:
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
         """The prompt through the model, batch 1: (last position's logits (1, V), its KVCache)."""
         model = self.model
+        if self.compiled_prefill is not None:
+            out = self.compiled_prefill(model, tokens, model.compute_dtype)
+            if out is not None:
+                return out
         device = next(model.parameters()).device
         cache = KVCache(model.config, 1, len(tokens), device, model.compute_dtype)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)

@@ -25,6 +25,7 @@ together; benchmarks/train_throughput.py times both).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -458,13 +459,13 @@ class CompiledDecode:
         self.fn = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
         self.min_len = min_len
         self.failed: Exception | None = None
-        self._static: set[int] = set()
+        self._static = weakref.WeakSet()  # not ids: a freed tensor's id can come back on a new one
 
     def _mark_static(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
-            if t.is_cuda and id(t) not in self._static:
+            if t.is_cuda and t not in self._static:
                 torch._dynamo.mark_static_address(t)
-                self._static.add(id(t))
+                self._static.add(t)
 
     def __call__(self, w: DecodeWeights, ids: torch.Tensor, lengths: list[int], cache: "RowKVCache",
                  end: int) -> torch.Tensor:
@@ -485,6 +486,46 @@ class CompiledDecode:
                 ids = ids[:B]
                 pos = pos[:B]
         return decode_forward(w, ids, pos, cache.k, cache.v, end, True)
+
+
+class CompiledPrefill:
+    """A prompt's forward pass compiled with static shapes, one graph per power-of-two length (>=
+    min_len, at most the model's context). The prompt is padded on the right: causal attention never
+    lets a real position see the padding, and the returned cache ends at the prompt (pos = its
+    length), so the padding's keys are overwritten by the tokens decoded there. Only the last real
+    position's logits are computed. No CUDA graphs: a prefill writes a fresh cache each time and is
+    long enough to keep a GPU busy without them. The first failure falls back to eager for good
+    (`self.failed`, and the call returns None).
+
+        out = CompiledPrefill(backend="aot_eager")(model, tokens, cache_dtype)  # (logits (1, V), KVCache) or None
+    """
+
+    def __init__(self, backend: str = "inductor", mode: str | None = None, min_len: int = 64):
+        self.fn = torch.compile(self._forward, backend=backend, mode=mode, dynamic=False)
+        self.min_len = min_len
+        self.failed: Exception | None = None
+
+    @staticmethod
+    def _forward(model: "GPT", ids: torch.Tensor, last: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return model.logits(model.trunk(ids, cache).index_select(1, last))[:, 0]
+
+    def __call__(self, model: "GPT", tokens: list[int], dtype: torch.dtype):
+        n, limit = len(tokens), model.config.sequence_len
+        if self.failed is not None or not 0 < n <= limit:
+            return None
+        device = model.lm_head.weight.device
+        length = _bucket(n, limit, min(self.min_len, limit))
+        cache = KVCache(model.config, 1, length, device, dtype)
+        ids = torch.tensor([tokens + [0] * (length - n)], dtype=torch.long, device=device)
+        last = torch.tensor([n - 1], device=device)
+        try:
+            with torch.inference_mode():  # as Engine.prefill: no autograd graph to trace
+                logits = self.fn(model, ids, last, cache)
+        except Exception as e:  # no compiler here, an unsupported op: eager from now on
+            self.failed = e
+            return None
+        cache.pos = n
+        return logits, cache
 
 
 class CausalSelfAttention(nn.Module):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from picochat.engine import Engine, reference_generate
-from picochat.model import GPT, CompiledDecode, GPTConfig
+from picochat.model import GPT, CompiledDecode, CompiledPrefill, GPTConfig
 from picochat.scheduler import Job, Scheduler
 
 VOCAB = 256
@@ -44,8 +44,8 @@ class Tok:
         return b"x"
 
 
-def random_model(seed=0, n_kv_head=2):
-    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64)
+def random_model(seed=0, n_kv_head=2, n_embd=64):
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=n_embd)
     model = GPT(config)
     model.init_weights(seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -155,8 +155,9 @@ def test_scheduler_rows_at_different_positions_match_the_plain_loop_and_each_alo
     assert together[:3] == alone
 
 
-def test_a_seeded_sampled_row_is_the_same_alone_or_in_a_batch():
-    model = random_model(seed=5)
+@pytest.mark.parametrize("width", [64, 256])  # 256: the demo's width, where oneDNN may pick other kernels per batch
+def test_a_seeded_sampled_row_is_the_same_alone_or_in_a_batch(width):
+    model = random_model(seed=5, n_embd=width)
     ps = prompts(8, seed=5)
     settings = dict(temperature=0.9, top_k=50, top_p=0.95)
     alone = run_jobs(Scheduler(Engine(model, Tok()), max_rows=8), [job(ps[0], seed=7, **settings)])
@@ -170,9 +171,25 @@ def test_the_compiled_engine_gives_the_eager_tokens():
     engine = Engine(model, Tok(), compile=False)
     compiled = Engine(model, Tok(), compile=False)
     compiled.compiled = CompiledDecode(backend="aot_eager", min_len=64)
-    for prompt in prompts(2, seed=6):
+    compiled.compiled_prefill = CompiledPrefill(backend="aot_eager", min_len=8)
+    for prompt in prompts(3, seed=6):
         assert columns(compiled, prompt, 3, 30, temperature=0.0) == columns(engine, prompt, 3, 30, temperature=0.0)
-    assert compiled.compiled.failed is None
+    assert compiled.compiled.failed is None and compiled.compiled_prefill.failed is None
+
+
+def test_a_compiled_prefill_pads_the_prompt_but_returns_the_eager_logits_and_cache():
+    model = random_model(seed=7)
+    engine = Engine(model, Tok(), compile=False)
+    prefill = CompiledPrefill(backend="aot_eager", min_len=8)
+    for prompt in prompts(3, seed=7):
+        logits, cache = engine.prefill(prompt)
+        fast_logits, fast_cache = prefill(model, prompt, model.compute_dtype)
+        n = len(prompt)
+        assert fast_cache.pos == cache.pos == n and fast_cache.max_len >= n and fast_cache.max_len & (fast_cache.max_len - 1) == 0
+        torch.testing.assert_close(fast_logits, logits)
+        torch.testing.assert_close(fast_cache.k[..., :n, :], cache.k[..., :n, :])
+        torch.testing.assert_close(fast_cache.v[..., :n, :], cache.v[..., :n, :])
+    assert prefill(model, list(range(65)), model.compute_dtype) is None  # longer than the context: eager's error
 
 
 def test_bf16_decode_follows_the_model_and_packed_matmuls_agree_with_f_linear():

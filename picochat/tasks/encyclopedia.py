@@ -40,7 +40,7 @@ WHAT = ["What {verb} {subject}?", "What {verb} {subject}?", "Can you explain wha
 WHO = ["Who {verb} {subject}?", "Who {verb} {subject}?", "Do you know who {subject} {verb}?"]
 OPENERS = {"what": ["In short, ", "Simply put, ", "Briefly, "], "tell": ["Sure, ", "Sure! In short, ", "Of course: "]}
 MORE = ["Go on.", "Tell me more.", "What else can you tell me?", "Anything else?", "And what else?",
-        "Interesting. Tell me more."]  # unlike the Everyday evaluation's follow-ups
+        "Interesting. Tell me more."]  # close to, never the same as, the Everyday evaluation's follow-ups
 PRONOUN = re.compile(r"^(It|He|She) (is|was|has|had|can|became|lived|served|wrote|remains|\w+ed)\b")
 TELL = ["Tell me about {subject}.", "Tell me something about {subject}.", "What do you know about {subject}?",
         "Give me a short summary of {subject}.", "I'd like to learn about {subject}.", "Explain {subject} to me."]
@@ -94,7 +94,7 @@ def follow_up(summary: str, answer: str, subject: str) -> str | None:
     more = first_sentences(" ".join(sentences[used:]), MAX_ANSWER_CHARS, 2) if len(sentences) > used else ""
     if not more:
         return None
-    if PRONOUN.match(more):
+    if subject and PRONOUN.match(more):
         more = subject[0].upper() + subject[1:] + more[more.index(" "):]
     return more
 

@@ -1,7 +1,8 @@
 """
 Everyday: ~50 prompts a new user types into the demo chat, scored automatically by
-picochat/evals/everyday.py. Nothing here is in a training mixture: the greetings and identity
-questions are phrased unlike the identity task's and the chatterbot corpus's, and the topic
+picochat/evals/everyday.py. Nothing here is in a training mixture: no greeting, identity question
+or follow-up is word for word one of the identity task's or the chatterbot corpus's (similar small
+talk is trained on, as it should be: "How are you doing?" is, "Hi there, how are you?" is not), and the topic
 questions ask about Wikipedia titles the demo holds out (`held_out(title)`: they are neither in the
 pretraining corpus's train split nor in EncyclopediaQA's).
 
