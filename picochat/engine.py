@@ -209,9 +209,8 @@ class Engine:
         #    first token is sampled per row (nanochat's seed sampled it once for all; fixed 8f979a8).
         cache = RowKVCache(model.config, num_samples, prompt_len + steps - 1, device,
                            kv_cache_dtype(prefill.k.dtype, device))
-        cache.k[:, :, :, :prompt_len] = prefill.k[:, :, :, :prompt_len]  # broadcast over the rows (a compiled
-        cache.v[:, :, :, :prompt_len] = prefill.v[:, :, :, :prompt_len]  # prefill's cache is padded past them)
-        cache.lengths[:] = [prompt_len] * num_samples
+        for row in range(num_samples):
+            cache.load_row(row, prefill)
         cache.rows = num_samples
         del prefill
         logits = logits.expand(num_samples, -1)

@@ -227,13 +227,13 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
             data = recipe.next_step()
         if step > 1 or not recipe.untimed_first_step:
             loop["total_time"] += dt
-            loop["timed_progress"] = loop.get("timed_progress", 0.0) + loop["progress"] - before
+            loop["timed_progress"] += loop["progress"] - before
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
         record = {"step": step, "loss": train_loss, "smooth_loss": loop["smooth_loss"] / (1 - 0.9 ** step),
                   "lr_mult": lr_mult, "progress": loop["progress"], "dt": dt, "time": loop["total_time"]}
         own = recipe.step_record(sums, dt)
         record.update(own)
-        done_frac, timed = loop["progress"], loop.get("timed_progress", 0.0)
+        done_frac, timed = loop["progress"], loop["timed_progress"]
         eta = loop["total_time"] * (1 - done_frac) / timed if timed > 0 else float("nan")
         extra = f" | {recipe.describe(own)}" if own else ""
         print0(f"{recipe.stage} step {step} | loss {train_loss:.4f} | lr× {lr_mult:.2f} | "

@@ -41,6 +41,7 @@ WHO = ["Who {verb} {subject}?", "Who {verb} {subject}?", "Do you know who {subje
 OPENERS = {"what": ["In short, ", "Simply put, ", "Briefly, "], "tell": ["Sure, ", "Sure! In short, ", "Of course: "]}
 MORE = ["Go on.", "Tell me more.", "What else can you tell me?", "Anything else?", "And what else?",
         "Interesting. Tell me more."]  # close to, never the same as, the Everyday evaluation's follow-ups
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")  # the space after a sentence's end
 PRONOUN = re.compile(r"^(It|He|She) (is|was|has|had|can|became|lived|served|wrote|remains|\w+ed)\b")
 TELL = ["Tell me about {subject}.", "Tell me something about {subject}.", "What do you know about {subject}?",
         "Give me a short summary of {subject}.", "I'd like to learn about {subject}.", "Explain {subject} to me."]
@@ -68,7 +69,7 @@ def subject_of(title: str, summary: str) -> tuple[str, str]:
 def first_sentences(text: str, max_chars: int, max_sentences: int | None = None) -> str:
     """Whole sentences from the start of `text`, at most `max_chars` (at least the first sentence,
     cut at a word if it alone is longer)."""
-    sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", text.split("\n\n")[0] if max_sentences else text)
+    sentences = SENTENCE_BREAK.split(text.split("\n\n")[0] if max_sentences else text)
     out = ""
     for i, sentence in enumerate(sentences):
         joined = f"{out} {sentence}" if out else sentence
@@ -89,8 +90,8 @@ def restate(answer: str, subject: str, opener: str) -> str:
 def follow_up(summary: str, answer: str, subject: str) -> str | None:
     """The next one or two sentences after those the answer used, with a leading 'It'/'He'/'She'
     replaced by the subject ('It lives in...' -> 'Pteropus lives in...'); None when nothing is left."""
-    sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", summary.replace("\n\n", " "))
-    used = len(re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", answer))
+    sentences = SENTENCE_BREAK.split(summary.replace("\n\n", " "))
+    used = len(SENTENCE_BREAK.split(answer))
     more = first_sentences(" ".join(sentences[used:]), MAX_ANSWER_CHARS, 2) if len(sentences) > used else ""
     if not more:
         return None
