@@ -14,6 +14,7 @@ What a download promises:
 
     picochat data download -n 8          # FineWeb-Edu train shards 0..7 and the val shard 1822
     picochat data download -n 240 -w 8   # the d20 speedrun's budget (docs/DESIGN.md#pretraining-data)
+    picochat data download --dataset climbmix -n 170   # ClimbMix 0..169 and val shard 6542 (docs/DATA.md)
 """
 from __future__ import annotations
 
@@ -32,14 +33,8 @@ from typing import Callable
 import requests
 
 from picochat.common import PicochatError, data_dir, file_lock, fsync_dir, picochat_home, print0, progress_bar
-from picochat.data.shards import check_shard, shard_name
+from picochat.data.shards import HUB_DATASETS, check_shard, shard_name
 
-# The repackaged pretraining sets of docs/DESIGN.md#pretraining-data: repo on the Hub and index of the last shard, which
-# is always downloaded and kept as the fixed validation shard.
-HUB_DATASETS = {
-    "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1822),
-    "climbmix": ("karpathy/climbmix-400b-shuffle", 6542),
-}
 CHUNK_BYTES = 1 << 16    # small, so a dropped connection loses at most 64 KiB of a resumable file
 TIMEOUT = (10, 60)       # seconds to connect, seconds of silence before an attempt counts as failed
 
@@ -254,23 +249,23 @@ def download_many(jobs: list[tuple[str, Path]], *, workers: int = 4, retries: in
 # Pretraining shards from the Hub
 
 def shard_url(index: int, dataset: str = "fineweb-edu") -> str:
-    repo, _ = HUB_DATASETS[dataset]
-    return f"{hub_endpoint()}/datasets/{repo}/resolve/main/shard_{index:05d}.parquet"
+    return f"{hub_endpoint()}/datasets/{HUB_DATASETS[dataset].repo}/resolve/main/shard_{index:05d}.parquet"
 
 
 def download_shards(num_train: int, *, workers: int = 4, dataset: str = "fineweb-edu",
                     retries: int = 5, backoff: float = 2.0) -> Path:
-    """Train shards 0..num_train-1 as shard_NNNNN.parquet plus the last Hub shard as the fixed
-    validation shard val_NNNNN.parquet, skipping those already on disk. Returns the directory."""
+    """The first `num_train` train shards as shard_NNNNN.parquet plus the dataset's validation shard
+    as val_NNNNN.parquet (HUB_DATASETS), skipping those already on disk. Returns the directory."""
     if dataset not in HUB_DATASETS:
         raise PicochatError(f"unknown dataset {dataset!r}; choose one of {', '.join(HUB_DATASETS)}")
-    _, val_index = HUB_DATASETS[dataset]
-    if not 0 <= num_train <= val_index:
-        raise PicochatError(f"-n must be between 0 and {val_index} for {dataset} (shard {val_index} "
+    hub = HUB_DATASETS[dataset]
+    train = [i for i in range(hub.num_shards) if i != hub.val_shard]
+    if not 0 <= num_train <= len(train):
+        raise PicochatError(f"-n must be between 0 and {len(train)} for {dataset} (shard {hub.val_shard} "
                             f"is the validation shard), got {num_train}")
     root = data_dir(dataset)
-    wanted = [(shard_url(val_index, dataset), root / shard_name(val_index, "val"))]
-    wanted += [(shard_url(i, dataset), root / shard_name(i, "train")) for i in range(num_train)]
+    wanted = [(shard_url(hub.val_shard, dataset), root / shard_name(hub.val_shard, "val"))]
+    wanted += [(shard_url(i, dataset), root / shard_name(i, "train")) for i in train[:num_train]]
     todo = [(url, dest) for url, dest in wanted if not dest.exists()]
     print0(f"{dataset}: {len(wanted) - len(todo)} of {len(wanted)} shards already in {root}; "
            f"downloading {len(todo)} with {workers} workers from {hub_endpoint()}")

@@ -4,9 +4,12 @@ Pretraining shards on disk: parquet files with one `text` column, written in row
 A dataset is a directory `$PICOCHAT_HOME/data/<dataset>/` holding train shards `shard_NNNNN.parquet`
 and validation shards `val_NNNNN.parquet`. The validation split is therefore fixed by name, never
 "whichever shard happens to be last" (nanochat's seed behaviour, which moved as more shards arrived).
+The Hub datasets below name their validation shard in HUB_DATASETS; the downloader saves it as
+val_NNNNN.parquet, so a few train shards and the val shard split the same as all of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +22,21 @@ ROW_GROUP_SIZE = 1024  # documents per row group, as in the FineWeb-Edu repackag
 SPLIT_PREFIX = {"train": "shard_", "val": "val_"}
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """A pretraining set repackaged by nanochat's author as shard_NNNNN.parquet files in a Hub repo."""
+    repo: str
+    num_shards: int  # shard_00000 .. shard_{num_shards - 1:05d}
+    val_shard: int   # always downloaded, kept as val_NNNNN.parquet, never trained on
+
+
+# docs/DATA.md#pretraining-data-from-the-hub: nanochat's seed trained on FineWeb-Edu, its HEAD on ClimbMix.
+HUB_DATASETS = {
+    "fineweb-edu": HubDataset("karpathy/fineweb-edu-100b-shuffle", num_shards=1823, val_shard=1822),
+    "climbmix": HubDataset("karpathy/climbmix-400b-shuffle", num_shards=6543, val_shard=6542),
+}
+
+
 def shard_name(index: int, split: str = "train") -> str:
     return f"{SPLIT_PREFIX[split]}{index:05d}.parquet"
 
@@ -29,9 +47,17 @@ def list_shards(dataset: str, split: str) -> list[Path]:
         raise ValueError(f"split must be train or val, got {split!r}")
     root = data_dir(dataset)
     paths = sorted(root.glob(f"{SPLIT_PREFIX[split]}*.parquet"))
+    hub = HUB_DATASETS.get(dataset)
+    if hub is not None and split == "train":
+        # nanochat keeps the val shard under its Hub name; copied here it would train on validation
+        val_as_train = root / shard_name(hub.val_shard, "train")
+        if val_as_train in paths:
+            raise PicochatError(f"{val_as_train} is {dataset}'s validation shard under its Hub name; "
+                                f"rename it to {shard_name(hub.val_shard, 'val')} so it is not trained on")
     if not paths:
         hint = ("picochat data demo" if dataset == "demo"
                 else "picochat data download -n 8" if dataset == "fineweb-edu"
+                else f"picochat data download --dataset {dataset} -n 8" if hub is not None
                 else f"picochat data import --name {dataset} FILES...")
         raise PicochatError(f"no {split} shards for dataset {dataset!r} in {root}; run `{hint}` first")
     return paths

@@ -2,6 +2,7 @@
 `picochat data`: get pretraining text onto disk as shards (picochat/data/shards.py).
 
     picochat data download -n 8 [-w 4] [--dataset fineweb-edu]   # Hub shards 0..7 + val shard 1822
+    picochat data download -n 8 --dataset climbmix               # Hub shards 0..7 + val shard 6542
     picochat data demo [--sdist PATH] [--force]                   # offline demo corpus (docs/DATA.md)
     picochat data import FILE... --name NAME [--val-fraction 0.01] [--force]   # .txt/.jsonl/.parquet
 
@@ -14,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from picochat.cli import Parser, positive_int
-from picochat.data.download import HUB_DATASETS, download_shards
+from picochat.data.download import download_shards
+from picochat.data.shards import HUB_DATASETS
 from picochat.data.sources import build_demo, import_files
 
 
@@ -35,15 +37,18 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
                                 metavar="{download,demo,import}")
 
-    p = sub.add_parser("download", prog="data download", help="FineWeb-Edu shards from the Hub",
+    p = sub.add_parser("download", prog="data download", help="FineWeb-Edu or ClimbMix shards from the Hub",
                        description="Download train shards 0..N-1 and the fixed validation shard (the "
                                    "dataset's last shard) from the Hugging Face Hub. HF_ENDPOINT "
                                    "selects a mirror; HF_TOKEN is sent when set.")
     p.add_argument("-n", "--num-shards", type=int, required=True, default=argparse.SUPPRESS,
-                   help="number of train shards (about 250M chars each; d20 needs 240)")
+                   help="number of train shards (FineWeb-Edu: about 250M chars each, d20 needs 240; "
+                        "nanochat's GPT-2 run takes 170 of ClimbMix)")
     p.add_argument("-w", "--workers", type=positive_int, default=4, help="parallel downloads")
     p.add_argument("--dataset", choices=sorted(HUB_DATASETS), default="fineweb-edu",
-                   help="which repackaged Hub dataset")
+                   help="which repackaged Hub dataset: " + "; ".join(
+                       f"{name} ({hub.repo}, {hub.num_shards:,} shards, val shard {hub.val_shard})"
+                       for name, hub in HUB_DATASETS.items()))
 
     p = sub.add_parser("demo", prog="data demo", help="offline demo corpus (modern English and Shakespeare)",
                        description="Build the demo corpus from Wikipedia summaries, chitchat conversations "
