@@ -16,8 +16,17 @@ Each param group says which rule updates it:
   [0.5, 1.5]), so every direction of the matrix moves by about the same amount. 2-D params only.
   Newton-Schulz runs in bf16 (`ns_dtype`) on a stack of all same-shape matrices at once;
   `newton_schulz_reference` is the slow one-matrix-at-a-time fp32 version the tests pin it against.
+  Options of a muon group (each default is the seed rule, bit for bit), in the order they act:
+      row_equilibrate=False   MuonEq: every row of the update scaled to the mean row norm first
+      ortho="newton_schulz"   or "polar_express": 5 tuned polynomial steps, singular values nearer 1
+      normuon=False, beta2=0.9   NorMuon: per-row (per-column if wide) second moment of the
+                              orthogonalized update (state "second_moment") evens out the rows'
+                              sizes, Frobenius norm kept
+      weight_decay=0.0        cautious: decays only entries the update already pushes toward zero
+  nanochat's 2026 recipe turns on all four, e.g. dict(kind="muon", params=..., lr=0.02,
+  ortho="polar_express", normuon=True, weight_decay=0.28, row_equilibrate=True).
 - Every group gets `initial_lr` at construction: the training loop sets lr = initial_lr * schedule
-  each step, and sets a muon group's "momentum" from its warmup schedule.
+  each step, and sets a muon group's "momentum" (and, when asked, "weight_decay") from its schedules.
 
 Distributed (torch.distributed initialized, world size W > 1; gloo on CPU, NCCL on GPU). No DDP:
 every rank calls loss.backward() on its own micro-batch, then step() does the rest.
@@ -99,13 +108,101 @@ def newton_schulz_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# Polar Express orthogonalization (Amsel et al., arXiv 2505.16932)
+
+# One (a, b, c) per step, each the best odd quintic for the singular values the previous steps leave
+# (the paper's 5-step schedule, as modded-nanogpt and nanochat use it): small singular values rise
+# far faster than under NS_COEFFS, and 5 steps land them in about [0.85, 1.15] instead of [0.5, 1.15].
+PE_COEFFS = (
+    (8.1566, -22.4833, 15.8788),
+    (4.0429, -2.8089, 0.5000),
+    (3.8917, -2.7725, 0.5061),
+    (3.2858, -2.3681, 0.4645),
+    (2.3465, -1.7098, 0.4232),
+)
+# a 1% margin on the norm (the paper's safety factor) so rounding cannot leave a singular value above 1,
+# where the polynomials are not designed to work; the eps keeps an all-zero update finite
+PE_SAFETY, PE_EPS = 1.01, 1e-6
+
+
+def polar_express(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """~U V^T for every matrix in G of shape (..., rows, cols), all at once, computed in `dtype`."""
+    X = G.to(dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * PE_SAFETY + PE_EPS)
+    if X.size(-2) > X.size(-1):  # tall: X^T X is the small Gram matrix, so multiply from the right
+        for a, b, c in PE_COEFFS[:steps]:
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * A @ A)
+    else:
+        for a, b, c in PE_COEFFS[:steps]:
+            A = X @ X.mT
+            X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+def polar_express_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The same map, written out plainly: one matrix at a time, fp32, a tall matrix transposed to wide."""
+    rows, cols = G.shape[-2:]
+    out = []
+    for M in G.reshape(-1, rows, cols).float():
+        X = M.T if rows > cols else M
+        X = X / (torch.sqrt((X * X).sum()) * PE_SAFETY + PE_EPS)
+        for a, b, c in PE_COEFFS[:steps]:
+            A = X @ X.T
+            X = a * X + (b * A + c * (A @ A)) @ X
+        out.append(X.T if rows > cols else X)
+    return torch.stack(out).reshape(G.shape)
+
+
+ORTHOGONALIZE = {"newton_schulz": newton_schulz, "polar_express": polar_express}
+
+
+# -----------------------------------------------------------------------------
+# MuonEq and NorMuon: the update's rows before and after orthogonalization
+
+EQ_EPS = 1e-10  # a zero row stays zero instead of dividing by zero
+
+
+def row_equilibrate(U: torch.Tensor) -> torch.Tensor:
+    """MuonEq (nanochat, 2026-07: a "very slight" gain at d12 and d24): every row of each matrix in
+    the stack (..., rows, cols) rescaled to that matrix's mean row norm, before orthogonalization."""
+    norms = U.norm(dim=-1, keepdim=True)
+    return U * (norms.mean(dim=-2, keepdim=True) / norms.clamp_min(EQ_EPS))
+
+
+NORMUON_EPS = 1e-10  # in 1/sqrt(v + eps); tiny next to a real mean square (~1/max(rows, cols))
+
+
+def normuon_axis(rows: int, cols: int) -> int:
+    """The dim NorMuon averages over: -1 (columns; one value per row) for tall or square matrices,
+    -2 (rows; one value per column) for wide ones."""
+    return -1 if rows >= cols else -2
+
+
+def normuon(U: torch.Tensor, v: torch.Tensor, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NorMuon (Li et al., arXiv 2510.05491) on a stack U of orthogonalized updates (..., rows, cols)
+    with their second moments v (..., rows, 1) or (..., 1, cols): v becomes an EMA of the mean
+    square of each row (column, if wide), each row is divided by sqrt(v + eps), and the result is
+    rescaled to U's Frobenius norm, so only the balance between rows changes, not the step size.
+    Returns (new update in fp32, new v); v itself is not modified."""
+    U = U.float()
+    mean_sq = U.square().mean(dim=normuon_axis(*U.shape[-2:]), keepdim=True)
+    v = v.lerp(mean_sq, 1 - beta2)
+    scaled = U * (v + NORMUON_EPS).rsqrt()
+    norm, scaled_norm = U.norm(dim=(-2, -1), keepdim=True), scaled.norm(dim=(-2, -1), keepdim=True)
+    return scaled * (norm / scaled_norm.clamp_min(NORMUON_EPS)), v
+
+
+# -----------------------------------------------------------------------------
 # The optimizer
 
 # Seed-nanochat defaults per kind. AdamW betas/eps come from modded-nanogpt's speedrun settings (as
-# used by nanochat); Muon lr/momentum/nesterov/ns_steps from Keller Jordan's Muon defaults.
+# used by nanochat); Muon lr/momentum/nesterov/ns_steps from Keller Jordan's Muon defaults. The other
+# muon keys are off (the seed rule); beta2 0.9 is nanochat's NorMuon setting.
 DEFAULTS = {
     "adamw": dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-    "muon": dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5),
+    "muon": dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ortho="newton_schulz",
+                 normuon=False, beta2=0.9, weight_decay=0.0, row_equilibrate=False),
 }
 
 
@@ -113,7 +210,7 @@ class MuonAdamW(torch.optim.Optimizer):
     """AdamW for some groups, Muon for others; shards its state across ranks when distributed."""
 
     def __init__(self, param_groups, ns_dtype: torch.dtype = torch.bfloat16):
-        self.ns_dtype = ns_dtype  # bf16 by default; float32 where bf16 matmul is slow or for exact tests
+        self.ns_dtype = ns_dtype  # of NS and Polar Express; float32 where bf16 matmul is slow, or for exact tests
         self.world_size = dist.get_world_size() if is_distributed() else 1
         self.rank = dist.get_rank() if is_distributed() else 0
         self.owner: dict[torch.Tensor, int] = {}
@@ -130,6 +227,12 @@ class MuonAdamW(torch.optim.Optimizer):
         group.setdefault("initial_lr", group["lr"])
         super().add_param_group(group)
         if kind == "muon":
+            if group["ortho"] not in ORTHOGONALIZE:
+                raise ValueError(f"a muon group's ortho must be one of {sorted(ORTHOGONALIZE)}, "
+                                 f"got {group['ortho']!r}")
+            if group["ortho"] == "polar_express" and group["ns_steps"] > len(PE_COEFFS):
+                raise ValueError(f"polar_express has coefficients for {len(PE_COEFFS)} steps, got "
+                                 f"ns_steps={group['ns_steps']}; use ns_steps <= {len(PE_COEFFS)}")
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"muon only updates 2-D matrices, got a param of shape {tuple(p.shape)};"
@@ -208,7 +311,8 @@ class MuonAdamW(torch.optim.Optimizer):
             p.copy_(p32)
 
     def _muon_update(self, params: list, grads: list, group: dict) -> None:
-        """Nesterov momentum per matrix, one batched Newton-Schulz for the stack, then the step."""
+        """Nesterov momentum per matrix; then, on the whole stack, [MuonEq], one batched
+        orthogonalization, [NorMuon]; then the step with [cautious weight decay]."""
         mu = group["momentum"]
         updates = []
         for p, g in zip(params, grads):
@@ -218,14 +322,35 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(g, 1 - mu)
             updates.append(g.lerp(buf, mu) if group["nesterov"] else buf)
-        ortho = newton_schulz(torch.stack(updates), group["ns_steps"], self.ns_dtype)
+        U = torch.stack(updates)
+        if group["row_equilibrate"]:
+            U = row_equilibrate(U)
+        U = ORTHOGONALIZE[group["ortho"]](U, group["ns_steps"], self.ns_dtype)
         rows, cols = params[0].shape
+        if group["normuon"]:
+            v_shape = (rows, 1) if normuon_axis(rows, cols) == -1 else (1, cols)
+            for p in params:
+                if "second_moment" not in self.state[p]:
+                    self.state[p]["second_moment"] = torch.zeros(v_shape, dtype=torch.float32, device=p.device)
+            U, v = normuon(U, torch.stack([self.state[p]["second_moment"] for p in params]), group["beta2"])
+            for p, v_p in zip(params, v):
+                self.state[p]["second_moment"].copy_(v_p)
         # NS output has spectral norm ~1 whatever the shape; a tall matrix (e.g. MLP c_fc, 4d x d) gets a
         # larger step so its per-element RMS update matches a square one (modded-nanogpt's Muon)
-        scale = math.sqrt(max(1.0, rows / cols))
-        for p, u in zip(params, ortho):
+        lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+        wd = group["weight_decay"]
+        for p, u in zip(params, U):
             p32 = p.float()
-            p32.add_(u.float(), alpha=-group["lr"] * scale)
+            u = u.float()
+            if wd:
+                # cautious weight decay (the mask of Cautious Optimizers, arXiv 2411.16085, applied to the
+                # decay, as nanochat does): p <- p - lr*u - lr*wd*p*[u*p >= 0], with p from before this step;
+                # an entry the update moves away from zero is not also pulled back toward it
+                decay = p32 * (u * p32 >= 0)
+                p32.add_(u, alpha=-lr)
+                p32.add_(decay, alpha=-lr * wd)
+            else:
+                p32.add_(u, alpha=-lr)
             if p32 is not p:
                 p.copy_(p32)
 

@@ -1,11 +1,15 @@
 """
 Pieces every training stage shares (base_train, mid_train, sft): the batch arithmetic with its
-error messages, LR and momentum schedules, memory estimate and automatic device batch size, and
-the metrics.jsonl log that a resume truncates back to its checkpoint.
+error messages, LR, momentum and weight-decay schedules, the horizon and batch size derived from
+the data (nanochat's 2026 recipe), memory estimate and automatic device batch size, and the
+metrics.jsonl log that a resume truncates back to its checkpoint.
+
+    python -m pytest -q tests/test_recipe_schedules.py    # the schedules and the batch-size rule
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,21 +79,31 @@ def batch_layout(total_batch: int, seq_len: int, world: int, device_batch, model
     return BatchLayout(total_batch, device_batch, per_process // device_batch, notes)
 
 
-def set_schedules(optimizer, lr_mult: float, momentum: float) -> None:
+def set_schedules(optimizer, lr_mult: float, momentum: float, muon_weight_decay: float | None = None) -> None:
+    """This step's LR (initial_lr * lr_mult) for every group and momentum for every muon group; and
+    the muon groups' weight decay when one is given (None leaves it as it is)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_mult
         if group["kind"] == "muon":
             group["momentum"] = momentum
+            if muon_weight_decay is not None:
+                group["weight_decay"] = muon_weight_decay
 
 
 # -----------------------------------------------------------------------------
 # Schedules (docs/DESIGN.md#schedules). Pretraining's LR follows the step count (its horizon is
 # known); midtraining's and SFT's follow the fraction of the data mixture consumed.
+# nanochat's 2026 recipe: warmup_steps=40, warmdown_ratio 0.65, final_lr_frac 0.05 (its autoresearch
+# round 1), muon_momentum_with_warmdown, and cosine_weight_decay for Muon.
 
 def lr_multiplier_by_step(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                          final_lr_frac: float) -> float:
-    """base_train: linear warmup, constant, then linear warmdown to final_lr_frac at the last step."""
-    warmup = round(warmup_ratio * num_iterations)
+                          final_lr_frac: float, warmup_steps: int | None = None) -> float:
+    """base_train: linear warmup, constant, then linear warmdown to final_lr_frac at the last step.
+    The warmup is warmup_ratio of the steps, or `warmup_steps` steps when that is given."""
+    if warmup_steps is not None and warmup_ratio > 0:
+        raise ValueError(f"give the LR warmup as a ratio or in steps, not both (warmup_ratio={warmup_ratio}, "
+                         f"warmup_steps={warmup_steps}); set warmup_ratio to 0")
+    warmup = round(warmup_ratio * num_iterations) if warmup_steps is None else warmup_steps
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
@@ -111,6 +125,62 @@ def muon_momentum(step: int) -> float:
     """0.85 → 0.95 linearly over the first 300 steps (docs/DESIGN.md#schedules)."""
     frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+def muon_momentum_with_warmdown(step: int, num_iterations: int, warmdown_ratio: float) -> float:
+    """nanochat's 2026 Muon momentum: 0.85 → 0.97 linearly over the first 400 steps, held, then over
+    the LR warmdown (the last warmdown_ratio of the steps) linearly down to 0.90 at the last step.
+    In a run too short to finish the rise first, the warmdown starts from wherever the rise is."""
+    frac = min(step / 400, 1.0)
+    momentum = (1 - frac) * 0.85 + frac * 0.97
+    warmdown = round(warmdown_ratio * num_iterations)
+    if warmdown > 0 and step > num_iterations - warmdown:
+        done = min((step - (num_iterations - warmdown)) / warmdown, 1.0)
+        momentum += (0.90 - momentum) * done
+    return momentum
+
+
+def cosine_weight_decay(step: int, num_iterations: int, weight_decay: float) -> float:
+    """Muon weight decay from weight_decay at step 0 to 0 at the last step along half a cosine
+    (nanochat: a decay ramped to zero beat a constant one; cosine replaced its first, linear ramp)."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * min(step / num_iterations, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# Horizon, total batch, LR and weight decay from the amount of data (nanochat's 2026 recipe). Its
+# hyperparameters were tuned on a reference run (d12 at the same tokens-per-parameter ratio, batch
+# 2^19 tokens) and carried to other sizes with three rules below. "Scaling params" count the block
+# matrices and the head, not the embeddings (Kaplan-style: with those, its scaling-law fits were stable).
+
+REF_BATCH = 2**19  # tokens per step of the reference run
+BATCH_EXPONENT = 0.383  # Power Lines (arXiv 2505.13738): the best batch grows as tokens^0.383
+REF_WEIGHT_DECAY = 0.28  # Muon weight decay tuned at the reference run
+
+
+def horizon_tokens(ratio: float, transformer_matrices: int, lm_head: int) -> int:
+    """Training tokens for a tokens-per-parameter `ratio` (nanochat 2026: 12) over the scaling
+    params: the block matrices (gates included) plus the head's V·d weights."""
+    return int(ratio * (transformer_matrices + lm_head))
+
+
+def auto_total_batch(target_tokens: float, ref_tokens: float, ref_batch: int = REF_BATCH) -> int:
+    """Tokens per step for a run of target_tokens: the reference batch scaled by
+    (tokens/ref_tokens)^0.383, rounded to the nearest power of two (in log2)."""
+    return 2 ** round(math.log2(ref_batch * (target_tokens / ref_tokens) ** BATCH_EXPONENT))
+
+
+def batch_lr_scale(total_batch: int, ref_batch: int = REF_BATCH) -> float:
+    """Multiplier for the learning rates tuned at ref_batch: sqrt(B/ref_batch) (the square-root
+    rule for Adam-like optimizers; nanochat applies it to its AdamW and Muon groups)."""
+    return math.sqrt(total_batch / ref_batch)
+
+
+def scaled_weight_decay(total_batch: int, target_tokens: float, ref_tokens: float, ref_batch: int = REF_BATCH,
+                        base: float = REF_WEIGHT_DECAY) -> float:
+    """Muon weight decay that keeps the run's EMA timescale in epochs, B/(lr·wd·D), at the reference's
+    (Wang & Aitchison, arXiv 2405.13698), with lr scaled by sqrt(B/ref_batch):
+    base·sqrt(B/ref_batch)·(ref_tokens/target_tokens)."""
+    return base * math.sqrt(total_batch / ref_batch) * (ref_tokens / target_tokens)
 
 
 # -----------------------------------------------------------------------------
