@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import (PicochatError, atomic_path, atomic_write_text, checkpoint_dir, dist_info, fsync_dir,
-                             picochat_home)
+from picochat.common import (PicochatError, atomic_path, atomic_write_text, check_model_tag, checkpoint_dir,
+                             dist_info, fsync_dir, picochat_home)
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 FILES_KEY, META_SUM_KEY = "files", "meta_sha256"  # meta.json keys that belong to the checkpoint format
@@ -178,9 +178,10 @@ def save_checkpoint(root: Path, step: int, model_state: dict, meta: dict, rank_s
 # Loading
 
 def list_steps(root: Path) -> list[int]:
+    """The steps saved under root: directories named step_NNNNNN (a stray file of that name is not one)."""
     if not root.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
 
 
 def latest_step(root: Path) -> int | None:
@@ -195,13 +196,27 @@ def _read_meta(d: Path) -> tuple[dict, dict | None]:
         raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete")
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        want = meta.pop(META_SUM_KEY, None) if isinstance(meta, dict) else None
+        altered = want is not None and want != _meta_digest(meta)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; 100,000 '[' nest too deep
         raise CorruptCheckpointError(f"{path} is not valid JSON ({type(e).__name__}): the checkpoint is corrupt") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path} cannot be read ({e.strerror or e}): the checkpoint is unusable") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(f"{path} is not a JSON object: the checkpoint is corrupt")
-    want = meta.pop(META_SUM_KEY, None)
-    if want is not None and want != _meta_digest(meta):
+    if altered:
         raise CorruptCheckpointError(f"{path} does not match its checksum: the file was altered or corrupted")
+    # What later becomes part of a path must be what a command line may give: a name, the step of
+    # the directory it lives in (a forger can recompute the checksum, so these are checked here).
+    tag, step = meta.get("model_tag"), meta.get("step")
+    if tag is not None:
+        try:
+            check_model_tag(tag, "its model_tag")
+        except PicochatError as e:
+            raise CorruptCheckpointError(f"{path}: {e}; the checkpoint is not usable") from None
+    if step is not None and (type(step) is not int or d.name != f"step_{step:06d}"):
+        raise CorruptCheckpointError(f"{path} says step {repr(step)[:40]} but lives in {d.name}: the checkpoint is "
+                                     f"corrupt")
     files = meta.pop(FILES_KEY, None)
     if files is not None and not (isinstance(files, dict) and all(
             isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
@@ -243,7 +258,26 @@ def _load_tensors(path: Path, map_location):
         raise CorruptCheckpointError(f"{path} is not a readable torch file ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{path} does not hold a dict: the checkpoint is corrupt")
+    _refuse_unusual_tensors(obj, path)
     return obj
+
+
+def _refuse_unusual_tensors(obj, path: Path) -> None:
+    """Every tensor in obj must be dense (strided, not quantized or nested). weights_only still
+    rebuilds sparse tensors, unchecked: a sparse weight with an index of 2**40 loads, then fails deep
+    in copy_ (or, used as it is, reads out of bounds). Walked without recursion, each container once
+    (a pickle can nest 100,000 deep, or hold a list that contains itself)."""
+    stack, seen = [obj], set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.layout is not torch.strided or x.is_quantized or x.is_nested:
+                kind = "quantized" if x.is_quantized else "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+                raise CorruptCheckpointError(f"{path} holds a {kind} tensor; only dense tensors are loaded "
+                                             f"(refused: the checkpoint is corrupt or hostile)")
+        elif isinstance(x, (dict, list, tuple, set)) and id(x) not in seen:
+            seen.add(id(x))
+            stack.extend(x.values() if isinstance(x, dict) else x)
 
 
 def load_checkpoint(root: Path, step: int, device, rank: int | None = None):
@@ -296,22 +330,36 @@ def resolve_model_dir(stage: str, model_tag: str | None) -> Path:
 def load_model(stage: str, model_tag: str | None, device, step: int | None = None,
                compute_dtype: torch.dtype | None = None, tokenizer=None):
     """Build a GPT from a checkpoint for inference/eval. Returns (model, meta); meta["model_tag"]
-    is the checkpoint's tag. With `tokenizer`,
+    and meta["step"] are the checkpoint directory's tag and step. With `tokenizer`,
     first checks that the model was trained with a tokenizer of its vocabulary size."""
     from picochat.model import GPT, GPTConfig
     root = resolve_model_dir(stage, model_tag)
     step = latest_step(root) if step is None else step
     model_state, meta, _ = load_checkpoint(root, step, device)
-    meta.setdefault("model_tag", root.name)  # checkpoints from before meta stored it: the directory is the tag
-    config = GPTConfig(**meta["model_config"])
+    # The tag and step are those of the directory: what callers build output paths from
+    # (meta.json's own were checked to agree with a name and this step, or are absent).
+    meta["model_tag"], meta["step"] = root.name, step
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{step_dir(root, step) / 'meta.json'} has no usable model_config "
+                                     f"({type(e).__name__}: {str(e)[:120]}): the checkpoint is corrupt") from None
     if tokenizer is not None and config.vocab_size != tokenizer.vocab_size:
         raise PicochatError(f"the model has vocab {config.vocab_size} but the tokenizer "
                             f"{tokenizer.vocab_size}; was the tokenizer retrained after training?")
-    dtype = compute_dtype or getattr(torch, meta.get("compute_dtype", "float32"))
+    dtype = compute_dtype or getattr(torch, str(meta.get("compute_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"{step_dir(root, step) / 'meta.json'} has compute_dtype "
+                                     f"{repr(meta.get('compute_dtype'))[:40]}, not a torch dtype: the checkpoint is corrupt")
     with torch.device("meta"):
         model = GPT(config, compute_dtype=dtype)
     model.to_empty(device=device)
     model.init_weights()  # recompute the rotary buffers; weights are overwritten next
-    model.load_state_dict(model_state)
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:  # missing or unexpected keys, other shapes than model_config makes
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:160]
+        raise CorruptCheckpointError(f"{step_dir(root, step) / 'model.pt'} does not fit its model_config "
+                                     f"({first}): the checkpoint is corrupt") from None
     model.eval()
     return model, meta

@@ -56,14 +56,34 @@ class Plant:
         return (open, (self.marker, "w"))
 
 
-def resign(d, name):
-    """Update meta.json's manifest for `name` as a forger would (valid sizes and digests)."""
+def resign(d, name, **meta_changes):
+    """Update meta.json's manifest for `name` as a forger would (valid sizes and digests), with
+    `meta_changes` written into meta.json first."""
     meta = json.loads((d / "meta.json").read_text())
     meta.pop("meta_sha256")
+    meta.update(meta_changes)
     data = (d / name).read_bytes()
     meta["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     meta["meta_sha256"] = _meta_digest(meta)
     (d / "meta.json").write_text(json.dumps(meta))
+
+
+def plant_sparse(path):
+    """Replace the first tensor of a torch file with a sparse one whose index is 2**40 (weights_only
+    loads it; copying it into a dense weight fails deep in torch), and re-sign the manifest."""
+    state = torch.load(path, weights_only=True)
+    stack = [state]
+    while stack:  # the first tensor met, however deep (the rank file's is in the optimizer state)
+        container = stack.pop()
+        keys = container.keys() if isinstance(container, dict) else range(len(container))
+        tensors = [k for k in keys if isinstance(container[k], torch.Tensor)]
+        if tensors:
+            container[tensors[0]] = torch.sparse_coo_tensor(torch.tensor([[2**40]]), torch.tensor([1.0]), (2**41,),
+                                                                check_invariants=False)
+            break
+        stack.extend(v for k in keys if isinstance(v := container[k], (dict, list)))
+    torch.save(state, path)
+    resign(path.parent, path.name)
 
 
 # -----------------------------------------------------------------------------
@@ -136,6 +156,12 @@ CORRUPTIONS = {
     "garbage meta.json": ("meta.json", lambda p: p.write_bytes(os.urandom(200))),
     "edited meta.json": ("meta.json", lambda p: p.write_text(p.read_text().replace('"step": 10', '"step": 11'))),
     "truncated rank file": ("rank_0.pt", truncate),
+    "meta.json of 100,000 '['": ("meta.json", lambda p: p.write_text("[" * 100_000)),  # a RecursionError
+    "a path as model_tag in meta.json": ("meta.json", lambda p: resign(p.parent, "model.pt",
+                                                                       model_tag="x/../../../../PWNED")),
+    "meta.json names another step": ("meta.json", lambda p: resign(p.parent, "model.pt", step="../x")),
+    "a sparse tensor in model.pt": ("model.pt", plant_sparse),
+    "a sparse tensor in the optimizer state": ("rank_0.pt", plant_sparse),
 }
 
 
@@ -213,6 +239,43 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
     path.write_text('{"step": 1}\nnot json\n\xff\xfe\n{"step": 2}\n')  # any bad line, anywhere
     truncate_metrics(path, 5)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.slow
+def test_a_stray_file_named_like_a_step_is_not_a_checkpoint(trained, monkeypatch):
+    root = copy_run(trained)
+    (root / "step_000099").write_text("not a checkpoint")
+    (root / "step_000098").symlink_to("/etc/hostname")
+    assert list_steps(root) == [5, 10]
+    step, meta, _, _ = load_for_resume(root, True, False, 0, {})
+    assert step == 10 and meta["step"] == 10
+    monkeypatch.setenv("PICOCHAT_HOME", str(trained))
+    assert load_model("base", root.name, "cpu")[1]["step"] == 10
+
+
+@pytest.mark.slow
+def test_a_path_as_model_tag_in_meta_json_writes_nothing_outside_home(trained, monkeypatch):
+    """A handed-over checkpoint whose meta.json (manifest recomputed) names its tag
+    x/../../../../PWNED: base_eval used to write its results there, outside $PICOCHAT_HOME."""
+    root = copy_run(trained)
+    marker = f"PWNED{uuid.uuid4().hex[:8]}"
+    evil = "x/../../../../" + marker
+    for step in list_steps(root):
+        resign(step_dir(root, step), "model.pt", model_tag=evil)
+    target = os.path.normpath(trained / "evals" / f"base_{evil}_step000010.json")
+    proc = picochat(trained, "base_eval", "--model-tag", root.name, "--eval", "sample", "--max-new-tokens", "2",
+                    "--num-unconditioned", "0", "--device", "cpu", "--dtype", "float32", check=False)
+    if os.path.exists(target):
+        os.unlink(target)
+        raise AssertionError(f"base_eval wrote outside $PICOCHAT_HOME: {target}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "model_tag" in errors[0] and "is not a valid name" in errors[0], proc.stderr
+    # the tag from the directory, a name, is what a loaded model carries
+    (root / "step_000010" / "meta.json").write_text((step_dir(trained / "checkpoints" / "base" / "safety", 10)
+                                                     / "meta.json").read_text())
+    monkeypatch.setenv("PICOCHAT_HOME", str(trained))
+    assert load_model("base", root.name, "cpu")[1]["model_tag"] == root.name
 
 
 # -----------------------------------------------------------------------------
