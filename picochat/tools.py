@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ctypes
+import errno
+import itertools
 import math
 import operator
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -227,23 +231,37 @@ def use_calculator(expr: str) -> str:
 # -----------------------------------------------------------------------------
 # Python sandbox: a fresh interpreter in a bubblewrap jail (threat model: docs/SECURITY.md)
 
-MAX_CODE_CHARS = 100_000  # the code travels on the command line (Linux allows 128 KiB per argument)
+MAX_CODE_CHARS = 1_000_000  # the code travels through a pipe, never on a command line
 MAX_OUTPUT_BYTES = 10_000  # per stream, kept in the result
-MAX_FILE_BYTES = 8 * 2**20  # RLIMIT_FSIZE: any file, stdout and stderr included (they are files)
+MAX_STREAM_BYTES = 8 * 2**20  # a stream past this stops the run (we read, and drop, all past MAX_OUTPUT_BYTES)
+MAX_FILE_BYTES = 8 * 2**20  # RLIMIT_FSIZE: any file the code writes, memory files included
 MAX_OPEN_FILES = 64
 MAX_PROCESSES = 16  # RLIMIT_NPROC, threads included, counted in the jail's own user namespace
+CALL_TASKS = 32  # pids.max of a call's cgroup: the code's 16, plus bwrap, setpriv and the shell before them
 TMP_BYTES = 32 * 2**20  # the jail's /tmp, also its working directory (tmpfs: memory, gone afterwards)
 SHM_BYTES = 8 * 2**20  # the jail's /dev/shm
+TMP_INODES = 4096  # files and directories in /tmp and /dev/shm together (as root, the tmpfs's nr_inodes)
 SANDBOX_PATH = "/usr/bin:/bin"
 SANDBOX_UID = 65534  # "nobody": the code's uid and gid inside its user namespace
 SANDBOX_UIDS = range(1_000_000, 1_000_000 + 2**24)  # as root: the throwaway uid outside, above any account's
-UNSAFE_ENV = "PICOCHAT_UNSAFE_SANDBOX"  # "1": where bwrap cannot run, run anyway on the Python layer alone
+UNSAFE_ENV = "PICOCHAT_UNSAFE_SANDBOX"  # "1": run with the layers this machine has, warning of those it lacks
+CGROUP_ENV = "PICOCHAT_SANDBOX_CGROUP"  # cgroup v2: a directory, delegated to us, to make the calls' cgroups in
+MOUNTS_DIR = "/run/picochat-sandbox"  # as root: each call's tmpfs is mounted here while it runs
 
-# Runs inside the child before the user code: the rlimits, then an audit hook. The hook is a first
-# line only: it turns the obvious moves (start a program, open a socket, load native code) into a
-# clear error, but code can get past it (a sub-interpreter has no hook), so it is not the boundary.
+# Runs inside the child before the user code: it reads the code from stdin (then points stdin at
+# /dev/null), sets the rlimits, then adds an audit hook. The hook is a first line only: it turns
+# the obvious moves (start a program, open a socket, load native code) into a clear error, but code
+# can get past it (a sub-interpreter has no hook), so it is not the boundary.
 _GUARD_PRELUDE = r'''
 import sys
+
+def _read_code():
+    import os
+    code = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return code
 
 def _install_guards(memory_bytes, cpu_seconds, max_processes, max_file_bytes, max_open_files):
     import resource
@@ -294,14 +312,250 @@ class ExecutionResult:
     error: str | None = None  # the last line of the traceback, or why the run was stopped
     timed_out: bool = False
     memory_exceeded: bool = False
+    memory_peak_bytes: int | None = None  # the call's cgroup at its fullest: processes, tmpfs, kernel objects
 
 
-def _unavailable(reason: str) -> Exception:
-    """The one-line error for a machine where the jail cannot run: what is wrong, what to install,
-    and the explicit opt-in to the weaker mode (never chosen silently)."""
+# --- Seccomp: a deny-list compiled to BPF by libseccomp (through ctypes), loaded by bwrap --seccomp
+
+# Each fails with EPERM in the jail; everything else stays as the kernel has it. Each is kernel
+# attack surface that Python code has no use for, or a way around a limit.
+DENIED_SYSCALLS = (
+    "io_uring_setup", "io_uring_enter", "io_uring_register",  # a second syscall interface with its own CVE record
+    "userfaultfd",  # pauses the kernel mid-copy: the usual way to win a kernel race
+    "perf_event_open",  # performance counters: side channels, and a long CVE record
+    "memfd_secret",  # memory that even the kernel does not map
+    "keyctl", "add_key", "request_key",  # kernel keyrings: the caller's keys, and a channel between calls
+    "setxattr", "lsetxattr", "fsetxattr", "setxattrat",  # kernel memory that not every kernel's memcg counts
+)
+AF_VSOCK = 40  # socket(AF_VSOCK, ...) is denied too: it reaches the hypervisor, past the network namespace
+_SCMP_ACT_ALLOW, _SCMP_ACT_ERRNO, _SCMP_CMP_EQ = 0x7FFF0000, 0x00050000, 4  # libseccomp's seccomp.h
+
+
+class _ScmpArgCmp(ctypes.Structure):  # libseccomp's struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+def _libseccomp():
+    """libseccomp (Debian: libseccomp2) through ctypes, or None where it is not installed."""
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return None
+    lib.seccomp_init.restype, lib.seccomp_init.argtypes = ctypes.c_void_p, [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def _seccomp_program(lib) -> bytes:
+    """The jail's filter as BPF, for bwrap --seccomp. libseccomp also makes it kill any syscall made
+    through another architecture's entry (int 0x80 on x86_64), where these numbers would not apply."""
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        raise OSError("seccomp_init failed")
+    try:
+        def deny(name, *conditions):
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number == -1:  # unknown to this libseccomp (setxattrat, Linux 6.13, before libseccomp 2.6)
+                return
+            array = (_ScmpArgCmp * len(conditions))(*conditions) if conditions else None
+            if (rc := lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ERRNO | errno.EPERM, number, len(conditions),
+                                                 array)) < 0:
+                raise OSError(-rc, f"libseccomp refused the rule for {name}")
+        for name in DENIED_SYSCALLS:
+            deny(name)
+        deny("socket", _ScmpArgCmp(0, _SCMP_CMP_EQ, AF_VSOCK, 0))
+        fd = os.memfd_create("picochat-seccomp")
+        try:
+            if (rc := lib.seccomp_export_bpf(ctx, fd)) < 0:
+                raise OSError(-rc, "libseccomp could not export the filter")
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def _join_fresh_session_keyring(keyctl_number: int) -> None:
+    """Give the calling thread a new, empty session keyring in place of the caller's (only this
+    thread's credentials change; the jail it starts inherits them): the caller's keys are then not
+    even listed in the jail's /proc/keys."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(ctypes.c_long(keyctl_number), ctypes.c_long(1), None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):  # no keys in this kernel, or keyctl is filtered for us too
+            raise OSError(err, f"no fresh session keyring for the jail: {os.strerror(err)}")
+
+
+# --- Cgroups: each call in its own, with a memory and a pids limit, made and removed by the caller
+
+@dataclass
+class _CgroupParents:
+    """Where this process makes its calls' cgroups: cgroup v2, one directory (memory and pids
+    enabled for its children); cgroup v1, our own cgroup in the memory and the pids hierarchies."""
+    version: int
+    dirs: list[str]
+
+
+def _own_cgroups() -> dict[str, tuple[str, str]]:
+    """Hierarchy ('memory', 'pids' for cgroup v1, '' for v2) -> (its mount point, our cgroup's directory)."""
+    with open("/proc/self/cgroup") as f:
+        paths = {}
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            paths.update({c: path for c in (controllers.split(",") if controllers else [""])})
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3].split(",")
+            keys = [""] if fstype == "cgroup2" else [o for o in options if o in ("memory", "pids")] \
+                if fstype == "cgroup" else []
+            root, mountpoint = fields[3].rstrip("/"), fields[4]
+            for key in keys:
+                path = paths.get(key)
+                if path is not None and (path + "/").startswith(root + "/"):
+                    found[key] = (mountpoint, mountpoint + path[len(root):].rstrip("/"))
+    return found
+
+
+def _find_cgroups() -> _CgroupParents | str:
+    """Where to make the calls' cgroups, or why nothing on this machine can limit a call's memory."""
+    found = _own_cgroups()
+    if "" in found:  # cgroup v2, where it has the memory controller
+        mountpoint, own = found[""]
+        with open(os.path.join(mountpoint, "cgroup.controllers")) as f:
+            has_memory = {"memory", "pids"} <= set(f.read().split())
+        if has_memory:
+            # a cgroup with processes cannot give controllers to its children: ours only can where we
+            # are alone in it; as root, a cgroup of our own under the root works
+            candidates = ([os.environ[CGROUP_ENV]] if os.environ.get(CGROUP_ENV) else
+                          [own] + ([os.path.join(mountpoint, "picochat-sandbox")] if os.geteuid() == 0 else []))
+            tried = []
+            for parent in candidates:
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                    with open(os.path.join(parent, "cgroup.subtree_control"), "r+") as f:
+                        if not {"memory", "pids"} <= set(f.read().split()):
+                            f.write("+memory +pids")
+                    return _CgroupParents(2, [parent])
+                except OSError as e:
+                    tried.append(f"{parent}: {e.strerror}")
+            return (f"no cgroup v2 directory takes the calls' cgroups ({'; '.join(tried)}): set {CGROUP_ENV} to "
+                    f"one delegated to this user with memory and pids in cgroup.subtree_control, or run as root")
+    if "memory" in found and "pids" in found:
+        dirs = [found["memory"][1], found["pids"][1]]
+        if all(os.access(d, os.W_OK) for d in dirs):
+            return _CgroupParents(1, dirs)
+        return f"this user cannot make cgroups in {' or '.join(dirs)} (cgroup v1): run as root"
+    return "no cgroup hierarchy here has the memory and pids controllers"
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+class _CallCgroup:
+    """One call's cgroup: made before the call, the jail moved in before it starts, removed after."""
+
+    def __init__(self, parents: _CgroupParents, name: str, memory_bytes: int):
+        self.version, self.dirs = parents.version, [os.path.join(p, name) for p in parents.dirs]
+        # swap limited too (where swap accounting exists), so that tmpfs pages cannot move out of the count;
+        # v2's oom.group ends the whole call at its first OOM kill
+        limits = ({"memory.max": memory_bytes, "memory.swap.max": 0, "memory.oom.group": 1} if self.version == 2
+                  else {"memory.limit_in_bytes": memory_bytes, "memory.memsw.limit_in_bytes": memory_bytes})
+        for directory in self.dirs:
+            os.mkdir(directory)
+            for file, value in {**limits, "pids.max": CALL_TASKS}.items():
+                if os.path.exists(os.path.join(directory, file)):
+                    _write(os.path.join(directory, file), value)
+
+    def add(self, pid: int) -> None:
+        for directory in self.dirs:
+            _write(os.path.join(directory, "cgroup.procs"), pid)
+
+    def _read(self, file: str) -> str | None:
+        for directory in self.dirs:
+            with contextlib.suppress(OSError), open(os.path.join(directory, file)) as f:
+                return f.read()
+        return None
+
+    def peak_bytes(self) -> int | None:
+        peak = self._read("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes")
+        return int(peak) if peak else None
+
+    def oom_kills(self) -> int:
+        counts = self._read("memory.events" if self.version == 2 else "memory.oom_control") or ""
+        return sum(int(line.split()[1]) for line in counts.splitlines() if line.startswith("oom_kill "))
+
+    def remove(self) -> None:
+        for directory in self.dirs:
+            for _ in range(20):  # the last exits can lag the wait by a moment; past that, the sweep gets it
+                try:
+                    os.rmdir(directory)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.005)
+
+
+# --- The jail's writable space, as root: a tmpfs of our own with size= and nr_inodes=, bound in
+
+_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
+
+
+def _mount_tmpfs(path: str) -> None:
+    """A fresh tmpfs at `path` with a tmp/ and a shm/ in it (bwrap's own --tmpfs takes no nr_inodes)."""
+    os.makedirs(MOUNTS_DIR, mode=0o700, exist_ok=True)
+    os.mkdir(path, 0o700)
+    libc = ctypes.CDLL(None, use_errno=True)
+    options = f"size={TMP_BYTES + SHM_BYTES},nr_inodes={TMP_INODES},mode=0755".encode()
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV), options) != 0:
+        err = ctypes.get_errno()
+        os.rmdir(path)
+        raise OSError(err, f"cannot mount a tmpfs on {path}: {os.strerror(err)}")
+    for sub in ("tmp", "shm"):
+        os.mkdir(os.path.join(path, sub))
+        os.chmod(os.path.join(path, sub), 0o1777)
+
+
+def _unmount(path: str) -> None:
+    ctypes.CDLL(None, use_errno=True).umount2(path.encode(), _MNT_DETACH)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _sweep_stale(places: list[str]) -> None:
+    """Remove what the calls of dead processes left behind (a caller killed mid-call): tmpfs mounts
+    and cgroups named picochat-PID-N."""
+    for parent in places:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                match = re.fullmatch(r"picochat-(\d+)-\d+", name)
+                if match and not os.path.exists(f"/proc/{match.group(1)}"):
+                    if parent == MOUNTS_DIR:
+                        _unmount(os.path.join(parent, name))
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(os.path.join(parent, name))
+
+
+# --- The jail's command line
+
+def _unavailable(missing: list[tuple[str, str]]) -> Exception:
+    """The one-line error for a machine that lacks a layer of the sandbox: what is wrong, what to
+    install, and the explicit opt-in to the weaker mode (never chosen silently)."""
     from picochat.common import PicochatError  # lazily: picochat.common imports torch
-    return PicochatError(f"the Python tool needs the bubblewrap sandbox, but {reason}: apt-get install bubblewrap "
-                         f"(or set {UNSAFE_ENV}=1 to run model-written code without it, much less safely)")
+    return PicochatError(f"the Python tool's sandbox cannot run here: {'; '.join(why for _, why in missing)} "
+                         f"(or set {UNSAFE_ENV}=1 to run model-written code without "
+                         f"{' and '.join(layer for layer, _ in missing)}, much less safely)")
 
 
 def _interpreter_dirs() -> list[str]:
@@ -313,14 +567,16 @@ def _interpreter_dirs() -> list[str]:
     home = os.path.realpath(os.path.expanduser("~"))
     for path in dirs:
         if path in ("/", home):
-            raise _unavailable(f"Python is installed right in {path}, which the sandbox would have to expose whole")
+            raise _unavailable([("the bubblewrap sandbox", f"Python is installed right in {path}, which the "
+                                                           f"sandbox would have to expose whole")])
     return dirs
 
 
-def _filesystem_args() -> list[str]:
+def _filesystem_args(writable: str | None) -> list[str]:
     """The jail's whole filesystem: system files and the interpreter read-only, a fresh /proc, a
-    minimal /dev, private size-limited /tmp and /dev/shm in memory. Nothing else exists in it: no
-    home, no checkout, no $PICOCHAT_HOME, no /etc, no host /tmp or its Unix sockets."""
+    minimal /dev, private /tmp and /dev/shm in memory (`writable`'s tmp/ and shm/, or bwrap's
+    size-limited tmpfs). Nothing else exists in it: no home, no checkout, no $PICOCHAT_HOME, no
+    /etc, no host /tmp or its Unix sockets."""
     args = ["--ro-bind", "/usr", "/usr"]
     for path in ("/bin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr symlinks, or real directories
         if os.path.islink(path):
@@ -329,9 +585,12 @@ def _filesystem_args() -> list[str]:
             args += ["--ro-bind", path, path]
     # The private mounts first: the interpreter may live under /tmp (a checkout there), and its
     # read-only bind must land on top of the jail's /tmp, not be hidden by it.
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
-             "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if writable:
+        args += ["--bind", f"{writable}/tmp", "/tmp", "--bind", f"{writable}/shm", "/dev/shm"]
+    else:
+        args += ["--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
+                 "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
     dirs, parents = _interpreter_dirs(), set()
     for path in dirs:
         while (path := os.path.dirname(path)) not in ("/", "/tmp", "/dev", "/dev/shm"):  # those exist
@@ -355,23 +614,27 @@ _NAMESPACES = ["--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts
 # of its own (a usual first step of kernel exploits)
 _USER_NAMESPACE = ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
                    "--cap-drop", "ALL", "--die-with-parent"]
+# Holds the jail until the caller has moved it into the call's cgroup (then it sends a line):
+# whatever bwrap starts afterwards is born inside. A caller that dies first sends nothing: no run.
+_WAIT_FOR_CGROUP = ["/bin/sh", "-c", 'read -r _ && exec "$@"', "sh"]
 
 
-def _jail_argv(bwrap: str, outside_uid: int | None) -> list[str]:
+def _jail_argv(bwrap: str, outside_uid: int | None, seccomp_fd: int | None, writable: str | None) -> list[str]:
     """The command line that runs the command appended to it in the jail.
 
     As a normal user (outside_uid None), one unprivileged bwrap does it all. As root, one bwrap would
     map the jail to uid 0 outside: the kernel exempts uid 0 from RLIMIT_NPROC (no fork bomb limit),
     and uid 0 owns root's files. So a privileged bwrap builds the namespaces and the filesystem (only
-    root can reach an interpreter under /root), keeps no capability but setuid/setgid, and setpriv drops
-    to `outside_uid`, a throwaway uid, whose inner unprivileged bwrap adds the user namespace on that
-    same filesystem."""
+    root can reach an interpreter under /root) and loads the seccomp filter, keeps no capability but
+    setuid/setgid, and setpriv drops to `outside_uid`, a throwaway uid, whose inner unprivileged bwrap
+    adds the user namespace on that same filesystem."""
+    filesystem, seccomp = _filesystem_args(writable), [] if seccomp_fd is None else ["--seccomp", str(seccomp_fd)]
     if outside_uid is None:
-        return [bwrap, *_NAMESPACES, *_USER_NAMESPACE, *_filesystem_args(), "--chdir", "/tmp", "--"]
+        return [bwrap, *_NAMESPACES, *_USER_NAMESPACE, *filesystem, *seccomp, "--chdir", "/tmp", "--"]
     drop_to = ["setpriv", f"--reuid={outside_uid}", f"--regid={outside_uid}", "--clear-groups",
                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
     return [bwrap, *_NAMESPACES, "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-            *_filesystem_args(), "--", *drop_to,
+            *filesystem, *seccomp, "--", *drop_to,
             bwrap, *_USER_NAMESPACE, "--dev-bind", "/", "/", "--chdir", "/tmp", "--"]  # dev: /dev/null works
 
 
@@ -392,108 +655,291 @@ def _sandbox_env(home: str) -> dict[str, str]:
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-_PROBE_LOCK = threading.Lock()  # probe once, even when many threads start sandboxes together
-_WORKING_JAILS: set[tuple[str, bool]] = set()  # (bwrap, as_root) probed fine; a failure is probed again
+# --- What this machine gives: each layer, or why it is missing
+
+@dataclass
+class _Setup:
+    bwrap: str | None  # None: no jail (the opt-in weaker mode)
+    as_root: bool
+    seccomp: bytes | None
+    keyctl_number: int | None  # to give each jail a fresh session keyring
+    cgroups: _CgroupParents | None
+    missing: list[tuple[str, str]]  # (the layer, why it is missing and what to do)
 
 
-def _probe(bwrap: str, as_root: bool) -> str | None:
+_SETUP_LOCK = threading.Lock()  # look once, even when many threads start sandboxes together
+_SETUPS: dict[tuple[str | None, bool], _Setup] = {}  # complete setups only: anything missing is looked at again
+_CALL_NUMBERS = itertools.count()
+
+
+def _sandbox_setup() -> _Setup:
+    bwrap, as_root = shutil.which("bwrap"), os.geteuid() == 0
+    with _SETUP_LOCK:
+        if (bwrap, as_root) in _SETUPS:
+            return _SETUPS[(bwrap, as_root)]
+        missing = []
+        lib = _libseccomp()
+        if lib is None:
+            missing.append(("the seccomp filter and a fresh session keyring",
+                            "libseccomp is not installed: apt-get install libseccomp2"))
+        cgroups = _find_cgroups()
+        if isinstance(cgroups, str):
+            missing.append(("a memory limit", cgroups))
+            cgroups = None
+        setup = _Setup(bwrap, as_root, lib and _seccomp_program(lib),
+                       lib and lib.seccomp_syscall_resolve_name(b"keyctl"), cgroups, missing)
+        if bwrap is None:
+            missing.insert(0, ("the bubblewrap sandbox",
+                               "bwrap is not installed (not on PATH): apt-get install bubblewrap"))
+        elif as_root and shutil.which("setpriv") is None:
+            missing.insert(0, ("the bubblewrap sandbox", "setpriv (util-linux), which bwrap needs as root, is not on "
+                                                         "PATH: apt-get install util-linux"))
+        elif reason := _probe(setup):
+            missing.insert(0, ("the bubblewrap sandbox", f"{reason}: apt-get install bubblewrap"))
+        if missing and missing[0][0] == "the bubblewrap sandbox":
+            setup.bwrap = None
+        if not missing:
+            _sweep_stale([MOUNTS_DIR, *cgroups.dirs])
+            _SETUPS[(bwrap, as_root)] = setup
+        return setup
+
+
+def _probe(setup: _Setup) -> str | None:
     """None if the jail works on this machine, else why not. Checks that the jailed interpreter is
     ours, extension modules included (a missing bind could otherwise pick up another Python)."""
     same_python = (f"import math, os, sys\n"
                    f"assert sys.version == {sys.version!r} and os.__file__ == {os.__file__!r}")
-    argv = [*_jail_argv(bwrap, _fresh_uid() if as_root else None), _python(), "-I", "-c", same_python]
     try:
-        done = subprocess.run(argv, cwd="/", env=_sandbox_env("/tmp"), stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"{bwrap} could not be run ({e})"
+        done = _run([_python(), "-I", "-c", same_python], b"", setup, None, "/tmp", time.monotonic() + 30)
+    except OSError as e:
+        return f"{setup.bwrap} could not be run ({e})"
     if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        return f"{bwrap} fails here ({lines[-1] if lines else f'exit status {done.returncode}'})"
+        lines = done.stderr.text().strip().splitlines()
+        return f"{setup.bwrap} fails here ({lines[-1] if lines else f'exit status {done.returncode}'})"
     return None
 
 
-def _jail_prefix() -> list[str] | None:
-    """The jail's command prefix for one run, or None in the weaker mode the user opted in to.
-    Raises the one-line error where bwrap is missing or cannot make its namespaces."""
-    bwrap, as_root = shutil.which("bwrap"), os.geteuid() == 0
-    if bwrap is None:
-        reason = "bwrap is not installed (not on PATH)"
-    elif as_root and shutil.which("setpriv") is None:
-        reason = "setpriv (util-linux), which it needs as root, is not on PATH"
-    else:
-        with _PROBE_LOCK:
-            reason = None if (bwrap, as_root) in _WORKING_JAILS else _probe(bwrap, as_root)
-            if reason is None:
-                _WORKING_JAILS.add((bwrap, as_root))
-    if reason is None:
-        return _jail_argv(bwrap, _fresh_uid() if as_root else None)
-    if os.environ.get(UNSAFE_ENV) != "1":
-        raise _unavailable(reason)
-    warnings.warn(f"{UNSAFE_ENV}=1: running model-written code WITHOUT the bubblewrap sandbox ({reason}); only "
-                  f"rlimits and an audit hook that code can get past stand in its way", RuntimeWarning, stacklevel=3)
-    return None
+# --- One run: start, feed the code, read capped output, wait without polling, clean up
+
+class _Capture:
+    """One output stream as it is read: its head (stdout) or its tail (stderr, where the last
+    line of a traceback is), at most MAX_OUTPUT_BYTES, and how many bytes came in all."""
+
+    def __init__(self, tail: bool):
+        self.tail, self.kept, self.total = tail, bytearray(), 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.tail:
+            self.kept += chunk
+            del self.kept[:-MAX_OUTPUT_BYTES]
+        else:
+            self.kept += chunk[:MAX_OUTPUT_BYTES - len(self.kept)]
+
+    def text(self) -> str:
+        text, cut = self.kept.decode("utf-8", errors="replace"), self.total - len(self.kept)
+        if not cut:
+            return text
+        return f"[... {cut} bytes cut ...]\n{text}" if self.tail else text + "\n[... cut ...]"
 
 
-def _read_capped(f, tail: bool) -> str:
-    """At most MAX_OUTPUT_BYTES of a captured stream: the head of stdout, the tail of stderr (where
-    the traceback's last line is)."""
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - MAX_OUTPUT_BYTES) if tail else 0)
-    text = f.read(MAX_OUTPUT_BYTES).decode("utf-8", errors="replace")
-    if size > MAX_OUTPUT_BYTES:
-        text = f"[... {size - MAX_OUTPUT_BYTES} bytes cut ...]\n{text}" if tail else text + "\n[... cut ...]"
-    return text
+@dataclass
+class _Finished:
+    returncode: int
+    stdout: _Capture
+    stderr: _Capture
+    timed_out: bool = False
+    overflowed: str | None = None  # the stream that passed MAX_STREAM_BYTES
+    memory_peak_bytes: int | None = None
+    oom_kills: int = 0
+
+
+def _in_a_thread_of_its_own(keyctl_number: int | None, work):
+    """work() in a new thread that first joins a fresh session keyring (credentials are per thread:
+    ours stay as they are, and the jail it starts inherits the new one). The thread lives until the
+    run is over, as it must: bwrap's --die-with-parent fires when the *thread* that started it ends."""
+    outcome = {}
+
+    def run():
+        try:
+            if keyctl_number is not None:
+                _join_fresh_session_keyring(keyctl_number)
+            outcome["value"] = work()
+        except BaseException as e:  # raised again in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="picochat-sandbox-run")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _run(command: list[str], code: bytes, setup: _Setup, memory_bytes: int | None, cwd: str,
+         deadline: float) -> _Finished:
+    """Run `command` (in the jail where setup has one), its stdin `code`, until it ends or the
+    deadline; each stream read through a pipe as it comes, at most MAX_STREAM_BYTES."""
+    keyctl_number = setup.keyctl_number if setup.bwrap else None
+    return _in_a_thread_of_its_own(keyctl_number, lambda: _run_here(command, code, setup, memory_bytes, cwd, deadline))
+
+
+def _run_here(command: list[str], code: bytes, setup: _Setup, memory_bytes: int | None, cwd: str,
+              deadline: float) -> _Finished:
+    name = f"picochat-{os.getpid()}-{next(_CALL_NUMBERS)}"
+    with contextlib.ExitStack() as cleanup:
+        cgroup = None
+        if memory_bytes and setup.cgroups:
+            cgroup = _CallCgroup(setup.cgroups, name, memory_bytes)
+            cleanup.callback(cgroup.remove)
+        seccomp_fd = None
+        if setup.bwrap:
+            writable = None
+            if setup.as_root:
+                writable = os.path.join(MOUNTS_DIR, name)
+                _mount_tmpfs(writable)
+                cleanup.callback(_unmount, writable)  # before the cgroup goes: frees its pages first
+            if setup.seccomp is not None:
+                seccomp_fd, write_end = os.pipe()  # the filter is a few hundred bytes: the pipe holds it whole
+                cleanup.callback(os.close, seccomp_fd)
+                os.write(write_end, setup.seccomp)
+                os.close(write_end)
+            outside_uid = _fresh_uid() if setup.as_root else None
+            command = [*_jail_argv(setup.bwrap, outside_uid, seccomp_fd, writable), *command]
+        if cgroup:
+            command, code = [*_WAIT_FOR_CGROUP, *command], b"go\n" + code
+        proc = subprocess.Popen(command, cwd=cwd, env=_sandbox_env("/tmp" if setup.bwrap else cwd),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=() if seccomp_fd is None else (seccomp_fd,), start_new_session=True,
+                                bufsize=0)
+        cleanup.callback(_end, proc)
+        if cgroup:
+            cgroup.add(proc.pid)  # before the line that lets it go on: nothing of the jail runs outside
+        finished = _collect(proc, code, deadline)
+        if cgroup:
+            finished.memory_peak_bytes, finished.oom_kills = cgroup.peak_bytes(), cgroup.oom_kills()
+    finished.returncode = proc.returncode
+    return finished
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Whatever happened, the run is over: the jail killed if it still runs (bwrap's death takes its
+    PID namespace down, every process of the code), then reaped."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        stream.close()
+
+
+def _collect(proc: subprocess.Popen, code: bytes, deadline: float) -> _Finished:
+    """Feed stdin and read stdout and stderr as they come, until the process has exited and both
+    streams are closed, a stream passes MAX_STREAM_BYTES, or the deadline. The exit is a pidfd in
+    the same select(), so nothing polls."""
+    finished = _Finished(0, _Capture(tail=False), _Capture(tail=True))
+    streams = {proc.stdout.fileno(): ("stdout", finished.stdout), proc.stderr.fileno(): ("stderr", finished.stderr)}
+    pending, stdin_fd = memoryview(code), proc.stdin.fileno()
+    os.set_blocking(stdin_fd, False)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Linux before 5.3: the wait below polls
+        pidfd = None
+    with contextlib.ExitStack() as cleanup, selectors.DefaultSelector() as selector:
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ)
+        selector.register(stdin_fd, selectors.EVENT_WRITE)
+        if pidfd is not None:
+            cleanup.callback(os.close, pidfd)
+            selector.register(pidfd, selectors.EVENT_READ)
+        exited_at = None
+        while streams or (pidfd is not None and exited_at is None):
+            # once it has exited, its streams get a moment: unjailed, a leftover child may hold them
+            end = deadline if exited_at is None else min(deadline, exited_at + 0.5)
+            if (left := end - time.monotonic()) <= 0:
+                finished.timed_out = exited_at is None
+                break
+            for key, _ in selector.select(left):
+                if key.fd == stdin_fd:
+                    try:
+                        pending = pending[os.write(stdin_fd, pending[:2**16]):]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # it closed its stdin (exited, or will not read the rest)
+                        pending = pending[:0]
+                    if not pending:
+                        selector.unregister(stdin_fd)
+                        proc.stdin.close()
+                elif key.fd == pidfd:
+                    exited_at = time.monotonic()
+                    selector.unregister(pidfd)
+                else:
+                    name, capture = streams[key.fd]
+                    if chunk := os.read(key.fd, 2**16):
+                        capture.add(chunk)
+                        finished.overflowed = finished.overflowed or (name if capture.total > MAX_STREAM_BYTES
+                                                                      else None)
+                    else:
+                        selector.unregister(key.fd)
+                        del streams[key.fd]
+            if finished.overflowed:
+                break
+    if pidfd is None and not (finished.timed_out or finished.overflowed):
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            finished.timed_out = True
+    if finished.timed_out or finished.overflowed:
+        _end(proc)
+    return finished
 
 
 def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256) -> ExecutionResult:
     """Run `code` in a fresh `python -I` inside the bubblewrap jail and return what happened (never
-    raises for bad code). Raises PicochatError, one line, where the jail cannot run and the user did
-    not opt in to the weaker mode with PICOCHAT_UNSAFE_SANDBOX=1. The working directory is the
-    jail's private /tmp, gone afterwards."""
+    raises for bad code). The call's cgroup holds it to memory_mb MiB plus the 40 MiB of its tmpfs,
+    all its processes and kernel objects together. Raises PicochatError, one line, where a layer of
+    the sandbox cannot run and the user did not opt in to the weaker mode with
+    PICOCHAT_UNSAFE_SANDBOX=1. The working directory is the jail's private /tmp, gone afterwards."""
     if not isinstance(code, str) or len(code) > MAX_CODE_CHARS:
         size = len(code) if isinstance(code, str) else type(code).__name__
         return ExecutionResult(False, "", "", error=f"code must be a string of at most {MAX_CODE_CHARS} "
                                                     f"characters, got {size}")
-    jail = _jail_prefix()
+    setup = _sandbox_setup()
+    if setup.missing:
+        if os.environ.get(UNSAFE_ENV) != "1":
+            raise _unavailable(setup.missing)
+        warnings.warn(f"{UNSAFE_ENV}=1: running model-written code WITHOUT "
+                      f"{' and '.join(layer for layer, _ in setup.missing)} "
+                      f"({'; '.join(why for _, why in setup.missing)}); only what is left stands in its way",
+                      RuntimeWarning, stacklevel=2)
+    jail = setup.bwrap is not None
+    memory_bytes = memory_mb * 2**20 + TMP_BYTES + SHM_BYTES
     workdir = (contextlib.nullcontext("/tmp") if jail else
                tempfile.TemporaryDirectory(prefix="picochat_tool_", ignore_cleanup_errors=True))
-    with workdir as home, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with workdir as home:
         # RLIMIT_NPROC counts per uid: in the jail, its own; unjailed, ours (every process we have)
-        max_processes = MAX_PROCESSES if jail else 0
-        guards = (f"_install_guards({memory_mb * 2**20}, {math.ceil(timeout) + 1}, {max_processes}, "
+        guards = (f"_install_guards({memory_mb * 2**20}, {math.ceil(timeout) + 1}, {MAX_PROCESSES if jail else 0}, "
                   f"{MAX_FILE_BYTES}, {MAX_OPEN_FILES})")
-        script = f"{_GUARD_PRELUDE}\n{guards}\ndel _install_guards\n_run_user_code({code!r})\n"
-        argv = [*(jail or []), _python(), "-I", "-u", "-c", script]
-        timed_out = False
-        proc = subprocess.Popen(argv, cwd="/" if jail else home, env=_sandbox_env(home),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                close_fds=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            if proc.poll() is None:  # timed out, or we are being interrupted: take the group down
-                try:  # in the jail, bwrap's death kills its PID namespace, every process of the code
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                proc.wait()
-        stdout, stderr = _read_capped(out, tail=False), _read_capped(err, tail=True)
-    rc = proc.returncode
+        script = f"{_GUARD_PRELUDE}\n_code = _read_code()\n{guards}\ndel _install_guards, _read_code\n" \
+                 f"_run_user_code(_code)\n"
+        done = _run([_python(), "-I", "-u", "-c", script], code.encode("utf-8", "surrogatepass"), setup,
+                    memory_bytes, "/" if jail else home, time.monotonic() + timeout)
+    stdout, stderr, rc = done.stdout.text(), done.stderr.text(), done.returncode
     killed_by = -rc if rc < 0 else rc - 128 if jail and rc > 128 else None  # bwrap reports signal N as 128 + N
-    if killed_by == signal.SIGXCPU:
-        timed_out = True  # the CPU rlimit fired before the wall clock
-    success = rc == 0 and not timed_out
+    timed_out = done.timed_out or killed_by == signal.SIGXCPU  # the CPU rlimit fired before the wall clock
+    success = rc == 0 and not timed_out and not done.overflowed
     error = None
     if timed_out:
         error = f"timed out after {timeout:g} s"
+    elif done.overflowed:
+        error = f"{done.overflowed} passed {MAX_STREAM_BYTES // 2**20} MiB; the run was stopped"
+    elif not success and done.oom_kills and killed_by is not None:
+        error = f"killed at the call's memory limit ({memory_bytes // 2**20} MiB, tmpfs included)"
     elif not success:
         lines = [line for line in stderr.splitlines() if line.strip()]
         error = lines[-1].strip() if lines else f"exited with {_exit_reason(rc, killed_by)}"
-    memory_exceeded = not success and "MemoryError" in stderr
-    return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded)
+    memory_exceeded = done.oom_kills > 0 or (not success and "MemoryError" in stderr)
+    return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded, done.memory_peak_bytes)
 
 
 def _exit_reason(rc: int, killed_by: int | None) -> str:
