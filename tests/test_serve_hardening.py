@@ -44,14 +44,15 @@ def tiny(tiny_home):
 
 
 @contextlib.contextmanager
-def hardened(model, tok, *, api_key=None, header_timeout=2.0, body_timeout=2.0, max_connections=1000):
+def hardened(model, tok, *, api_key=None, header_timeout=2.0, body_timeout=2.0, max_connections=1000,
+             **limits):
     """The app in this process under serve_config (picochat serve's uvicorn settings), with short
-    timeouts; yields (host, port)."""
+    timeouts; yields (host, port). `limits`: serve_config's other keywords."""
     import uvicorn
     pool = EnginePool([Scheduler(Engine(model, tok), 2, 8)])
     app = create_app(pool, tok, "tiny", model.config.sequence_len, GREEDY, api_key, body_timeout=body_timeout)
     config = serve_config(app, "127.0.0.1", free_port(), max_connections=max_connections,
-                          header_timeout=header_timeout, log_level="warning")
+                          header_timeout=header_timeout, log_level="warning", **limits)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -176,6 +177,67 @@ def test_an_unauthenticated_body_is_refused_before_it_is_read(tiny):
     with hardened(model, tok, api_key="sekret") as (_, port):
         status, reply = raw_request(port, post_head(port, length=900_000), timeout=5)  # no body sent
         assert status == 401 and b"missing API key" in reply
+
+
+# -----------------------------------------------------------------------------
+# Framing and headers (RFC 9112)
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(tiny):
+    """Both framings in one request: a proxy in front may have used the other one, and the bytes
+    after the body it saw would be a second, smuggled request. The server used to answer and read
+    on; now it answers 400 and closes, so nothing after the first request is ever read."""
+    model, tok = tiny
+    with hardened(model, tok) as (_, port):
+        smuggled = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        status, reply = raw_request(port, post_head(port, "Content-Length: 5\r\n") + b"0\r\n\r\n" + smuggled)
+        assert status == 400 and b"both Content-Length and Transfer-Encoding" in reply
+        assert b"connection: close" in reply.lower() and reply.count(b"HTTP/1.1 ") == 1, reply
+
+
+@pytest.mark.parametrize("writes", [[100_000], [10_000, 10_000]], ids=["one write", "two writes"])
+def test_request_headers_over_16_kb_are_a_431_however_they_are_sent(tiny, writes):
+    """h11 limits only a header block still incomplete: 100 KB in one write, or two writes of 10 KB
+    each, used to be served."""
+    model, tok = tiny
+    with hardened(model, tok) as (host, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+            for i, size in enumerate(writes):  # the last write ends the block: h11 never sees it incomplete
+                end = b"\r\n" if i == len(writes) - 1 else b""
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    s.sendall((head if i == 0 else b"") + f"X-Filler-{i}: {'a' * size}\r\n".encode() + end)
+                time.sleep(0.2)  # separate reads on the server's side
+            status, reply = read_reply(s)
+        assert status == 431, reply[:300]
+        assert b"over 16,384 bytes" in reply and b"connection: close" in reply.lower()
+        ok = httpx.get(f"http://{host}:{port}/health", headers={"X-Fine": "a" * 15_000}, timeout=5)
+        assert ok.status_code == 200  # just under the limit still passes
+
+
+def test_one_client_cannot_hold_every_connection(tiny):
+    """One address opens more idle connections than the server takes in all (the attack held 1,100
+    of 1,000, and 22 of 30 /health calls from elsewhere failed); it gets only its share, and
+    another address is served every time."""
+    model, tok = tiny
+    with hardened(model, tok, header_timeout=30.0, max_connections=40, max_client_connections=10) as (_, port):
+        held, refused = [], 0
+        try:
+            for _ in range(50):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                held.append(s)
+            time.sleep(0.3)
+            for s in held[10:]:  # past its 10: a 503 that says why, then closed
+                status, reply = read_reply(s)
+                refused += status == 503 and b"the most one client may hold" in reply
+            assert refused == 40
+            other = httpx.HTTPTransport(local_address="127.0.0.2")  # another client (all of 127/8 is loopback)
+            with httpx.Client(transport=other, timeout=5) as client:
+                for _ in range(30):
+                    assert client.get(f"http://127.0.0.1:{port}/health", headers={"Connection": "close"}).status_code == 200
+        finally:
+            for s in held:
+                s.close()
 
 
 # -----------------------------------------------------------------------------
@@ -328,7 +390,8 @@ def test_health_answers_while_300_idle_connections_are_held(server):
     idle = []
     try:
         for i in range(300):  # half send nothing, half the start of a request that never ends
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            # from three addresses, 100 each (the most one client may hold), all of 127/8 is loopback
+            s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(f"127.0.0.{2 + i % 3}", 0))
             if i % 2:
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             idle.append(s)
@@ -371,7 +434,7 @@ def test_connections_past_the_open_files_limit_are_turned_away_quietly(tiny_home
     key_file.write_text("file-key\n")
     key_file.chmod(0o600)
     with serve_process(tiny_home, "--api-key-file", str(key_file), "--header-timeout", "60",
-                       nofile=512) as (port, _, log):
+                       "--max-client-connections", "0", nofile=512) as (port, _, log):
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer file-key"}, timeout=10).status_code == 200
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
@@ -407,6 +470,19 @@ def test_a_key_file_other_users_can_read_is_refused_in_one_line(tmp_path, capsys
     rc = picochat_main(["serve", "--api-key-file", str(key_file)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "other users may read" in err and "chmod 600" in err
+
+
+@pytest.mark.slow
+def test_a_fifo_as_key_file_is_one_line_not_a_hang(tiny_home, tmp_path):
+    """Opening a FIFO for reading waits for a writer: start-up used to hang there forever."""
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo, 0o600)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "picochat", "serve", "--api-key-file", str(fifo)],
+                              env=env_for(tiny_home), capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("picochat serve hung on a FIFO given as --api-key-file") from None
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a regular file" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("content, words", [("", "first line is empty"), ("\n\n", "first line is empty")])

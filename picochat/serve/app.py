@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -144,6 +146,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 HEADER_TIMEOUT_S = 10.0  # from a connection's first byte (or its opening) to the end of its request headers
 BODY_TIMEOUT_S = 30.0  # from the end of the headers to the last byte of the body (1 MB in 30 s: 35 KB/s)
 MAX_CONNECTIONS = 1000  # open connections; more are closed at once (503), see serve_config
+MAX_CLIENT_CONNECTIONS = 100  # open connections from one address (IPv6: one /64), so 10+ clients share the 1000
 MAX_JSON_DEPTH = 64  # nesting of arrays and objects; a chat request needs 4
 MAX_INT_DIGITS = 64  # digits of an integer literal; seeds are < 2**64 (20 digits)
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers (h11's default, stated)
@@ -213,6 +216,11 @@ class BodyGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if _header(scope, b"transfer-encoding") is not None and _header(scope, b"content-length") is not None:
+            # Two framings: a proxy in front may have read the other one (request smuggling). RFC 9112
+            # section 6.3: reject, or at least close the connection after answering; we do both.
+            return await self.refuse(scope, receive, send, 400, "the request has both Content-Length and "
+                                     "Transfer-Encoding headers; send one of them")
         if self.needs_key is not None and (refusal := self.needs_key(scope)):
             return await self.refuse(scope, receive, send, 401, refusal, code="invalid_api_key")
         length = _header(scope, b"content-length")
@@ -253,41 +261,102 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
+def client_address(transport) -> str | None:
+    """Who a connection counts against: its IPv4 address, or its IPv6 /64 (one host usually holds a
+    whole /64, so counting single IPv6 addresses would cap nothing); None for a Unix socket."""
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return str(peer[0])
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+HEADER_BLOCK_END = re.compile(rb"\n\r?\n")  # how h11 finds the blank line after the headers
+
+
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with two limits uvicorn lacks: at most `max_connections` open
-    connections (one more is answered 503 and closed at once, and a line is logged at most every
-    10 s), and `header_timeout` seconds to send a request's line and headers, counted from the
-    connection's opening or a request's first byte (uvicorn's own keep-alive timeout runs only
-    between requests, and any byte stops it). Make one with configured_protocol()."""
+    """uvicorn's h11 protocol with the limits uvicorn lacks: at most `max_connections` open
+    connections, and `max_client_connections` from one address (one more is answered 503 and closed
+    at once; a line is logged at most every 10 s); `header_timeout` seconds to send a request's line
+    and headers, counted from the connection's opening or a request's first byte (uvicorn's own
+    keep-alive timeout runs only between requests, and any byte stops it); and `max_header_bytes` of
+    request line and headers however they arrive (h11's own limit applies only to a block still
+    incomplete, so 100 KB sent in one write used to pass): a 431. Make one with configured_protocol()."""
 
     max_connections = MAX_CONNECTIONS
+    max_client_connections = MAX_CLIENT_CONNECTIONS
     header_timeout = HEADER_TIMEOUT_S
+    max_header_bytes = MAX_HEADER_BYTES
     refused = {"count": 0, "logged": 0.0}
+    per_client: Counter = Counter()  # address -> connections open
 
     def connection_made(self, transport):
         self.header_timer, self.turned_away = None, False
+        self.client_address = client_address(transport)
         if len(self.connections) >= self.max_connections:
-            self.turned_away = True
-            message = b"the server has too many open connections; retry in a moment\n"
-            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                            b"connection: close\r\nretry-after: 1\r\ncontent-length: %d\r\n\r\n%s"
-                            % (len(message), message))
-            transport.close()
-            refused, now = self.refused, time.monotonic()
-            refused["count"] += 1
-            if now - refused["logged"] >= 10:
-                log.warning("turned away %d connection(s): %d are open, the limit (--max-connections)",
-                            refused["count"], len(self.connections))
-                refused["count"], refused["logged"] = 0, now
-            return
+            return self._turn_away(transport, b"the server has too many open connections; retry in a moment\n")
+        if (self.max_client_connections and self.client_address is not None
+                and self.per_client[self.client_address] >= self.max_client_connections):
+            return self._turn_away(transport, b"your address has %d connections open to this server, the most one "
+                                   b"client may hold; close some and retry\n" % self.max_client_connections)
+        if self.client_address is not None:
+            self.per_client[self.client_address] += 1
         super().connection_made(transport)
         self._arm_header_timer()
+
+    def _turn_away(self, transport, message: bytes) -> None:
+        self.turned_away = True
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                        b"connection: close\r\nretry-after: 1\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(message), message))
+        transport.close()
+        refused, now = self.refused, time.monotonic()
+        refused["count"] += 1
+        if now - refused["logged"] >= 10:
+            log.warning("turned away %d connection(s): %d are open (--max-connections %d, at most %s per client)",
+                        refused["count"], len(self.connections), self.max_connections,
+                        self.max_client_connections or "any number")
+            refused["count"], refused["logged"] = 0, now
 
     def connection_lost(self, exc):
         if self.turned_away:
             return
+        if self.client_address is not None:
+            self.per_client[self.client_address] -= 1
+            if self.per_client[self.client_address] <= 0:
+                del self.per_client[self.client_address]
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        """Before h11 parses a request: its line and headers, as far as they have come, must fit
+        max_header_bytes. (Called for every read, and for a pipelined request held back until the
+        one before it was answered.)"""
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            pending = self.conn.trailing_data[0]
+            end = HEADER_BLOCK_END.search(pending)
+            size = end.end() if end else len(pending)
+            if size > self.max_header_bytes:
+                return self._reply_and_close(431, "Request Header Fields Too Large",
+                                             f"the request line and headers are over {self.max_header_bytes:,} "
+                                             f"bytes ({size:,} came), the limit; send fewer or shorter headers")
+        super().handle_events()
+
+    def _reply_and_close(self, status: int, reason: str, message: str) -> None:
+        """An error body in the API's shape, written as raw bytes (no request was parsed: h11 is
+        not in a state to answer), then the connection closed."""
+        body = json.dumps(error_body(message)).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+        self._cancel_header_timer()
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.turned_away:
@@ -312,32 +381,35 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a request came
-            body = json.dumps(error_body(f"the request headers took longer than {self.header_timeout:g} s "
-                                         f"to arrive")).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            return self._reply_and_close(408, "Request Timeout", f"the request headers took longer than "
+                                         f"{self.header_timeout:g} s to arrive")
         self.transport.close()
 
 
-def configured_protocol(max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_TIMEOUT_S):
+def configured_protocol(max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_TIMEOUT_S,
+                        max_client_connections: int = MAX_CLIENT_CONNECTIONS):
+    """A GuardedH11Protocol class with these limits and counters of its own (0 clients: no per-client cap)."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
                 {"max_connections": max_connections, "header_timeout": header_timeout,
-                 "refused": {"count": 0, "logged": 0.0}})
+                 "max_client_connections": max_client_connections, "refused": {"count": 0, "logged": 0.0},
+                 "per_client": Counter()})
 
 
 def serve_config(app, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
-                 header_timeout: float = HEADER_TIMEOUT_S, **kwargs):
+                 header_timeout: float = HEADER_TIMEOUT_S, max_client_connections: int = MAX_CLIENT_CONNECTIONS,
+                 **kwargs):
     """The uvicorn.Config picochat serve runs with (the tests too):
     - http: h11 with the limits of GuardedH11Protocol (pinned: httptools, if installed, would
-      otherwise be chosen and has neither limit);
+      otherwise be chosen and has none of them);
     - limit_concurrency = max_connections: a request is answered 503 when that many connections
       or requests are open (our connection cap usually turns connections away first);
     - backlog 128: asyncio accepts up to `backlog` connections at once before any is counted, so
       the file descriptors in use stay under max_connections + 128 + a few (FD_RESERVE);
-    - h11_max_incomplete_event_size 16 KB: longer request lines and headers are a 400;
+    - h11_max_incomplete_event_size 16 KB, the same as GuardedH11Protocol's header limit (a 431);
     - timeout_keep_alive 5 s between requests (uvicorn's default); timeout_graceful_shutdown 10 s."""
     import uvicorn
-    options = dict(http=configured_protocol(max_connections, header_timeout), limit_concurrency=max_connections,
+    protocol = configured_protocol(max_connections, header_timeout, max_client_connections)
+    options = dict(http=protocol, limit_concurrency=max_connections,
                    backlog=128, h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
                    timeout_graceful_shutdown=10)
     return uvicorn.Config(app, host=host, port=port, **(options | kwargs))
@@ -354,9 +426,10 @@ class HostGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             host = urlsplit("//" + (_header(scope, b"host") or b"").decode("latin-1")).hostname or ""
-            if host not in self.allowed_hosts:
+            if host not in self.allowed_hosts:  # an attack, not a typo: answer, then close
                 response = error_response(400, f"Host {host!r} is not one this server answers to (it is bound "
-                                               f"to loopback: use http://127.0.0.1 or http://localhost)")
+                                               f"to loopback: use http://127.0.0.1 or http://localhost)",
+                                          headers={"Connection": "close"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 

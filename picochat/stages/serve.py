@@ -13,7 +13,8 @@ app (picochat/serve/app.py) under uvicorn. docs/SERVING.md has the API, the limi
 Binds 127.0.0.1 unless told otherwise, and refuses a non-loopback --host without an API key. The
 key comes from $PICOCHAT_API_KEY or --api-key-file (--api-key works too, with a warning: every
 local user sees a command line in `ps`). Slow and idle clients are cut off (--header-timeout,
---body-timeout) and open connections capped (--max-connections): see picochat/serve/app.py.
+--body-timeout) and open connections capped (--max-connections, --max-client-connections): see
+picochat/serve/app.py.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from picochat.cli import Parser, add_device_args, positive_int
 from picochat.common import TRAINING_STAGES, PicochatError, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine
 from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
-from picochat.serve.app import (BODY_TIMEOUT_S, FD_RESERVE, HEADER_TIMEOUT_S, LOOPBACK_NAMES, MAX_CONNECTIONS,
-                                create_app, serve_config)
+from picochat.serve.app import (BODY_TIMEOUT_S, FD_RESERVE, HEADER_TIMEOUT_S, LOOPBACK_NAMES, MAX_CLIENT_CONNECTIONS,
+                                MAX_CONNECTIONS, create_app, serve_config)
 from picochat.scheduler import EnginePool, Scheduler
 from picochat.tokenizer import get_tokenizer
 
@@ -50,6 +51,9 @@ def build_parser() -> Parser:
                    "refused if other users may read it")
     p.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
                    help="open connections at most; more are answered 503 and closed (cut to the open-files limit)")
+    p.add_argument("--max-client-connections", type=int, default=MAX_CLIENT_CONNECTIONS,
+                   help="open connections from one address (IPv6: one /64) at most; more are answered 503 "
+                        "(0: no per-client cap, e.g. behind a reverse proxy on this machine)")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
                    help="seconds a client has to send a request's headers, else it is cut off (408)")
     p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
@@ -80,9 +84,10 @@ API_KEY_ENV = "PICOCHAT_API_KEY"
 
 
 def read_key_file(path: str) -> str:
-    """The first line of `path`, a regular file that no other user may read or write (0600)."""
+    """The first line of `path`, a regular file that no other user may read or write (0600).
+    Opened without blocking: opening a FIFO for reading would otherwise wait for a writer forever."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
         raise PicochatError(f"--api-key-file {path}: cannot open it ({e.strerror or e})")
     with os.fdopen(fd, "rb") as f:
@@ -161,6 +166,8 @@ def check_args(args) -> None:
         raise PicochatError(f"--port must be in 1..65535, got {args.port}")
     if args.request_timeout <= 0:
         raise PicochatError(f"--request-timeout must be positive, got {args.request_timeout}")
+    if args.max_client_connections < 0:
+        raise PicochatError(f"--max-client-connections must be 0 (no cap) or positive, got {args.max_client_connections}")
     check_port_free(args.host, args.port)
 
 
@@ -224,9 +231,11 @@ def main(argv=None):
           f"{args.max_batch_size} slots per engine, context {config.sequence_len} tokens", flush=True)
     print(f"picochat serve: http://{args.host}:{args.port}/ (API at /v1, key {'required' if args.api_key else 'off'})",
           flush=True)
-    print(f"picochat serve: at most {max_connections} connections; headers within {args.header_timeout:g} s, "
-          f"bodies (up to 1 MB) within {args.body_timeout:g} s", flush=True)
+    per_client = f"{args.max_client_connections} per client" if args.max_client_connections else "no per-client cap"
+    print(f"picochat serve: at most {max_connections} connections ({per_client}); headers (up to 16 KB) within "
+          f"{args.header_timeout:g} s, bodies (up to 1 MB) within {args.body_timeout:g} s", flush=True)
     server_config = serve_config(app, args.host, args.port, max_connections=max_connections,
-                                 header_timeout=args.header_timeout, log_level="info")
+                                 header_timeout=args.header_timeout,
+                                 max_client_connections=args.max_client_connections, log_level="info")
     uvicorn.Server(server_config).run()
     return 0
