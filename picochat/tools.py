@@ -42,9 +42,11 @@ import math
 import operator
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -294,6 +296,13 @@ def _install_guards(memory_bytes, cpu_seconds, max_processes, max_file_bytes, ma
         if event == "import" and args[0].partition(".")[0] in blocked_modules:
             raise ImportError(f"import {args[0]} is disabled in the picochat sandbox", name=args[0])
     sys.addaudithook(audit)
+
+def _use_packages(site_dirs):
+    # -S skipped site.main(): no .pth file runs (an editable install's finder alone costs ~10 ms and
+    # points at a checkout the jail does not have), yet the installed packages stay importable
+    import site
+    site.setquit()  # exit() and quit(), as in a normal interpreter
+    sys.path.extend(site_dirs)
 
 def _run_user_code(code):
     try:
@@ -614,13 +623,9 @@ _NAMESPACES = ["--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts
 # of its own (a usual first step of kernel exploits)
 _USER_NAMESPACE = ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
                    "--cap-drop", "ALL", "--die-with-parent"]
-# Holds the jail until the caller has moved it into the call's cgroup (then it sends a line):
-# whatever bwrap starts afterwards is born inside. A caller that dies first sends nothing: no run.
-_WAIT_FOR_CGROUP = ["/bin/sh", "-c", 'read -r _ && exec "$@"', "sh"]
-
-
-def _jail_argv(bwrap: str, outside_uid: int | None, seccomp_fd: int | None, writable: str | None) -> list[str]:
-    """The command line that runs the command appended to it in the jail.
+def _jail_argv(bwrap: str, outside_uid: int | None, options: list[str], writable: str | None) -> list[str]:
+    """The command line that runs the command appended to it in the jail; `options` go to the bwrap
+    that builds the namespaces (the seccomp filter, the cgroup hand-over).
 
     As a normal user (outside_uid None), one unprivileged bwrap does it all. As root, one bwrap would
     map the jail to uid 0 outside: the kernel exempts uid 0 from RLIMIT_NPROC (no fork bomb limit),
@@ -628,13 +633,13 @@ def _jail_argv(bwrap: str, outside_uid: int | None, seccomp_fd: int | None, writ
     root can reach an interpreter under /root) and loads the seccomp filter, keeps no capability but
     setuid/setgid, and setpriv drops to `outside_uid`, a throwaway uid, whose inner unprivileged bwrap
     adds the user namespace on that same filesystem."""
-    filesystem, seccomp = _filesystem_args(writable), [] if seccomp_fd is None else ["--seccomp", str(seccomp_fd)]
+    filesystem = _filesystem_args(writable)
     if outside_uid is None:
-        return [bwrap, *_NAMESPACES, *_USER_NAMESPACE, *filesystem, *seccomp, "--chdir", "/tmp", "--"]
+        return [bwrap, *_NAMESPACES, *_USER_NAMESPACE, *filesystem, *options, "--chdir", "/tmp", "--"]
     drop_to = ["setpriv", f"--reuid={outside_uid}", f"--regid={outside_uid}", "--clear-groups",
                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
     return [bwrap, *_NAMESPACES, "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-            *filesystem, *seccomp, "--", *drop_to,
+            *filesystem, *options, "--", *drop_to,
             bwrap, *_USER_NAMESPACE, "--dev-bind", "/", "/", "--chdir", "/tmp", "--"]  # dev: /dev/null works
 
 
@@ -755,23 +760,30 @@ class _Finished:
 
 
 def _in_a_thread_of_its_own(keyctl_number: int | None, work):
-    """work() in a new thread that first joins a fresh session keyring (credentials are per thread:
-    ours stay as they are, and the jail it starts inherits the new one). The thread lives until the
-    run is over, as it must: bwrap's --die-with-parent fires when the *thread* that started it ends."""
-    outcome = {}
+    """work(publish) in a new thread that first joins a fresh session keyring (credentials are per
+    thread: ours stay as they are, and the jail it starts inherits the new one). The caller gets
+    what work publishes as soon as it does; the thread goes on to clean up (unmount, remove the
+    cgroup), and it must live that long anyway: bwrap's --die-with-parent fires when the *thread*
+    that started it ends."""
+    outcome, ready = {}, threading.Event()
+
+    def publish(value):
+        outcome["value"] = value
+        ready.set()
 
     def run():
         try:
             if keyctl_number is not None:
                 _join_fresh_session_keyring(keyctl_number)
-            outcome["value"] = work()
-        except BaseException as e:  # raised again in the caller's thread
-            outcome["error"] = e
+            work(publish)
+        except BaseException as e:  # raised again in the caller's thread, unless it came after the result
+            outcome.setdefault("error", e)
+        finally:
+            ready.set()
 
-    thread = threading.Thread(target=run, name="picochat-sandbox-run")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
+    threading.Thread(target=run, name="picochat-sandbox-run").start()
+    ready.wait()
+    if "value" not in outcome:
         raise outcome["error"]
     return outcome["value"]
 
@@ -781,50 +793,88 @@ def _run(command: list[str], code: bytes, setup: _Setup, memory_bytes: int | Non
     """Run `command` (in the jail where setup has one), its stdin `code`, until it ends or the
     deadline; each stream read through a pipe as it comes, at most MAX_STREAM_BYTES."""
     keyctl_number = setup.keyctl_number if setup.bwrap else None
-    return _in_a_thread_of_its_own(keyctl_number, lambda: _run_here(command, code, setup, memory_bytes, cwd, deadline))
+    return _in_a_thread_of_its_own(keyctl_number, lambda publish: _run_here(command, code, setup, memory_bytes,
+                                                                            cwd, deadline, publish))
 
 
 def _run_here(command: list[str], code: bytes, setup: _Setup, memory_bytes: int | None, cwd: str,
-              deadline: float) -> _Finished:
+              deadline: float, publish) -> None:
+    if setup.bwrap is None:  # the weaker mode: no jail, so no cgroup, seccomp filter or keyring either
+        proc = subprocess.Popen(command, cwd=cwd, env=_sandbox_env(cwd), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, bufsize=0)
+        try:
+            finished = _collect(proc, code, deadline)
+        finally:
+            _end(proc)
+        finished.returncode = proc.returncode
+        return publish(finished)
     name = f"picochat-{os.getpid()}-{next(_CALL_NUMBERS)}"
     with contextlib.ExitStack() as cleanup:
-        cgroup = None
+        open_fds = set()  # our pipe ends, each closed once (a number closed twice may be another thread's by then)
+        cleanup.callback(lambda: [os.close(fd) for fd in open_fds])
+
+        def pipe() -> tuple[int, int]:
+            ends = os.pipe()
+            open_fds.update(ends)
+            return ends
+
+        def close(fd: int) -> None:
+            open_fds.remove(fd)
+            os.close(fd)
+
+        cgroup, options, passed = None, [], []
         if memory_bytes and setup.cgroups:
             cgroup = _CallCgroup(setup.cgroups, name, memory_bytes)
             cleanup.callback(cgroup.remove)
-        seccomp_fd = None
-        if setup.bwrap:
-            writable = None
-            if setup.as_root:
-                writable = os.path.join(MOUNTS_DIR, name)
-                _mount_tmpfs(writable)
-                cleanup.callback(_unmount, writable)  # before the cgroup goes: frees its pages first
-            if setup.seccomp is not None:
-                seccomp_fd, write_end = os.pipe()  # the filter is a few hundred bytes: the pipe holds it whole
-                cleanup.callback(os.close, seccomp_fd)
-                os.write(write_end, setup.seccomp)
-                os.close(write_end)
-            outside_uid = _fresh_uid() if setup.as_root else None
-            command = [*_jail_argv(setup.bwrap, outside_uid, seccomp_fd, writable), *command]
-        if cgroup:
-            command, code = [*_WAIT_FOR_CGROUP, *command], b"go\n" + code
-        proc = subprocess.Popen(command, cwd=cwd, env=_sandbox_env("/tmp" if setup.bwrap else cwd),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=() if seccomp_fd is None else (seccomp_fd,), start_new_session=True,
-                                bufsize=0)
+            # bwrap reports its first process inside the namespaces, then holds it (before it forks the
+            # command) until we have moved it into the cgroup: all the code does is born inside
+            (info_read, info_write), (block_read, block_write) = pipe(), pipe()
+            options += ["--info-fd", str(info_write), "--block-fd", str(block_read)]
+            passed += [info_write, block_read]
+        if setup.seccomp is not None:
+            seccomp_read, seccomp_write = pipe()  # the filter is a few hundred bytes: the pipe holds it whole
+            os.write(seccomp_write, setup.seccomp)
+            close(seccomp_write)
+            options += ["--seccomp", str(seccomp_read)]
+            passed.append(seccomp_read)
+        writable = None
+        if setup.as_root:
+            writable = os.path.join(MOUNTS_DIR, name)
+            _mount_tmpfs(writable)
+            cleanup.callback(_unmount, writable)  # before the cgroup goes: its pages are freed first
+        outside_uid = _fresh_uid() if setup.as_root else None
+        proc = subprocess.Popen([*_jail_argv(setup.bwrap, outside_uid, options, writable), *command], cwd=cwd,
+                                env=_sandbox_env("/tmp"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=passed, start_new_session=True, bufsize=0)
         cleanup.callback(_end, proc)
-        if cgroup:
-            cgroup.add(proc.pid)  # before the line that lets it go on: nothing of the jail runs outside
+        for fd in passed:
+            close(fd)  # bwrap has them now
+        if cgroup and (jail_pid := _jail_pid(info_read, deadline)) is not None:
+            cgroup.add(jail_pid)
+            os.write(block_write, b"x")
         finished = _collect(proc, code, deadline)
+        _end(proc)
         if cgroup:
             finished.memory_peak_bytes, finished.oom_kills = cgroup.peak_bytes(), cgroup.oom_kills()
-    finished.returncode = proc.returncode
-    return finished
+        finished.returncode = proc.returncode
+        publish(finished)  # the unmount and the cgroup's removal happen after the caller has its result
+
+
+def _jail_pid(info_fd: int, deadline: float) -> int | None:
+    """The pid (ours) of bwrap's first process in the namespaces, from its --info-fd JSON; None if
+    bwrap ended before it got that far."""
+    data = b""
+    while (match := re.search(rb'"child-pid": (\d+)', data)) is None:  # bwrap writes it in one write()
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([info_fd], [], [], left)[0] or not (chunk := os.read(info_fd, 4096)):
+            return None
+        data += chunk
+    return int(match.group(1))
 
 
 def _end(proc: subprocess.Popen) -> None:
     """Whatever happened, the run is over: the jail killed if it still runs (bwrap's death takes its
-    PID namespace down, every process of the code), then reaped."""
+    PID namespace down, every process of the code), then reaped. Safe to call twice."""
     if proc.poll() is None:
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -920,9 +970,9 @@ def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256) -> Executi
         # RLIMIT_NPROC counts per uid: in the jail, its own; unjailed, ours (every process we have)
         guards = (f"_install_guards({memory_mb * 2**20}, {math.ceil(timeout) + 1}, {MAX_PROCESSES if jail else 0}, "
                   f"{MAX_FILE_BYTES}, {MAX_OPEN_FILES})")
-        script = f"{_GUARD_PRELUDE}\n_code = _read_code()\n{guards}\ndel _install_guards, _read_code\n" \
-                 f"_run_user_code(_code)\n"
-        done = _run([_python(), "-I", "-u", "-c", script], code.encode("utf-8", "surrogatepass"), setup,
+        script = (f"{_GUARD_PRELUDE}\n_code = _read_code()\n_use_packages({site.getsitepackages()!r})\n{guards}\n"
+                  f"del _install_guards, _read_code, _use_packages\n_run_user_code(_code)\n")
+        done = _run([_python(), "-I", "-S", "-u", "-c", script], code.encode("utf-8", "surrogatepass"), setup,
                     memory_bytes, "/" if jail else home, time.monotonic() + timeout)
     stdout, stderr, rc = done.stdout.text(), done.stderr.text(), done.returncode
     killed_by = -rc if rc < 0 else rc - 128 if jail and rc > 128 else None  # bwrap reports signal N as 128 + N

@@ -177,6 +177,9 @@ def test_each_call_has_its_own_cgroup_and_tmpfs_removed_afterwards():
     assert limits["pids.max"] == CALL_TASKS, during
     if os.geteuid() == 0:  # as root the jail's /tmp is our own tmpfs mount, with nr_inodes
         assert any(not p.startswith("/sys/fs/cgroup") for p in during), during
+    end = time.monotonic() + 2  # removed by the call's own thread, just after it handed back the result
+    while call_cgroups_and_mounts() and time.monotonic() < end:
+        time.sleep(0.01)
     assert call_cgroups_and_mounts() == {}
 
 
