@@ -9,26 +9,32 @@ The engine sees `<|python_start|>code<|python_end|>` in a sample, calls `run_too
   by walking the AST of an allow-list. Nothing is ever passed to eval/exec, so there is no escape to
   block and no subprocess to pay for; sizes and exponents are capped, and a deadline stops the walk.
   Always returns a string; failures start with "Error: ".
-- `run_python(code)`: a fresh `python -I` in a bubblewrap (`bwrap`) jail, the boundary; the threat
+- `run_python(code)`: a fresh `python -I -S` in a bubblewrap (`bwrap`) jail, the boundary; the threat
   model and what each layer stops are in docs/SECURITY.md. The jail has its own PID, IPC, UTS,
   network, cgroup, mount and user namespaces; the code is uid 65534 with no capabilities and cannot
   make user namespaces; its filesystem is /usr, /lib* and the interpreter's own prefix (and
   virtualenv) read-only, a fresh /proc, a minimal /dev and private, size-limited /tmp (the working
   directory) and /dev/shm in memory: no home, no checkout, no /etc, nothing of the host's /tmp.
   As root, a privileged bwrap builds that and drops to a throwaway uid before the inner, unprivileged
-  bwrap makes the user namespace (see _jail_argv for why). Inside, a prelude sets rlimits (address
-  space, CPU seconds, file size, open files, 16 processes or threads, no core dumps) and adds an
-  audit hook, a first line that refuses starting programs, sockets and ctypes with a clear error
-  (code can get past it: the jail does not rely on it). The environment is scrubbed, stdin is
-  /dev/null, and at the wall-clock timeout bwrap is killed, which takes the whole PID namespace down.
-  Where bwrap is missing or cannot make namespaces, `run_python` raises a one-line PicochatError
-  saying what to install, unless PICOCHAT_UNSAFE_SANDBOX=1 opts in to running without the jail
-  (rlimits and the audit hook only, with a RuntimeWarning on each call site).
+  bwrap makes the user namespace (see _jail_argv for why). Each call has its own cgroup, made and
+  removed by the caller, whose memory limit covers everything of the call (processes, tmpfs pages,
+  memory files, kernel objects) and which has a pids limit; a seccomp filter (built with libseccomp)
+  denies io_uring, userfaultfd, perf_event_open, memfd_secret, keyrings, xattrs and AF_VSOCK, and
+  the jail gets a fresh session keyring. The code comes through stdin and the output goes back
+  through capped pipes: nothing of the host (no file, no command line) carries either. Inside, a
+  prelude sets rlimits (address space, CPU seconds, file size, open files, 16 processes or
+  threads, no core dumps) and adds an audit hook, a first line that refuses starting programs,
+  sockets and ctypes with a clear error (code can get past it: the jail does not rely on it). The
+  environment is scrubbed, and at the wall-clock timeout bwrap is killed, which takes the whole PID
+  namespace down. Where a layer cannot be had (bwrap missing or unable to make namespaces, no
+  memory cgroup, no libseccomp), `run_python` raises a one-line PicochatError saying what to do,
+  unless PICOCHAT_UNSAFE_SANDBOX=1 opts in to running with what there is (a RuntimeWarning on each
+  call names what is missing).
   sys.exit() counts as a failure: the code did not run to its end.
 - `run_tool(code)`: calculator first; if the text is not calculator arithmetic, the sandbox (3 s),
   printing the value of a final expression like a notebook cell. Short string, never raises.
 
-Run the tests:  python -m pytest tests/test_tools.py tests/test_sandbox.py
+Run the tests:  python -m pytest tests/test_tools.py tests/test_sandbox.py tests/test_sandbox_limits.py
 Try it:         python -c "from picochat.tools import run_tool; print(run_tool('2**10 / 4'))"
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ memory limit) is 64 MiB + the 40 MiB of tmpfs = 104 MiB. While each runs, a thre
 attack is sized to pin 0.4-0.6 GB where nothing stops it, far from this 24 GB machine's limit.
 Run:  python -m pytest tests/test_sandbox_limits.py  (about 20 s on 2 cores)
 """
+import contextlib
 import ctypes
 import errno
 import os
@@ -155,6 +156,8 @@ def call_cgroups_and_mounts() -> dict[str, dict[str, int]]:
     for parent, subdirs, _ in os.walk("/sys/fs/cgroup"):
         for directory in [os.path.join(parent, n) for n in subdirs if n.startswith(mine)]:
             found[directory] = {}
+            with contextlib.suppress(OSError), open(os.path.join(directory, "cgroup.procs")) as f:
+                found[directory]["processes"] = len(f.read().split())
             for name in LIMIT_FILES:
                 try:
                     with open(os.path.join(directory, name)) as f:
@@ -175,6 +178,9 @@ def test_each_call_has_its_own_cgroup_and_tmpfs_removed_afterwards():
     limits = {name: value for path, found in during.items() for name, value in found.items()}
     assert limits.get("memory.limit_in_bytes", limits.get("memory.max")) == CALL_CAP, during
     assert limits["pids.max"] == CALL_TASKS, during
+    # the jail is in every one of them: bwrap's first process in the namespaces, and the code's
+    most = {path: max(probe.get(path, {}).get("processes", 0) for probe in sampler.probed) for path in during}
+    assert all(count >= 2 for path, count in most.items() if path.startswith("/sys/fs/cgroup")), most
     if os.geteuid() == 0:  # as root the jail's /tmp is our own tmpfs mount, with nr_inodes
         assert any(not p.startswith("/sys/fs/cgroup") for p in during), during
     end = time.monotonic() + 2  # removed by the call's own thread, just after it handed back the result
