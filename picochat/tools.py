@@ -485,11 +485,15 @@ class _CallCgroup:
         # v2's oom.group ends the whole call at its first OOM kill
         limits = ({"memory.max": memory_bytes, "memory.swap.max": 0, "memory.oom.group": 1} if self.version == 2
                   else {"memory.limit_in_bytes": memory_bytes, "memory.memsw.limit_in_bytes": memory_bytes})
-        for directory in self.dirs:
-            os.mkdir(directory)
-            for file, value in {**limits, "pids.max": CALL_TASKS}.items():
-                if os.path.exists(os.path.join(directory, file)):
-                    _write(os.path.join(directory, file), value)
+        try:
+            for directory in self.dirs:
+                os.mkdir(directory)
+                for file, value in {**limits, "pids.max": CALL_TASKS}.items():
+                    if os.path.exists(os.path.join(directory, file)):
+                        _write(os.path.join(directory, file), value)
+        except OSError:
+            self.remove()
+            raise
 
     def add(self, pid: int) -> None:
         for directory in self.dirs:
