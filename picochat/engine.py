@@ -102,6 +102,7 @@ def expand_cache(prefill: KVCache, config, num_rows: int, max_len: int) -> KVCac
     cache = KVCache(config, num_rows, max_len, prefill.k.device, prefill.k.dtype)
     cache.k[:, :, :, :prefill.pos] = prefill.k[:, :, :, :prefill.pos]  # broadcast over the rows
     cache.v[:, :, :, :prefill.pos] = prefill.v[:, :, :, :prefill.pos]
+    cache.tokens[:, :prefill.pos] = prefill.tokens[:, :prefill.pos]
     cache.pos = prefill.pos
     return cache
 

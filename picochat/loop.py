@@ -78,6 +78,10 @@ class Recipe:
         """LR multiplier of step `step` (0-based), given the progress after the step before it."""
         raise NotImplementedError
 
+    def muon_schedule(self, step: int) -> tuple[float, float | None]:
+        """Muon's momentum and weight decay at step `step` (None: leave the decay as set up)."""
+        return muon_momentum(step), None
+
     def may_end_at(self, step: int) -> bool:
         """Whether the run may end after `step` steps (then the data position is snapshotted for a
         final checkpoint). True is always safe."""
@@ -189,7 +193,7 @@ def run_loop(recipe: Recipe, model, optimizer, settings: LoopSettings, meta: dic
     while not last:
         t0 = time.perf_counter()
         lr_mult = recipe.lr_multiplier(step, loop["progress"])
-        set_schedules(optimizer, lr_mult, muon_momentum(step))
+        set_schedules(optimizer, lr_mult, *recipe.muon_schedule(step))
         keys = list(data.sums)
         # count and sums are host numbers: copied without waiting, summed over processes in one
         # collective; the denominator stays on the device

@@ -41,6 +41,17 @@ class GPTConfig:
     n_head: int = 6
     n_kv_head: int = 6
     n_embd: int = 768
+    # The 2026 parts (docs/DESIGN.md#model). Every default is the seed's, so a checkpoint written
+    # before these fields existed loads as the model it was.
+    window_pattern: str = "L"   # per layer, tiled: L = full context, S = the last short_window tokens; last layer L
+    short_window: int = 0       # how many earlier tokens an S layer sees (required when the pattern has an S)
+    value_embeds: bool = False  # a second embedding table added to v on alternating layers, gated per head
+    lambdas: bool = False       # learnable per-layer scales: x <- resid_lambda·x + x0_lambda·x0 before each block
+    smear: bool = False         # each token's embedding blends in its predecessor's, through a small gate
+    backout: bool = False       # subtract a learned fraction of the middle layer's residual before the head
+    rope_base: float = 10_000.0
+    qk_scale: float = 1.0       # q and k are multiplied by this after QK-norm (sharper attention above 1)
+    init: str = "seed"          # "seed" or "2026": init_weights' scheme
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +59,32 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def __post_init__(self):
+        pattern = self.window_pattern.upper()
+        if not pattern or set(pattern) - set("SL"):
+            raise ValueError(f"window_pattern takes the letters S and L only, got {self.window_pattern!r}")
+        if "S" in pattern and self.short_window < 1:
+            raise ValueError("a window pattern with S layers needs short_window >= 1")
+        if self.init not in ("seed", "2026"):
+            raise ValueError(f"init is 'seed' or '2026', got {self.init!r}")
+        self.window_pattern = pattern
+
+    def layer_windows(self) -> list[int | None]:
+        """Per layer: None for full causal attention, else how many earlier tokens it sees."""
+        tiled = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.n_layer)]
+        tiled[-1] = "L"  # the last layer always sees the whole context
+        return [self.short_window if c == "S" else None for c in tiled]
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Value embeddings on alternating layers, the last one included."""
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
+    def is_seed(self) -> bool:
+        """No 2026 part switched on: the architecture of the seed (and of transformers' NanoChat)."""
+        return (self.window_pattern == "L" or self.n_layer == 1) and not (
+            self.value_embeds or self.lambdas or self.smear or self.backout) and \
+            self.rope_base == 10_000.0 and self.qk_scale == 1.0
 
 
 # The one dial's constants (nanochat's seed values): width per layer, and the head dimension that
@@ -58,15 +95,16 @@ SEQUENCE_LEN = 2048
 
 
 def config_from_depth(depth: int, vocab_size: int = 65536, sequence_len: int = SEQUENCE_LEN,
-                      aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM) -> GPTConfig:
+                      aspect_ratio: int = ASPECT_RATIO, head_dim: int = HEAD_DIM, **parts) -> GPTConfig:
     """Width = aspect_ratio·depth rounded up to a multiple of head_dim, so every depth works
-    (d5: 320 → 384, 3 heads); heads = width / head_dim (docs/DESIGN.md#model)."""
+    (d5: 320 → 384, 3 heads); heads = width / head_dim (docs/DESIGN.md#model). `parts` are the
+    2026 fields of GPTConfig (picochat.recipe.model_parts gives a recipe's)."""
     if depth < 1 or aspect_ratio < 1 or head_dim < 1:
         raise ValueError(f"depth, aspect ratio and head dim must be positive, got {depth}, {aspect_ratio}, {head_dim}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
     n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd, **parts)
 
 
 # -----------------------------------------------------------------------------
@@ -235,7 +273,8 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (n_layer, B, H_kv, T_max, D).
+    """Preallocated keys and values for every layer: (n_layer, B, H_kv, T_max, D), and the token
+    at each position (B, T_max), which smear reads its predecessor from.
 
     Layers write their new keys/values at [pos, pos+T); `pos` advances once the last layer is done.
     """
@@ -244,9 +283,19 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.pos = 0
         self.max_len = max_len
         self.n_layer = config.n_layer
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(1, T): the positions of the next T tokens (the same for every row)."""
+        return torch.arange(self.pos, self.pos + T, device=self.k.device).unsqueeze(0)
+
+    def previous_tokens(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Record idx (B, T) at positions pos and return each one's predecessor (0 at position 0)."""
+        self.tokens[:, pos[0]] = idx
+        return self.tokens[:, (pos[0] - 1).clamp(min=0)]
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v of shape (B, H_kv, T, D); return all keys/values so far for this layer."""
@@ -263,7 +312,8 @@ class KVCache:
 class RowKVCache:
     """A decode cache whose rows are each at their own position, for continuous batching: requests
     join and leave between steps, so one row may be 300 tokens in while its neighbour has 12.
-    Keys and values (n_layer, max_rows, H_kv, T_max, D) and a per-row length.
+    Keys and values (n_layer, max_rows, H_kv, T_max, D), the tokens (max_rows, T_max) and a per-row
+    length.
 
     A forward uses the first `rows` rows (the server keeps its active requests at the front; see
     move_row), writes each row's new keys at that row's own length, and attends through a per-row
@@ -273,6 +323,7 @@ class RowKVCache:
         shape = (config.n_layer, max_rows, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.tokens = torch.zeros(max_rows, max_len, dtype=torch.long, device=device)
         self.lengths = [0] * max_rows  # host-side, so no step waits on the device to read them
         self.rows = 0
         self.max_len = max_len
@@ -287,20 +338,26 @@ class RowKVCache:
         start = torch.tensor(lengths, device=self.k.device)
         self._pos = start.unsqueeze(1) + torch.arange(T, device=self.k.device)
         self.end = max(lengths) + T
-        # query t of row b sees the keys up to its own position: (rows, 1, T, end)
-        self._mask = (torch.arange(self.end, device=self.k.device) <= self._pos.unsqueeze(-1)).unsqueeze(1)
+        self._masks = {}  # per window: query t of row b sees keys up to its own position, (rows, 1, T, end)
         return self._pos
 
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def previous_tokens(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(self.rows, device=idx.device).unsqueeze(1)
+        self.tokens[rows, pos] = idx
+        return self.tokens[rows, (pos - 1).clamp(min=0)]
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
         """Store k, v (rows, H_kv, T, D) at each row's positions; return this layer's keys, values
-        and the attention mask."""
+        and the attention mask (for a layer that sees `window` earlier tokens, or all)."""
         pos, rows = self._pos, torch.arange(self.rows, device=k.device).unsqueeze(1)
         self.k[layer, rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # (rows, T) index -> (rows, T, H_kv, D)
         self.v[layer, rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
         if layer == self.n_layer - 1:
             self.lengths[:self.rows] = [n + k.size(2) for n in self.lengths[:self.rows]]
+        if window not in self._masks:
+            self._masks[window] = window_mask(pos, self.end, window).unsqueeze(1)
         keys, values = self.k[layer, :self.rows, :, :self.end], self.v[layer, :self.rows, :, :self.end]
-        return keys.to(k.dtype), values.to(v.dtype), self._mask  # (an fp32 cache of a bf16 model: kv_cache_dtype)
+        return keys.to(k.dtype), values.to(v.dtype), self._masks[window]  # (an fp32 cache of a bf16 model: kv_cache_dtype)
 
     def load_row(self, row: int, prefill: "KVCache") -> None:
         """Copy a batch-1 cache (a prompt prefilled alone) into `row`."""
@@ -309,6 +366,7 @@ class RowKVCache:
             raise RuntimeError(f"a prefix of {n} tokens does not fit a cache of {self.max_len}")
         self.k[:, row, :, :n] = prefill.k[:, 0, :, :n]
         self.v[:, row, :, :n] = prefill.v[:, 0, :, :n]
+        self.tokens[row, :n] = prefill.tokens[0, :n]
         self.lengths[row] = n
 
     def move_row(self, src: int, dst: int) -> None:
@@ -316,6 +374,7 @@ class RowKVCache:
         n = self.lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.tokens[dst, :n] = self.tokens[src, :n]
         self.lengths[dst] = n
 
 
@@ -376,6 +435,13 @@ class DecodeWeights:
         self.cos2 = torch.cat([cos, cos], -1)  # y = x·cos2 + swap_halves(x)·sin2
         self.sin2 = torch.cat([sin, -sin], -1)
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        # the 2026 parts (None where off): per layer window, value embedding (table, gate), lambdas
+        self.windows, self.qk_scale = c.layer_windows(), c.qk_scale
+        self.value_embeds = [(cast(model.value_embeds[str(i)].weight), cast(block.attn.ve_gate.weight))
+                             if c.has_value_embed(i) else None for i, block in enumerate(model.transformer.h)]
+        self.lambdas = list(zip(cast(model.resid_lambdas), cast(model.x0_lambdas))) if c.lambdas else None
+        self.smear = (cast(model.smear_gate.weight), cast(model.smear_lambda)) if c.smear else None
+        self.backout = (c.n_layer // 2, cast(model.backout_lambda)) if c.backout else None
         self.versions = model._weight_versions()
         self.linear = F.linear
         if packed and packed_linear(wte):
@@ -384,21 +450,30 @@ class DecodeWeights:
             self.lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head, 1)
             self.linear = _mkldnn_linear
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step reads (the compiled step marks them static for CUDA graphs)."""
+        out = [t for layer in self.layers for t in layer] + [self.wte_normed, self.lm_head, self.cos2, self.sin2]
+        out += [t for ve in self.value_embeds if ve is not None for t in ve]
+        out += [t for pair in self.lambdas or [] for t in pair]
+        out += list(self.smear or []) + ([self.backout[1]] if self.backout else [])
+        return out
+
     def __deepcopy__(self, memo):  # prepacked oneDNN tensors cannot be copied: a copied model rebuilds
         return None
 
 
 def decode_forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, end: int, masked: bool) -> torch.Tensor:
+                   v_cache: torch.Tensor, end: int, masked: bool, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """One token for each of B rows: ids (B,) at positions pos (B,), long. k_cache, v_cache
-    (n_layer, >=B, H_kv, T_max, D) get this step's keys and values at pos; each row attends to
-    its first end positions, and with `masked` only to those <= its own position (rows at
-    different positions); without, every row must be at position end - 1. Returns fp32 softcapped
-    logits (B, V). Static shapes for fixed (B, end): what the compiled / CUDA-graph path captures.
-    RoPE and QK-norm run in fp32, the matmuls in w.dtype, attention in the cache's dtype. On a CPU
-    a step is mostly the ~30 Python-level torch calls per layer (a few µs each: a width-8 model
-    decodes at ~1 ms per step there), so this counts calls: views are taken once per step, not
-    per layer, and casts that would be no-ops are skipped."""
+    (n_layer, >=B, H_kv, T_max, D) get this step's keys and values at pos (and `tokens` (>=B,
+    T_max), the cache's token record, gets ids, for smear); each row attends to its first end
+    positions, and with `masked` only to those <= its own position (rows at different positions);
+    without, every row must be at position end - 1. Returns fp32 softcapped logits (B, V). Static
+    shapes for fixed (B, end): what the compiled / CUDA-graph path captures. RoPE and QK-norm run
+    in fp32, the matmuls in w.dtype, attention in the cache's dtype. On a CPU a step is mostly the
+    ~30 Python-level torch calls per layer (a few µs each: a width-8 model decodes at ~1 ms per
+    step there), so this counts calls: views are taken once per step, not per layer, and casts
+    that would be no-ops are skipped."""
     B, n_layer, T_max = ids.size(0), k_cache.size(0), k_cache.size(3)
     H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
     linear, cdtype = w.linear, k_cache.dtype
@@ -407,29 +482,50 @@ def decode_forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cac
     slots = torch.arange(B * Hkv, device=ids.device).mul_(T_max).add_(pos.repeat_interleave(Hkv))
     k_rows, v_rows = k_cache.view(n_layer, -1, D).unbind(0), v_cache.view(n_layer, -1, D).unbind(0)
     keys, values = k_cache[:, :B, :, :end].unbind(0), v_cache[:, :B, :, :end].unbind(0)
-    mask = None
-    if masked:  # (B, 1, 1, end): row b sees keys up to its own position
-        mask = (torch.arange(end, device=ids.device) <= pos.unsqueeze(1)).view(B, 1, 1, end)
+    masks = {}  # per window: (B, 1, 1, end), row b sees keys up to its own position (and within its window)
+    for window in set(w.windows):
+        if masked or (window is not None and end - 1 > window):
+            masks[window] = window_mask(pos.unsqueeze(1), end, window).view(B, 1, 1, end)
     x = w.wte_normed[ids]  # norm(embedding), precomputed per token
+    if w.smear is not None:  # blend in the previous token's normalized embedding (none at position 0)
+        gate_w, lam = w.smear
+        rows = torch.arange(B, device=ids.device)
+        tokens[rows, pos] = ids
+        prev = w.wte_normed[tokens[rows, (pos - 1).clamp(min=0)]]
+        x = x + lam * torch.sigmoid(F.linear(x[:, :SMEAR_CHANNELS], gate_w)) * prev * (pos > 0).unsqueeze(1).to(x.dtype)
+    x0, mid = x, None
     for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(w.layers):
-        qkv = linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_qkv)
+        if w.lambdas is not None:
+            x = w.lambdas[i][0] * x + w.lambdas[i][1] * x0
+        xn = F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
+        qkv = linear(xn, w_qkv)
         if qkv.dtype != torch.float32:
             qkv = qkv.float()
         qkv = qkv.view(B, -1, D)  # (B, H + 2·H_kv, D): q heads, k heads, v heads
         qk = qkv[:, :H + Hkv]
         swapped = qk.unflatten(2, (2, D // 2)).flip(2).flatten(2)
         qk = F.rms_norm(torch.addcmul(qk * cos, swapped, sin), (D,), eps=RMS_EPS)  # RoPE, then QK-norm
+        if w.qk_scale != 1.0:
+            qk = qk * w.qk_scale
         v = qkv[:, H + Hkv:]
+        if w.value_embeds[i] is not None:  # value embedding, gated per kv head in (0, 3)
+            table, gate_w = w.value_embeds[i]
+            gate = 3 * torch.sigmoid(F.linear(xn[:, :VE_GATE_CHANNELS], gate_w).float())
+            v = v + gate.unsqueeze(-1) * table[ids].view(B, Hkv, D)
         if qk.dtype != cdtype:  # a bf16 cache (GPUs)
             qk, v = qk.to(cdtype), v.to(cdtype)
         k_rows[i].index_copy_(0, slots, qk[:, H:].reshape(-1, D))
         v_rows[i].index_copy_(0, slots, v.reshape(-1, D))
-        y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[i], values[i], attn_mask=mask,
-                                           enable_gqa=H != Hkv).reshape(B, -1)
+        y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[i], values[i],
+                                           attn_mask=masks.get(w.windows[i]), enable_gqa=H != Hkv).reshape(B, -1)
         if y.dtype != w.dtype:
             y = y.to(w.dtype)
         x = x + linear(y, w_o)
         x = x + linear(F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc)).square_(), w_proj)
+        if w.backout is not None and i == w.backout[0]:
+            mid = x
+    if mid is not None:
+        x = x - w.backout[1] * mid
     logits = linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w.lm_head).float()
     return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
 
@@ -459,13 +555,16 @@ class CompiledDecode:
         self.fn = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
         self.min_len = min_len
         self.failed: Exception | None = None
-        self._static = weakref.WeakSet()  # not ids: a freed tensor's id can come back on a new one
+        # id -> weak reference: the reference tells a live tensor from a new one that reuses a freed
+        # one's id. (A WeakSet would compare tensors with ==, which raises for a tensor.)
+        self._static: dict[int, weakref.ref] = {}
 
     def _mark_static(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
-            if t.is_cuda and t not in self._static:
+            ref = self._static.get(id(t))
+            if t.is_cuda and (ref is None or ref() is not t):
                 torch._dynamo.mark_static_address(t)
-                self._static.add(t)
+                self._static[id(t)] = weakref.ref(t)
 
     def __call__(self, w: DecodeWeights, ids: torch.Tensor, lengths: list[int], cache: "RowKVCache",
                  end: int) -> torch.Tensor:
@@ -478,14 +577,13 @@ class CompiledDecode:
                 if Bb > B:
                     ids = torch.cat([ids, ids.new_zeros(Bb - B)])
                     pos = torch.cat([pos, pos.new_zeros(Bb - B)])
-                self._mark_static(cache.k, cache.v, w.wte_normed, w.lm_head, w.cos2, w.sin2,
-                                  *(t for layer in w.layers for t in layer))
-                return self.fn(w, ids, pos, cache.k, cache.v, Lb, True)[:B].clone()
+                self._mark_static(cache.k, cache.v, cache.tokens, *w.tensors())
+                return self.fn(w, ids, pos, cache.k, cache.v, Lb, True, cache.tokens)[:B].clone()
             except Exception as e:  # no compiler on this machine, an unsupported op: stay eager
                 self.failed = e
                 ids = ids[:B]
                 pos = pos[:B]
-        return decode_forward(w, ids, pos, cache.k, cache.v, end, True)
+        return decode_forward(w, ids, pos, cache.k, cache.v, end, True, cache.tokens)
 
 
 class CompiledPrefill:
@@ -528,48 +626,77 @@ class CompiledPrefill:
         return logits, cache
 
 
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
+SMEAR_CHANNELS = 24    # the smear gate reads the first 24 channels of the token's embedding
+
+
+def window_mask(q_pos: torch.Tensor, end: int, window: int | None) -> torch.Tensor:
+    """(..., T, end) bool, True = visible: key j is visible to the query at position p when
+    j <= p and, for a windowed layer, p - j <= window (the token itself and `window` before it)."""
+    keys = torch.arange(end, device=q_pos.device)
+    p = q_pos.unsqueeze(-1)
+    mask = keys <= p
+    if window is not None:
+        mask &= keys >= p - window
+    return mask
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         assert config.n_head % config.n_kv_head == 0, "n_head must be a multiple of n_kv_head (GQA)"
+        self.window = config.layer_windows()[layer_idx]
+        self.qk_scale = config.qk_scale
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        if config.has_value_embed(layer_idx):
+            self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None):
+    def forward(self, x, ve, cos, sin, kv_cache: KVCache | None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding, scaled per head by a gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)  # RoPE first, then QK-norm
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif isinstance(kv_cache, RowKVCache):  # each row at its own position
-            k, v, mask = kv_cache.insert(self.layer_idx, k, v)
-            if T == 1 and prefer_decode_attention(q):
-                y = decode_attention(q, k, v, mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        else:
-            prefix = kv_cache.pos
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-            if prefix == 0:  # a fresh prompt: plain causal attention
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1 and prefer_decode_attention(q):  # one new token sees everything cached
-                y = decode_attention(q, k, v)
-            elif T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # a chunk after a prefix: prefix fully visible, causal within the chunk
-                mask = torch.ones(T, prefix + T, dtype=torch.bool, device=q.device)
-                mask[:, prefix:] = torch.tril(mask[:, prefix:])
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = self.attend(q, k, v, kv_cache)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
+
+    def attend(self, q, k, v, kv_cache):
+        """Causal attention of q (B, H, T, D) over this forward's keys and, with a cache, the cached
+        ones; a windowed layer sees only its last `window` positions and itself."""
+        T, window, gqa = q.size(2), self.window, self.n_kv_head != self.n_head
+        if isinstance(kv_cache, RowKVCache):  # each row at its own position
+            k, v, mask = kv_cache.insert(self.layer_idx, k, v, window)
+            if T == 1 and prefer_decode_attention(q):
+                return decode_attention(q, k, v, mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        prefix = kv_cache.pos if kv_cache is not None else 0
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        if window is not None and prefix + T - 1 <= window:
+            window = None  # every query sees all of its past anyway
+        if window is None and prefix == 0:  # a whole sequence or a fresh prompt
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if window is None and T == 1:  # one new token sees everything cached
+            if prefer_decode_attention(q):
+                return decode_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # a chunk after a prefix, or a windowed layer: an explicit mask
+        mask = window_mask(torch.arange(prefix, prefix + T, device=q.device), prefix + T, window)
+        if T == 1 and prefer_decode_attention(q):
+            return decode_attention(q, k, v, mask.view(1, 1, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -588,8 +715,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, ve, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -610,6 +737,20 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size)
+        # The 2026 parts, present only when switched on (their names are nanochat HEAD's, so its
+        # checkpoints map over one to one).
+        kv_dim = config.n_kv_head * config.head_dim
+        if config.value_embeds:
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                               for i in range(config.n_layer) if config.has_value_embed(i)})
+        if config.lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         # RoPE tables for 10x the training length, so decoding past it keeps working.
         self.rotary_len = 10 * config.sequence_len
         cos, sin = self._rotary_tables(self.rotary_len)
@@ -618,29 +759,58 @@ class GPT(nn.Module):
 
     def _rotary_tables(self, length: int, device=None):
         d = self.config.head_dim
-        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """The seed's init (docs/DESIGN.md#initialization): Linear ~ N(0, 1/√fan_in · min(1,
+        """config.init "seed" (docs/DESIGN.md#initialization): Linear ~ N(0, 1/√fan_in · min(1,
         √(fan_out/fan_in))); the head and both output projections zero (each block starts as the
-        identity); embedding ~ N(0, 1)."""
+        identity); embedding ~ N(0, 1). "2026": q, k, v ~ U(±√3/√d) (the same std, no outliers),
+        c_fc at 0.4× that, projections zero, embedding ~ N(0, 0.8), head ~ N(0, 0.001). The 2026
+        parts start the same under either: value embeddings ~ U(±√3/√d), their gates and the smear
+        gate ~ U(0, 0.02), smear off (λ 0), backout λ 0.2, resid λ 1.15 → 1.05 and x0 λ
+        0.20 → 0.05 from the first layer to the last."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                fan_out, fan_in = module.weight.shape
-                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-                module.weight.normal_(0.0, std, generator=gen)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, 1.0, generator=gen)
-        self.lm_head.weight.zero_()
-        for block in self.transformer.h:
+        c = self.config
+        s = math.sqrt(3.0 / c.n_embd)
+        blocks = self.transformer.h
+        if c.init == "seed":  # every module in order, as the seed did (same draws, same models)
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    fan_out, fan_in = module.weight.shape
+                    std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                    module.weight.normal_(0.0, std, generator=gen)
+                elif isinstance(module, nn.Embedding):
+                    module.weight.normal_(0.0, 1.0, generator=gen)
+            self.lm_head.weight.zero_()
+        else:
+            for block in blocks:
+                for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight):
+                    w.uniform_(-s, s, generator=gen)
+                block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s, generator=gen)
+            self.transformer.wte.weight.normal_(0.0, 0.8, generator=gen)
+            self.lm_head.weight.normal_(0.0, 0.001, generator=gen)
+        for block in blocks:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
+            if hasattr(block.attn, "ve_gate"):
+                block.attn.ve_gate.weight.uniform_(0.0, 0.02, generator=gen)
+        if c.value_embeds:
+            for table in self.value_embeds.values():
+                table.weight.uniform_(-s, s, generator=gen)
+        if c.lambdas:
+            depth = torch.arange(c.n_layer, dtype=torch.float32) / max(c.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        if c.smear:
+            self.smear_gate.weight.uniform_(0.0, 0.02, generator=gen)
+            self.smear_lambda.zero_()
+        if c.backout:
+            self.backout_lambda.fill_(0.2)
         cos, sin = self._rotary_tables(self.rotary_len, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -650,26 +820,56 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def matmul_params(self) -> int:
+        """Weights that take part in a matmul: every Linear (blocks, gates, head); not the
+        embedding tables (lookups) nor the scalar lambdas."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
+
+    def scaling_params(self) -> int:
+        """What the horizon rule counts (nanochat HEAD's 'Kaplan-style' count): the block
+        matrices plus the head."""
+        return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per weight for every matmul (head included, embedding
-        lookup not) plus the attention score and value matmuls, 12·L·H·D·T (PaLM appendix B)."""
+        """Training FLOPs per token: 6 per matmul weight (matmul_params) plus the attention score
+        and value matmuls, 12·H·D·(keys seen) per layer, where a windowed layer sees at most its
+        window (PaLM appendix B). For the seed architecture: 6·(params − embedding) + 12·L·H·D·T."""
         c = self.config
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
-        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        seen = sum(c.sequence_len if w is None else min(w, c.sequence_len) for w in c.layer_windows())
+        return 6 * self.matmul_params() + 12 * c.n_head * c.head_dim * seen
 
     def setup_optimizer(self, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
-                        matrix_lr: float = 0.02, weight_decay: float = 0.0):
-        """AdamW for the embedding and the head, Muon for every block matrix (docs/DESIGN.md#optimizer).
-        AdamW LRs were tuned at width 768 and scale as (d/768)^-0.5."""
+                        matrix_lr: float = 0.02, weight_decay: float = 0.0, scalar_lr: float = 0.5,
+                        lr_scale: float = 1.0, adam: dict | None = None, muon: dict | None = None):
+        """AdamW for the embeddings, the head and the scalars, Muon for every block matrix
+        (docs/DESIGN.md#optimizer). AdamW LRs were tuned at width 768 and scale as (d/768)^-0.5;
+        `lr_scale` multiplies every LR but the smear/backout group's (the batch-size correction).
+        `adam` overrides the head's and embedding's settings per group ({"lm_head": {...},
+        "wte": {...}}: betas, weight_decay), `muon` adds options to the Muon group (momentum,
+        ortho, normuon, weight_decay, ...). The 2026 parts get nanochat HEAD's groups: value
+        embeddings at half the embedding LR, resid λ at 0.01·scalar_lr, x0 λ at scalar_lr with
+        beta1 0.96, smear and backout at a fixed 0.2."""
         from picochat.optim import MuonAdamW
-        scale = (self.config.n_embd / 768) ** -0.5
+        c, adam = self.config, adam or {}
+        scale = (c.n_embd / 768) ** -0.5
         adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        group = lambda params, lr, name="", **kw: dict(params=params, lr=lr, **{**adamw, **kw, **adam.get(name, {})})  # noqa: E731
         groups = [
-            dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, **adamw),
-            dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale, **adamw),
-            dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr,
-                 momentum=0.95, nesterov=True, ns_steps=5),
+            group([self.lm_head.weight], unembedding_lr * scale * lr_scale, "lm_head"),
+            group([self.transformer.wte.weight], embedding_lr * scale * lr_scale, "wte"),
+            dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr * lr_scale,
+                 momentum=0.95, nesterov=True, ns_steps=5, **(muon or {})),
         ]
+        if c.value_embeds:
+            groups.append(group(list(self.value_embeds.parameters()), 0.5 * embedding_lr * scale * lr_scale,
+                                "value_embeds", betas=(0.8, 0.995), weight_decay=0.01))
+        if c.lambdas:
+            groups.append(group([self.resid_lambdas], 0.01 * scalar_lr * lr_scale, weight_decay=0.05))
+            groups.append(group([self.x0_lambdas], scalar_lr * lr_scale, betas=(0.96, 0.95), weight_decay=0.0))
+        fixed = ([self.smear_gate.weight, self.smear_lambda] if c.smear else []) + \
+            ([self.backout_lambda] if c.backout else [])
+        if fixed:
+            groups.append(group(fixed, 0.2, weight_decay=0.0))
         return MuonAdamW(groups)
 
     # --- forward --------------------------------------------------------------------------
@@ -685,20 +885,41 @@ class GPT(nn.Module):
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Everything but the head: the final normalized hidden states (B, T, d). This is the
         part base_train compiles; the head loss stays eager (it is already one fused pass)."""
-        B, T = idx.shape
-        if isinstance(kv_cache, RowKVCache):  # each row at its own positions
+        c, B, T = self.config, *idx.shape
+        pos = None
+        if kv_cache is not None:  # each row's positions: (1, T) for a KVCache, (B, T) for a RowKVCache
             pos = kv_cache.positions(T)
-            self._check_length(kv_cache.end)
-            cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, T, 1, D/2)
+            end = kv_cache.end if isinstance(kv_cache, RowKVCache) else kv_cache.pos + T
+            self._check_length(end)
+            cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B or 1, T, 1, D/2)
         else:
-            t0 = kv_cache.pos if kv_cache is not None else 0
-            self._check_length(t0 + T)
-            cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]  # (1, T, 1, D/2)
+            self._check_length(T)
+            cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, D/2)
         cos, sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        if c.smear:
+            x = self.smear(x, idx, kv_cache, pos)
+        x0, mid = x, None
+        for i, block in enumerate(self.transformer.h):
+            if c.lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if c.has_value_embed(i) else None
+            x = block(x, ve, cos, sin, kv_cache)
+            if c.backout and i == c.n_layer // 2:
+                mid = x
+        if mid is not None:  # take out part of the middle layer's residual before the head
+            x = x - self.backout_lambda.to(x.dtype) * mid
         return norm(x)
+
+    def smear(self, x: torch.Tensor, idx: torch.Tensor, kv_cache, pos) -> torch.Tensor:
+        """x_t + λ·sigmoid(w·x_t[:24])·x_{t−1}: a gated blend of the previous token's normalized
+        embedding into each token's own (none at position 0). With a cache the predecessor of the
+        first new token comes from the cache's token record."""
+        gate = lambda x: self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # noqa: E731
+        if kv_cache is None:
+            return torch.cat([x[:, :1], x[:, 1:] + gate(x[:, 1:]) * x[:, :-1]], dim=1)
+        prev = norm(self.transformer.wte(kv_cache.previous_tokens(idx, pos)).to(x.dtype))
+        return x + gate(x) * prev * (pos > 0).unsqueeze(-1).to(x.dtype)
 
     # --- inference ----------------------------------------------------------------------
 
@@ -742,7 +963,7 @@ class GPT(nn.Module):
                 pos, masked = torch.tensor(lengths, device=ids.device), True
             else:
                 pos = torch.full((rows,), end - 1, dtype=torch.long, device=ids.device)
-            logits = decode_forward(self.decode_weights(), ids, pos, cache.k, cache.v, end, masked)
+            logits = decode_forward(self.decode_weights(), ids, pos, cache.k, cache.v, end, masked, cache.tokens)
         cache.lengths[:rows] = [n + 1 for n in lengths]
         return logits
 

@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset. `make speedrun` calls this inside .venv.
-#   bash runs/speedrun.sh [auto|demo|d20] [--rehearsal]
+#   bash runs/speedrun.sh [auto|demo|d12|d20|gpt2] [--recipe seed|2026] [--rehearsal]
 #   auto: d20 when an NVIDIA GPU is visible, demo otherwise.
+#   d12: one 24 GB GPU, a few hours; d20: 8 GPUs, the seed's $100 tier; gpt2: 8 GPUs, d24 at 8 tokens
+#   per scaling parameter (nanochat's time-to-GPT-2 target). Each prints its estimated hours and
+#   dollars first (python -m picochat.presets). --recipe seed: the 2025 recipe (d20 --recipe seed
+#   reproduces the seed's table); the default is 2026's (picochat/recipe.py).
 #   d20 --rehearsal: the d20 recipe end to end on the CPU, 8 processes, tiny model and data (minutes).
 # Everything lands in $PICOCHAT_HOME (default ~/.cache/picochat). Re-running skips finished data.
 set -euo pipefail
 PRESET="${1:-auto}"
 REHEARSAL=0
-case "${2:-}" in
-    "") ;;
-    --rehearsal) REHEARSAL=1 ;;
-    *) echo "speedrun: unknown option '$2' (the only one is --rehearsal, after d20)" >&2; exit 2 ;;
-esac
+RECIPE=2026
+shift || true
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rehearsal) REHEARSAL=1 ;;
+        --recipe) RECIPE="${2:-}"; shift ;;
+        --recipe=*) RECIPE="${1#--recipe=}" ;;
+        *) echo "speedrun: unknown option '$1' (the options are --recipe seed|2026 and --rehearsal)" >&2; exit 2 ;;
+    esac
+    shift
+done
+case "$RECIPE" in seed|2026) ;; *) echo "speedrun: unknown recipe '$RECIPE' (choose seed or 2026)" >&2; exit 2 ;; esac
 if [ "$PRESET" = "auto" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRESET=d20; else PRESET=demo; fi
+fi
+if [ "$REHEARSAL" = 1 ] && [ "$PRESET" != d20 ]; then
+    echo "speedrun: --rehearsal rehearses the d20 preset only" >&2; exit 2
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 start=$(date +%s)
@@ -85,20 +99,21 @@ demo)
     picochat chat --source rl --model-tag "$TAG" -p "How many r are in the word strawberry?" --max-tokens 300 --plain
     picochat chat --source rl --model-tag "$TAG" -p "What is a volcano?" --max-tokens 120 --plain
     ;;
-d20)
-    # The seed's d20 recipe on FineWeb-Edu: 240 shards (~24 GB), tokenizer on 2B chars, 8 GPUs.
+d12|d20|gpt2)
+    # The GPU presets (picochat/presets.py): the 2026 recipe on ClimbMix with a 32,768-token
+    # tokenizer, or with --recipe seed the seed's on FineWeb-Edu (240 shards for d20) with 65,536.
     # With --rehearsal it runs on the CPU instead, to catch a recipe that would fail hours in:
     # every stage, flag default, batch-layout rule and the process count (8, gloo) stay; only the
     # model (depth 2), the data (the offline demo corpus and mixtures) and the steps shrink.
     # Sequences are 32x shorter and every total batch 32x smaller, so each step has the preset's
     # rows per process and the batch layout meets the numbers the GPUs will.
-    TAG="${MODEL_TAG:-d20}"
+    TAG="${MODEL_TAG:-$PRESET}"
     if [ "$REHEARSAL" = 1 ]; then
         # its own home, so a rehearsal never leaves a tiny model or tokenizer where the real run resumes
         export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}/rehearsal"
         NPROC="${NPROC_PER_NODE:-8}"; DEVICE=cpu
         DATA=(data demo); TOK=(--dataset demo --vocab-size 2048 --max-chars 2000000); DATASET=demo; MIXTURE=demo
-        BASE=(--depth 2 --max-seq-len 64 --total-batch-size 16384 --num-iterations 6 --eval-every 3
+        BASE=(--depth 2 --recipe "$RECIPE" --max-seq-len 64 --total-batch-size 16384 --num-iterations 6 --eval-every 3
               --eval-tokens 16384 --sample-every -1 --save-every 3)
         BASE_EVAL=(--core-source offline --max-per-task 8 --eval-tokens 16384 --max-new-tokens 8)
         MID=(--total-batch-size 16384 --num-iterations 4 --eval-every 2 --eval-tokens 16384 --save-every 2)
@@ -111,8 +126,15 @@ d20)
         # a GPU that torch cannot use would otherwise surface only at the first training stage
         python -c 'import sys; from picochat.common import cuda_unusable_reason as why; r = why(); sys.exit(f"speedrun d20: {r}") if r else None'
         NPROC="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"; DEVICE=cuda
-        DATA=(data download -n 240); TOK=(--dataset fineweb-edu --max-chars 2000000000); DATASET=fineweb-edu
-        MIXTURE=full; BASE=(--depth 20 --save-every 1000); BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=()
+        python -m picochat.presets "$PRESET" --recipe "$RECIPE"
+        plan() { python -m picochat.presets "$PRESET" --recipe "$RECIPE" --field "$1"; }
+        DATASET=$(plan dataset); SHARDS=$(plan shards)
+        [ "$RECIPE" != seed ] || [ "$PRESET" != d20 ] || SHARDS=240  # the seed's own download
+        DATA=(data download --dataset "$DATASET" -n "$SHARDS")
+        TOK=(--dataset "$DATASET" --max-chars 2000000000 --vocab-size "$(plan vocab)")
+        MIXTURE=full; BASE=(--depth "$(plan depth)" --recipe "$RECIPE" --target-param-data-ratio "$(plan ratio)"
+                            --save-every 1000)
+        BASE_EVAL=(); MID=(); SFT=(); CHAT_EVAL=()
         # 16 problems per step (the seed's), rounded up to split over the GPUs (16 on 1, 2, 4, 8 GPUs)
         RL_TASKS=GSM8K; RL=(--prompts-per-step $(( (16 + NPROC - 1) / NPROC * NPROC )))
     fi
@@ -122,7 +144,7 @@ d20)
     if [ "$REHEARSAL" = 1 ]; then
         picochat "${DATA[@]}"
     else
-        picochat data download -n 8  # enough for the tokenizer; the rest downloads meanwhile
+        picochat data download --dataset "$DATASET" -n 8  # enough for the tokenizer; the rest downloads meanwhile
         picochat "${DATA[@]}" &
         DOWNLOAD_PID=$!
         trap 'kill "$DOWNLOAD_PID" 2>/dev/null || true' EXIT  # a failed stage stops the download too
@@ -148,7 +170,7 @@ d20)
     picochat report --model-tag "$TAG"
     ;;
 *)
-    echo "speedrun: unknown preset '$PRESET' (choose auto, demo or d20)" >&2
+    echo "speedrun: unknown preset '$PRESET' (choose auto, demo, d12, d20 or gpt2)" >&2
     exit 2
     ;;
 esac

@@ -15,6 +15,7 @@ import torch
 
 from picochat.engine import Engine, reference_generate
 from picochat.model import GPT, CompiledDecode, CompiledPrefill, GPTConfig
+from picochat.recipe import model_parts
 from picochat.scheduler import Job, Scheduler
 
 VOCAB = 256
@@ -44,8 +45,11 @@ class Tok:
         return b"x"
 
 
-def random_model(seed=0, n_kv_head=2, n_embd=64):
-    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=n_embd)
+def random_model(seed=0, n_kv_head=2, n_embd=64, recipe="seed"):
+    """recipe "2026": every part on, with a window of 6 on layer 0 so that decodes run past it."""
+    parts = {**model_parts(recipe, 64), **({"short_window": 6} if recipe == "2026" else {})}
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=n_embd,
+                       **parts)
     model = GPT(config)
     model.init_weights(seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -74,10 +78,14 @@ def columns(engine, prompt, n, max_tokens, **kw):
     return [list(r) for r in zip(*[c for c, _ in out])], [list(r) for r in zip(*[m for _, m in out])]
 
 
+RECIPES = pytest.mark.parametrize("recipe", ["seed", "2026"])
+
+
+@RECIPES
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("kv", [4, 2])
-def test_fast_greedy_equals_the_plain_loop(n, kv):
-    model = random_model(n_kv_head=kv)
+def test_fast_greedy_equals_the_plain_loop(n, kv, recipe):
+    model = random_model(n_kv_head=kv, recipe=recipe)
     engine = Engine(model, Tok())
     for prompt in prompts(4):
         expected = reference_generate(model, prompt, n, 40)
@@ -106,9 +114,10 @@ def test_decode_weights_follow_in_place_updates():
     assert columns(engine, prompt, 1, 20, temperature=0.0)[0] == reference_generate(model, prompt, 1, 20)
 
 
+@RECIPES
 @pytest.mark.parametrize("n", [1, 8])
-def test_a_tool_call_mid_stream_decodes_as_the_plain_loop(n):
-    model = random_model(seed=3)
+def test_a_tool_call_mid_stream_decodes_as_the_plain_loop(n, recipe):
+    model = random_model(seed=3, recipe=recipe)
     done = 0
     for prompt in prompts(6, seed=2):
         ref = reference_generate(model, prompt, 1, 30)[0]
@@ -139,9 +148,10 @@ def job(prompt, **kw):
     return Job(prompt, emit=None, max_tokens=kw.pop("max_tokens", 25), **kw)
 
 
+@RECIPES
 @pytest.mark.parametrize("compiled", [False, True])
-def test_scheduler_rows_at_different_positions_match_the_plain_loop_and_each_alone(compiled):
-    model = random_model(seed=4)
+def test_scheduler_rows_at_different_positions_match_the_plain_loop_and_each_alone(compiled, recipe):
+    model = random_model(seed=4, recipe=recipe)
     ps = prompts(8, seed=4)
     fast = Scheduler(Engine(model, Tok(), compile=False), max_rows=8)
     if compiled:
@@ -166,8 +176,9 @@ def test_a_seeded_sampled_row_is_the_same_alone_or_in_a_batch(width):
     assert batched[3] == alone[0]
 
 
-def test_the_compiled_engine_gives_the_eager_tokens():
-    model = random_model(seed=6)
+@RECIPES
+def test_the_compiled_engine_gives_the_eager_tokens(recipe):
+    model = random_model(seed=6, recipe=recipe)
     engine = Engine(model, Tok(), compile=False)
     compiled = Engine(model, Tok(), compile=False)
     compiled.compiled = CompiledDecode(backend="aot_eager", min_len=64)
@@ -177,8 +188,9 @@ def test_the_compiled_engine_gives_the_eager_tokens():
     assert compiled.compiled.failed is None and compiled.compiled_prefill.failed is None
 
 
-def test_a_compiled_prefill_pads_the_prompt_but_returns_the_eager_logits_and_cache():
-    model = random_model(seed=7)
+@RECIPES
+def test_a_compiled_prefill_pads_the_prompt_but_returns_the_eager_logits_and_cache(recipe):
+    model = random_model(seed=7, recipe=recipe)
     engine = Engine(model, Tok(), compile=False)
     prefill = CompiledPrefill(backend="aot_eager", min_len=8)
     for prompt in prompts(3, seed=7):

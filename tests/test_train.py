@@ -35,35 +35,44 @@ def test_loss_falls_and_metrics_are_written(tiny_home):
     assert (tiny_home / "checkpoints" / "base" / "falls" / "step_000030" / "model.pt").exists()
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_home):
-    run = [*TRAIN, "--num-iterations", "60", "--save-every", "5"]
-    picochat(tiny_home, "base_train", *run, "--model-tag", "straight")
-    expected = losses(tiny_home, "straight")
+# the 2026 recipe with every part on (windows short enough to matter at 64 tokens) and the seed's
+RECIPES = pytest.mark.parametrize("recipe", [["--recipe", "seed"], ["--recipe", "2026", "--short-window", "8"]],
+                                  ids=["seed", "2026"])
 
-    kill_after(tiny_home, "base_train", *run, "--model-tag", "killed", marker="saved checkpoint step 10")
-    partial = losses(tiny_home, "killed")
+
+@pytest.mark.slow
+@RECIPES
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_home, recipe):
+    tag = recipe[1]
+    run = [*TRAIN, *recipe, "--num-iterations", "60", "--save-every", "5"]
+    picochat(tiny_home, "base_train", *run, "--model-tag", f"straight-{tag}")
+    expected = losses(tiny_home, f"straight-{tag}")
+
+    kill_after(tiny_home, "base_train", *run, "--model-tag", f"killed-{tag}", marker="saved checkpoint step 10")
+    partial = losses(tiny_home, f"killed-{tag}")
     assert max(partial) < 60
 
-    out = picochat(tiny_home, "base_train", *run, "--model-tag", "killed", "--resume").stdout
+    out = picochat(tiny_home, "base_train", *run, "--model-tag", f"killed-{tag}", "--resume").stdout
     assert "resumed from step" in out
-    assert losses(tiny_home, "killed") == expected  # every step, bit for bit
+    assert losses(tiny_home, f"killed-{tag}") == expected  # every step, bit for bit
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_total_batch(tiny_home):
-    run = [*TRAIN, "--num-iterations", "8", "--eval-every", "-1"]
-    picochat(tiny_home, "base_train", *run, "--model-tag", "one")
+@RECIPES
+def test_two_processes_match_one_process_with_the_same_total_batch(tiny_home, recipe):
+    tag = recipe[1]
+    run = [*TRAIN, *recipe, "--num-iterations", "8", "--eval-every", "-1"]
+    picochat(tiny_home, "base_train", *run, "--model-tag", f"one-{tag}")
     # as the speedrun used to: every rank told to use all the cores
     env = dict(env_for(tiny_home), OMP_NUM_THREADS=str(2 * len(os.sched_getaffinity(0))))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "picochat", "base_train", *run, "--model-tag", "two"],
+                           "-m", "picochat", "base_train", *run, "--model-tag", f"two-{tag}"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 rows × 64 × 2 proc × 1 accum" in proc.stdout
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by the 2 ranks
     assert f"× 2 process(es), {threads} CPU thread(s) each" in proc.stdout
-    one, two = losses(tiny_home, "one"), losses(tiny_home, "two")
+    one, two = losses(tiny_home, f"one-{tag}"), losses(tiny_home, f"two-{tag}")
     assert one.keys() == two.keys() == set(range(1, 9))
     for step in one:
         assert abs(one[step] - two[step]) < 1e-4, (step, one[step], two[step])
@@ -135,9 +144,11 @@ def test_every_stage_default_layout_works_at_any_number_of_processes(stage, defa
 
 def test_stage_defaults_are_the_ones_the_layout_test_covers():
     from picochat.stages import base_train, mid_train, sft
+    from picochat.recipe import TRAINING
     p = base_train.build_parser()
-    assert (p.get_default("total_batch_size"), p.get_default("max_seq_len"), p.get_default("device_batch_size")) \
+    assert (TRAINING["seed"]["total-batch-size"], p.get_default("max_seq_len"), p.get_default("device_batch_size")) \
         == (524288, 2048, 32)
+    assert TRAINING["2026"]["total-batch-size"] == -1  # from the horizon: a power of two >= 2^17 at d4 and up
     assert (mid_train.DEFAULTS["total_batch_size"], mid_train.DEFAULTS["device_batch_size"]) == (524288, 32)
     assert (sft.DEFAULTS["total_batch_size"], sft.DEFAULTS["device_batch_size"]) == (65536, 8)
 

@@ -22,8 +22,11 @@ from picochat.data.sources import read_manifest
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
+from picochat.recipe import MODEL_FLAGS, RECIPES, TRAINING, ADAM_GROUPS, model_parts, short_window
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
-from picochat.training import batch_layout, estimate_eval_memory_gib, estimate_memory_gib, lr_multiplier_by_step
+from picochat.training import (auto_total_batch, batch_layout, batch_lr_scale, cosine_weight_decay,
+                               estimate_eval_memory_gib, estimate_memory_gib, lr_multiplier_by_step, muon_momentum,
+                               muon_momentum_with_warmdown, scaled_weight_decay)
 
 SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare demo corpus
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -34,32 +37,64 @@ SAMPLE_PROMPTS = [  # the seed's fixed prompts, plus one for the Shakespeare dem
 
 def build_parser() -> Parser:
     p = Parser("base_train", "Pretrain a base GPT on a shard dataset. Width, heads, horizon and "
-               "learning rates are derived from --depth; each can be overridden.")
+               "learning rates are derived from --depth; each can be overridden. Flags whose default "
+               "reads 'recipe' take the --recipe's value (picochat/recipe.py; docs/DESIGN.md#the-2026-recipe).")
+    p.add_argument("--recipe", default="2026", choices=RECIPES,
+                   help="seed: the 2025 recipe (full attention, plain residuals, Newton-Schulz Muon, "
+                        "0.5M-token batch, 20 tokens/param); 2026: nanochat's leaderboard parts")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers (the one dial)")
     g.add_argument("--aspect-ratio", type=int, default=ASPECT_RATIO,
                    help="model width = depth × aspect ratio, rounded up to a multiple of --head-dim")
     g.add_argument("--head-dim", type=int, default=HEAD_DIM, help="attention head dimension")
     g.add_argument("--max-seq-len", type=int, default=SEQUENCE_LEN, help="tokens per training row")
+    yes_no = dict(choices=["yes", "no"], default=None)
+    g.add_argument("--window-pattern", default=None, help="per-layer attention, tiled: L full context, S the "
+                   "last --short-window tokens; the last layer is always L (recipe: seed L, 2026 SSSL)")
+    g.add_argument("--short-window", type=int, default=None, help="tokens an S layer sees (recipe: a quarter of --max-seq-len)")
+    g.add_argument("--value-embeds", **yes_no, help="value embeddings on alternating layers (recipe)")
+    g.add_argument("--lambdas", **yes_no, help="learnable per-layer residual and x0 scales (recipe)")
+    g.add_argument("--smear", **yes_no, help="blend each token's embedding with its predecessor's (recipe)")
+    g.add_argument("--backout", **yes_no, help="subtract part of the middle layer's residual before the head (recipe)")
+    g.add_argument("--rope-base", type=float, default=None, help="RoPE base (recipe: seed 10,000, 2026 100,000)")
+    g.add_argument("--qk-scale", type=float, default=None, help="q and k scale after QK-norm (recipe: 1.0 / 1.2)")
+    g.add_argument("--init", choices=["seed", "2026"], default=None, help="weight init scheme (recipe)")
     g = p.add_argument_group("data and batch")
     g.add_argument("--dataset", default="", help="dataset name under $PICOCHAT_HOME/data "
                    "(default: the one the tokenizer was trained on)")
     g.add_argument("--device-batch-size", type=int_or_auto, default=32,
                    help="rows per micro-batch per process, or 'auto' (largest that fits)")
-    g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes")
+    g.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step, all "
+                   "processes; -1: from the horizon, B ∝ D^0.383 around 2^19 at d12 (recipe: seed 524,288, 2026 -1)")
     g = p.add_argument_group("horizon (first one set wins)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
     g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: unused)")
-    g.add_argument("--target-param-data-ratio", type=float, default=20.0,
-                   help="tokens per parameter (Chinchilla: 20)")
+    g.add_argument("--target-param-data-ratio", type=float, default=None,
+                   help="tokens per parameter (recipe: seed 20 per parameter, 2026 12 per scaling parameter)")
+    g.add_argument("--horizon-params", choices=["all", "scaling"], default=None, help="what the ratio counts: "
+                   "all parameters, or the block matrices plus the head (recipe)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (at width 768)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the head (at width 768)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embedding at width 768 (recipe)")
+    g.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of the head at width 768 (recipe)")
+    g.add_argument("--matrix-lr", type=float, default=None, help="Muon LR of the block matrices (recipe)")
+    g.add_argument("--scalar-lr", type=float, default=None, help="AdamW LR of the lambdas (recipe)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (recipe)")
+    g.add_argument("--muon-weight-decay", type=float, default=None, help="Muon's cautious weight decay, "
+                   "cosine to 0; -1: 0.28·√(B/2^19)·(D_d12/D) (recipe: seed 0, 2026 -1)")
+    g.add_argument("--ortho", choices=["newton_schulz", "polar_express"], default=None,
+                   help="Muon's orthogonalization (recipe)")
+    g.add_argument("--normuon", **yes_no, help="NorMuon's per-row variance normalization (recipe)")
+    g.add_argument("--row-equilibrate", **yes_no, help="MuonEq: rows to equal norm before orthogonalizing (recipe)")
+    g.add_argument("--batch-lr-scale", choices=["yes", "no", "auto"], default=None,
+                   help="scale every LR by √(total batch / 2^19); auto: when the batch comes from the "
+                        "horizon (--total-batch-size -1), where the rule was fitted (recipe: seed no, 2026 auto)")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warmup")
-    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR warmdown")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak")
+    g.add_argument("--warmup-steps", type=int, default=None, help="steps of LR warmup (recipe: 0 / 40; "
+                   "used when --warmup-ratio is 0)")
+    g.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of steps of linear LR warmdown (recipe)")
+    g.add_argument("--final-lr-frac", type=float, default=None, help="LR at the end, as a fraction of the peak (recipe)")
+    g.add_argument("--momentum-schedule", choices=["seed", "2026"], default=None, help="Muon momentum: "
+                   "0.85→0.95 over 300 steps, or 0.85→0.97 over 400 and →0.90 in the warmdown (recipe)")
     g = p.add_argument_group("evaluation, sampling, checkpoints")
     g.add_argument("--eval-every", type=int, default=250, help="val bits/byte every N steps (-1: only at the end)")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
@@ -76,6 +111,32 @@ def build_parser() -> Parser:
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                    help="torch.compile the model (auto: on CUDA only)")
     return p
+
+
+def apply_recipe(args) -> None:
+    """Fill every flag left at None from the recipe (in place), so the run's user_config records
+    the values it trained with."""
+    for flag, value in TRAINING[args.recipe].items():
+        key = flag.replace("-", "_")
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    parts = model_parts(args.recipe, args.max_seq_len)
+    for flag, field in MODEL_FLAGS.items():
+        key = flag.replace("-", "_")
+        if getattr(args, key) is None:  # yes/no flags keep their words, so the report can print them
+            value = parts[field]
+            setattr(args, key, ("yes" if value else "no") if isinstance(value, bool) else value)
+    if "S" in args.window_pattern.upper() and args.short_window < 1:
+        args.short_window = short_window(args.max_seq_len)  # S layers asked for under the seed recipe
+
+
+def model_config_parts(args) -> dict:
+    """GPTConfig's 2026 fields from the (recipe-filled) flags."""
+    parts = {}
+    for flag, field in MODEL_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        parts[field] = value == "yes" if value in ("yes", "no") else value
+    return parts
 
 
 # -----------------------------------------------------------------------------
@@ -102,17 +163,28 @@ def train(args, info, device, dtype):
         raise PicochatError(f"--max-seq-len must be at least 8, got {T}")
 
     # --- model ---------------------------------------------------------------------------
-    config = config_from_depth(args.depth, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim)
+    apply_recipe(args)
+    parts = model_config_parts(args)
+    config = config_from_depth(args.depth, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim, **parts)
     seed_everything(args.seed)
     with torch.device("meta"):
         model = GPT(config, compute_dtype=dtype)
     model.to_empty(device=device)
     model.init_weights(seed=args.seed)
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
+    horizon_params = num_params if args.horizon_params == "all" else model.scaling_params()
+    # the d12 model of the same recipe and vocabulary: the reference of the batch and decay rules
+    with torch.device("meta"):
+        reference = GPT(config_from_depth(12, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim, **parts))
+    ratio = args.target_param_data_ratio
+    ref_tokens = ratio * (reference.num_params() if args.horizon_params == "all" else reference.scaling_params())
 
     # --- batch arithmetic ----------------------------------------------------------------
-    layout = batch_layout(args.total_batch_size, T, W, args.device_batch_size, model, device, dtype,
-                          total_is_default=args.total_batch_size == build_parser().get_default("total_batch_size"))
+    total_batch = args.total_batch_size
+    if total_batch == -1:  # from the horizon's tokens (B ∝ D^0.383, 2^19 at d12)
+        total_batch = auto_total_batch(ratio * horizon_params, ref_tokens)
+    layout = batch_layout(total_batch, T, W, args.device_batch_size, model, device, dtype,
+                          total_is_default=args.total_batch_size == TRAINING[args.recipe]["total-batch-size"])
     B_total, device_batch, grad_accum = layout.total_batch, layout.device_batch, layout.grad_accum
     num_streams = grad_accum * W
 
@@ -122,16 +194,25 @@ def train(args, info, device, dtype):
     elif args.target_flops > 0:
         num_iterations = round(args.target_flops / (flops_per_token * B_total))
         horizon = f"--target-flops {args.target_flops:.3g}"
-    elif args.target_param_data_ratio > 0:
-        num_iterations = int(args.target_param_data_ratio * num_params // B_total)
-        horizon = f"--target-param-data-ratio {args.target_param_data_ratio:g}"
+    elif ratio > 0:
+        num_iterations = int(ratio * horizon_params // B_total)
+        horizon = f"--target-param-data-ratio {ratio:g} ({args.horizon_params} parameters)"
     else:
         raise PicochatError("no horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
     if num_iterations < 1:
         raise PicochatError(f"the horizon ({horizon}) gives {num_iterations} steps; set --num-iterations")
 
-    optimizer = model.setup_optimizer(args.embedding_lr, args.unembedding_lr, args.matrix_lr,
-                                      args.weight_decay)
+    # Far below 2^19 (a CPU run's 16K-token batch) the square-root rule cut every LR ~6x and
+    # training stalled (docs/LOG.md): "auto" applies it only to batches the rule itself chose.
+    scale_lr = args.batch_lr_scale == "yes" or (args.batch_lr_scale == "auto" and args.total_batch_size == -1)
+    lr_scale = batch_lr_scale(B_total) if scale_lr else 1.0
+    muon_wd = args.muon_weight_decay
+    if muon_wd < 0:  # the T_epoch rule: B/(lr·wd·D) as at the d12 reference, for the LR actually used
+        muon_wd = scaled_weight_decay(B_total, num_iterations * B_total, ref_tokens) * batch_lr_scale(B_total) / lr_scale
+    muon = dict(ortho=args.ortho, normuon=args.normuon == "yes", row_equilibrate=args.row_equilibrate == "yes",
+                weight_decay=muon_wd)
+    optimizer = model.setup_optimizer(args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
+                                      args.scalar_lr, lr_scale, ADAM_GROUPS[args.recipe], muon)
     args.model_tag = args.model_tag or f"d{args.depth}"  # saved resolved: later stages read it back
     model_tag = args.model_tag
     ckpt_root = checkpoint_dir("base", model_tag)
@@ -152,8 +233,16 @@ def train(args, info, device, dtype):
         ("dataset", args.dataset),
         ("parameters", f"{num_params:,}"), ("FLOPs per token", f"{flops_per_token:.4e}"),
         ("total batch", f"{B_total:,} tokens = {device_batch} rows × {T} × {W} proc × {grad_accum} accum"),
+        ("recipe", f"{args.recipe}: windows {config.window_pattern}"
+                   + (f" (S = {config.short_window})" if "S" in config.window_pattern else "")
+                   + "".join(f", {n}" for n in ("value_embeds", "lambdas", "smear", "backout") if getattr(config, n))
+                   + f", RoPE base {config.rope_base:g}, qk scale {config.qk_scale:g}, {config.init} init"),
+        ("optimizer", f"Muon {args.ortho}{' + NorMuon' if args.normuon == 'yes' else ''}"
+                      f"{' + MuonEq' if args.row_equilibrate == 'yes' else ''}, weight decay {muon_wd:.4g} "
+                      f"(cautious, cosine to 0), LR × {lr_scale:.3g} for the batch"),
         ("iterations", f"{num_iterations:,} (from {horizon})"),
-        ("training tokens", f"{num_iterations * B_total:,} ({num_iterations * B_total / num_params:.2f} per param)"),
+        ("training tokens", f"{num_iterations * B_total:,} ({num_iterations * B_total / num_params:.2f} per param, "
+                            f"{num_iterations * B_total / model.scaling_params():.2f} per scaling param)"),
         ("training FLOPs", f"{flops_per_token * B_total * num_iterations:.4e}"),
         ("learning rates", ", ".join(f"{g['kind']} {g['lr']:.5g}" for g in optimizer.param_groups)),
         ("memory estimate", f"{mem:.2f} GiB per process for training, {eval_mem:.2f} GiB for evaluation"),
@@ -166,6 +255,7 @@ def train(args, info, device, dtype):
     compile_model = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     print0(f"{'compile':<{width}} {'trunk and head chunks (torch.compile)' if compile_model else 'no (eager)'}")
     recipe = Pretraining(args, model, tokenizer, loaders, num_iterations, layout, T, compile_model, device, dtype)
+    recipe.muon_weight_decay = muon_wd
     meta = {"model_tag": model_tag, "model_config": config.to_dict(), "user_config": vars(args),
             "compute_dtype": str(dtype).replace("torch.", ""), "world_size": W, "device_batch_size": device_batch,
             "total_batch_size": B_total, "max_seq_len": T, "num_iterations": num_iterations,
@@ -216,7 +306,15 @@ class Pretraining(Recipe):
 
     def lr_multiplier(self, step, progress) -> float:
         a = self.args
-        return lr_multiplier_by_step(step, self.num_iterations, a.warmup_ratio, a.warmdown_ratio, a.final_lr_frac)
+        return lr_multiplier_by_step(step, self.num_iterations, a.warmup_ratio, a.warmdown_ratio, a.final_lr_frac,
+                                     warmup_steps=a.warmup_steps if a.warmup_ratio == 0 else None)
+
+    def muon_schedule(self, step) -> tuple[float, float | None]:
+        a, n = self.args, self.num_iterations
+        momentum = (muon_momentum(step) if a.momentum_schedule == "seed"
+                    else muon_momentum_with_warmdown(step, n, a.warmdown_ratio))
+        wd = self.muon_weight_decay
+        return momentum, (cosine_weight_decay(step, n, wd) if wd else None)
 
     def step_record(self, sums, dt) -> dict:
         tok_per_sec = self.total_batch / dt
