@@ -12,6 +12,11 @@ settings and random generator (engine.sample_rows), and streams the text of each
 Finished rows leave; the last row moves into the hole, so the active rows are always the first
 `cache.rows`.
 
+A special token (a tool call's <|python_start|>, the tool's <|output_start|> ...) never becomes
+text: it reaches the job as a Delta of its own (`marker`), in order with the text around it. So a
+tool output or a reply that spells "<|output_end|>" stays text, and whoever shows the reply (the
+server, the web page) can tell a real tool block from a forged one.
+
 Greedy rows give the same tokens whatever else is in the batch (up to float rounding in batched
 matmuls; equal in fp32 on CPU in tests/test_serve.py), and a seeded row draws the same samples.
 Tool calls use the Engine's state machine (engine.advance / force_output); the tool itself runs in a
@@ -46,10 +51,12 @@ class QueueFull(Exception):
 
 @dataclass
 class Delta:
-    """What a job's consumer receives: new text of choice `index`, and once, its finish_reason
-    ("stop", "length" or "error") with the number of tokens generated."""
+    """What a job's consumer receives: new text of choice `index`, or a special token the choice
+    emitted or was forced to emit (`marker`, its name: "<|python_start|>" ...; never in `text`), and
+    once, its finish_reason ("stop", "length" or "error") with the number of tokens generated."""
     index: int
     text: str = ""
+    marker: str | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0
     tokens: list[int] | None = None   # with the finish_reason, for a job with keep_tokens: every token
@@ -98,8 +105,10 @@ class Row:
     state: RowState = field(default_factory=RowState)
     last: int = 0  # the token emitted last, fed to the model in the next step
     tokens: int = 0  # tokens generated so far
-    text: str = ""  # text decoded so far
+    text: str = ""  # text decoded so far (special tokens are not text: see marks)
     sent: int = 0  # how much of text has been emitted
+    marks: list[tuple[int, str]] = field(default_factory=list)  # (offset in text, special token name)
+    marks_sent: int = 0  # how many of marks have been emitted
     tool: Future | None = None  # a tool call in flight: the row waits for it
     finished: bool = False
     ids: list[int] = field(default_factory=list)  # with job.keep_tokens: every token generated
@@ -116,6 +125,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.max_rows, self.max_queue = max_rows, max_queue
         self.max_len = model.config.sequence_len
+        self.special_names = {i: name for name, i in engine.tokenizer.special_ids.items()}
         self.cache = RowKVCache(model.config, max_rows, self.max_len, self.device,
                                 kv_cache_dtype(model.compute_dtype, self.device))
         self.rows: list[Row] = []  # rows[i] lives in cache row i
@@ -298,7 +308,11 @@ class Scheduler:
         if code is not None:
             row.tool = self.tools.submit(engine.run_tool, code)
             row.tool.add_done_callback(lambda _: self.wakeup.set())
-        row.text += row.stream.feed(token)
+        if token in self.special_names:  # structure, not text
+            row.text += row.stream.flush()  # a character cut short by the special token ends here
+            row.marks.append((len(row.text), self.special_names[token]))
+        else:
+            row.text += row.stream.feed(token)
         if self.emit_text(row):
             return self.finish(row, "stop", flush=False)
         # The last token sampled is never fed back: the cache needs prompt + max_tokens - 1 rows.
@@ -306,25 +320,37 @@ class Scheduler:
             self.finish(row, "length")
 
     def emit_text(self, row: Row) -> bool:
-        """Send the row's new text, holding back what could be the start of a stop string.
-        Returns True when a stop string appeared (the text before it is sent, not the string)."""
+        """Send the row's new text and markers, holding back what could be the start of a stop
+        string. Returns True when a stop string appeared (the text before it is sent, not the
+        string). A stop string never spans a marker: the text on either side is not contiguous."""
         stops = row.job.stop
+        floor = row.marks[-1][0] if row.marks else 0
         end = len(row.text)
         for stop in stops:
-            at = row.text.find(stop, max(0, row.sent - len(stop) + 1))
+            at = row.text.find(stop, max(floor, row.sent - len(stop) + 1))
             if at != -1:
                 end = min(end, at)
         if end < len(row.text):
-            self.send(row, row.text[row.sent:end])
+            self.send(row, end)
             return True
-        hold = max((n for stop in stops for n in range(1, len(stop)) if row.text.endswith(stop[:n])), default=0)
-        self.send(row, row.text[row.sent:len(row.text) - hold])
+        hold = max((n for stop in stops for n in range(1, min(len(stop), len(row.text) - floor + 1))
+                    if row.text.endswith(stop[:n])), default=0)
+        self.send(row, len(row.text) - hold)
         return False
 
-    def send(self, row: Row, text: str) -> None:
-        if text:
-            row.sent += len(text)
-            row.job.emit(Delta(row.index, text))
+    def send(self, row: Row, end: int) -> None:
+        """Emit the row's text up to offset `end`, with the markers that fall within it, in order."""
+        while row.marks_sent < len(row.marks) and row.marks[row.marks_sent][0] <= end:
+            at, name = row.marks[row.marks_sent]
+            self._send_text(row, at)
+            row.job.emit(Delta(row.index, marker=name))
+            row.marks_sent += 1
+        self._send_text(row, end)
+
+    def _send_text(self, row: Row, end: int) -> None:
+        if end > row.sent:
+            row.job.emit(Delta(row.index, row.text[row.sent:end]))
+            row.sent = end
 
     def finish(self, row: Row, reason: str, flush: bool = True) -> None:
         if row.finished:
@@ -332,7 +358,7 @@ class Scheduler:
         row.finished = True
         if flush:  # the rest of the text, held-back stop-string prefixes and partial characters
             row.text += row.stream.flush()
-            self.send(row, row.text[row.sent:])
+            self.send(row, len(row.text))
         keep = row.job.keep_tokens
         row.job.emit(Delta(row.index, finish_reason=reason, completion_tokens=row.tokens,
                            tokens=row.ids if keep else None, sampled=row.sampled if keep else None))
@@ -405,7 +431,8 @@ class EnginePool:
 
 @dataclass
 class Completion:
-    """One finished choice of a job run by run_to_completion."""
+    """One finished choice of a job run by run_to_completion. `text` is the reply as
+    Tokenizer.decode spells it, special tokens by name (what the tasks' graders read)."""
     text: str = ""
     finish_reason: str | None = None
     tokens: list[int] | None = None   # with Job.keep_tokens
@@ -425,7 +452,7 @@ def run_to_completion(scheduler: Scheduler, jobs: list[Job],
         def emit(delta: Delta) -> None:
             nonlocal unfinished
             choice = results[i][delta.index]
-            choice.text += delta.text
+            choice.text += delta.text if delta.marker is None else delta.marker
             if delta.finish_reason is not None and choice.finish_reason is None:
                 choice.finish_reason, choice.tokens, choice.sampled = delta.finish_reason, delta.tokens, delta.sampled
                 left[i] -= 1

@@ -10,13 +10,14 @@ the model has no system role); temperature in [0, 2], top_k in [1, 200] (0: no t
 top_p in (0, 1], max_tokens in [1, 4096], n in [1, 8], at most 4 stop strings; the prompt plus
 max_tokens must fit the model's context.
 
-Tool calls travel inside the text: an assistant message containing
-`<|python_start|>code<|python_end|><|output_start|>result<|output_end|>` (what the server streamed)
-is parsed back into python / python_output parts, so it renders to the very tokens the model made.
+Tool calls are structure, never text (docs/SERVING.md#tool-calls): a reply's tool blocks, opened
+and closed by the model's real special tokens, come out as parts of their own ("python", the call;
+"python_output", the tool's answer) beside the text (`ReplyParts`), and go back in as such parts of
+an assistant message's content list. Text, anywhere, is only ever text: a reply or a tool output
+that spells "<|output_end|>" cannot end a tool block on a page or become a special token.
 """
 from __future__ import annotations
 
-import re
 import math
 import time
 import uuid
@@ -34,8 +35,9 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # each; checking a stop string costs its length per token, on the engine's thread
 MAX_BODY_BYTES = 1 << 20  # a request at every limit above is ~130 KB of JSON
 
-TOOL_MARKERS = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>",
-                          re.DOTALL)
+TOOL_PARTS = ("python", "python_output")  # the model's tool call, the tool's answer
+OPENS = {"<|python_start|>": "python", "<|output_start|>": "python_output"}  # special tokens -> part
+CLOSES = {"<|python_end|>": "python", "<|output_end|>": "python_output"}
 
 
 class InvalidRequest(Exception):
@@ -114,22 +116,28 @@ def _content_text(content, where: str) -> str:
     raise InvalidRequest(f"{where}.content must be a string, got {type(content).__name__}", f"{where}.content")
 
 
-def parse_assistant_content(text: str) -> str | list[dict]:
-    """Assistant text with tool markers -> picochat content parts (text, python, python_output);
-    text without markers stays a string."""
-    parts, pos = [], 0
-    for match in TOOL_MARKERS.finditer(text):
-        if match.start() > pos:
-            parts.append({"type": "text", "text": text[pos:match.start()]})
-        if match.group(1) is not None:
-            parts.append({"type": "python", "text": match.group(1)})
+def parse_assistant_content(content, where: str = "messages[i]") -> str | list[dict]:
+    """An assistant message's content -> picochat content. A string is text, whatever it spells:
+    "<|python_start|>" in it is seven ordinary tokens, never the special one. A list of parts may
+    hold the reply's tool parts ({"type": "python" | "python_output", "text": ...}, as the server
+    returned them) beside text parts; adjacent text parts are joined, and all-text is a string."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content must be a string or a list of parts, got {type(content).__name__}",
+                             f"{where}.content")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", *TOOL_PARTS) or not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}.content: an assistant's parts are {{\"type\": \"text\", \"python\" or "
+                                 f"\"python_output\", \"text\": ...}}, got {str(part)[:80]}", f"{where}.content")
+        if kind == "text" and parts and parts[-1]["type"] == "text":
+            parts[-1] = {"type": "text", "text": parts[-1]["text"] + part["text"]}
         else:
-            parts.append({"type": "python_output", "text": match.group(2)})
-        pos = match.end()
-    if not parts:
-        return text
-    if pos < len(text):
-        parts.append({"type": "text", "text": text[pos:]})
+            parts.append({"type": kind, "text": part["text"]})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
     return parts
 
 
@@ -144,7 +152,11 @@ def parse_messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"{where} must be an object with role and content", where)
         role = message.get("role")
-        text = _content_text(message.get("content"), where)
+        if role == "assistant":
+            content = parse_assistant_content(message.get("content"), where)
+            text = content if isinstance(content, str) else "".join(p["text"] for p in content)
+        else:
+            content = text = _content_text(message.get("content"), where)
         if not text.strip():
             raise InvalidRequest(f"{where} is empty; every message needs some text", f"{where}.content")
         if len(text) > MAX_MESSAGE_CHARS:
@@ -161,7 +173,7 @@ def parse_messages(messages) -> list[dict]:
             got = f"role {role!r}" if role in ("user", "assistant", "system") else f"unknown role {role!r}"
             raise InvalidRequest(f"{where} has {got} where {expected!r} was expected: roles are {allowed}, "
                                  f"alternating, starting with user", f"{where}.role")
-        out.append({"role": role, "content": parse_assistant_content(text) if role == "assistant" else text})
+        out.append({"role": role, "content": content})
     if total > MAX_TOTAL_CHARS:
         raise InvalidRequest(f"the messages have {total:,} characters in all; the limit is {MAX_TOTAL_CHARS:,}",
                              "messages")
@@ -245,12 +257,14 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_response(cid: str, model: str, texts: list[str], reasons: list[str],
+def completion_response(cid: str, model: str, replies: list["ReplyParts"], reasons: list[str],
                         prompt_tokens: int, completion_tokens: int) -> dict:
+    """A plain reply: each choice's message has `content`, its text, and `parts`, the whole reply
+    (text and tool parts in order: send it back as the content of this assistant message)."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                    for i, (text, reason) in enumerate(zip(texts, reasons))],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": reply.content, "parts": reply.parts},
+                     "finish_reason": reason} for i, (reply, reason) in enumerate(zip(replies, reasons))],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -263,3 +277,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def chunk(cid: str, model: str, index: int, delta: dict, finish_reason: str | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+
+
+# -----------------------------------------------------------------------------
+# A reply's parts: text, and tool blocks that only the model's special tokens open and close
+
+
+class ReplyParts:
+    """One choice's reply, built from what the scheduler sends (text, and each special token as a
+    marker, never as text) into the API's shapes. Text outside a tool block is the reply's
+    `content`; a tool block is a part of type "python" or "python_output", streamed as `tool`
+    deltas: {"index": n, "type", "text"}, the first with text "" (the block opened), the last with
+    "done": true (its end token came). n counts the reply's tool parts from 0. Other special tokens
+    (a stray end, <|user_start|>) are dropped. `parts` is the reply so far, in order."""
+
+    def __init__(self):
+        self.parts: list[dict] = []
+        self.open: dict | None = None  # the tool part being written
+        self.tools = 0  # tool parts opened so far
+
+    @property
+    def content(self) -> str:
+        return "".join(p["text"] for p in self.parts if p["type"] == "text")
+
+    def feed(self, text: str = "", marker: str | None = None) -> list[dict]:
+        """New text or one marker -> the stream deltas for it (a chunk's `delta` each)."""
+        if marker is not None:
+            return self._marker(marker)
+        if not text:
+            return []
+        if self.open is not None:
+            self.open["text"] += text
+            return [self._tool_delta(text)]
+        if self.parts and self.parts[-1]["type"] == "text":
+            self.parts[-1]["text"] += text
+        else:
+            self.parts.append({"type": "text", "text": text})
+        return [{"content": text}]
+
+    def _marker(self, name: str) -> list[dict]:
+        if name in OPENS:  # a new block ends one left open (the engine starts over at a second call)
+            deltas = self._close()
+            self.open = {"type": OPENS[name], "text": ""}
+            self.parts.append(self.open)
+            self.tools += 1
+            return deltas + [self._tool_delta("")]
+        if self.open is not None and CLOSES.get(name) == self.open["type"]:
+            return self._close()
+        return []
+
+    def _close(self) -> list[dict]:
+        if self.open is None:
+            return []
+        delta = self._tool_delta("", done=True)
+        self.open = None
+        return [delta]
+
+    def _tool_delta(self, text: str, done: bool = False) -> dict:
+        tool = {"index": self.tools - 1, "type": self.open["type"], "text": text}
+        return {"tool": tool | {"done": True}} if done else {"tool": tool}

@@ -37,8 +37,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from picochat.serve.api import (MAX_BODY_BYTES, Defaults, InvalidRequest, chunk, completion_id, completion_response,
-                                error_body, fit_max_tokens, parse_chat_request, usage)
+from picochat.serve.api import (MAX_BODY_BYTES, Defaults, InvalidRequest, ReplyParts, chunk, completion_id,
+                                completion_response, error_body, fit_max_tokens, parse_chat_request, usage)
 from picochat.scheduler import Delta, EnginePool, Job, QueueFull
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -561,15 +561,18 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
 
 async def stream_events(job: Job, deltas: asyncio.Queue, cid: str, model: str, prompt_tokens: int,
                         include_usage: bool):
-    """Server-sent events: a role chunk per choice, a chunk per piece of text, a chunk with each
-    choice's finish_reason, optionally the usage, then [DONE]."""
+    """Server-sent events: a role chunk per choice, a chunk per piece of text (`content`) or of a
+    tool block (`tool`, see ReplyParts), a chunk with each choice's finish_reason, optionally the
+    usage, then [DONE]."""
     for i in range(job.n):
         yield sse(chunk(cid, model, i, {"role": "assistant", "content": ""}))
+    replies = [ReplyParts() for _ in range(job.n)]
     finished, tokens = 0, 0
     while finished < job.n:
         delta: Delta = await deltas.get()
         if delta.finish_reason is None:
-            yield sse(chunk(cid, model, delta.index, {"content": delta.text}))
+            for piece in replies[delta.index].feed(delta.text, delta.marker):
+                yield sse(chunk(cid, model, delta.index, piece))
             continue
         finished += 1
         tokens += delta.completion_tokens
@@ -585,14 +588,14 @@ async def stream_events(job: Job, deltas: asyncio.Queue, cid: str, model: str, p
 
 async def complete(request: Request, job: Job, deltas: asyncio.Queue, cid: str, model: str, prompt_tokens: int):
     """Wait for every choice to finish; a client that hangs up meanwhile cancels the job."""
-    texts, reasons, tokens = [""] * job.n, [""] * job.n, 0
+    replies, reasons, tokens = [ReplyParts() for _ in range(job.n)], [""] * job.n, 0
 
     async def collect():
         nonlocal tokens
         finished = 0
         while finished < job.n:
             delta = await deltas.get()
-            texts[delta.index] += delta.text
+            replies[delta.index].feed(delta.text, delta.marker)
             if delta.finish_reason is not None:
                 reasons[delta.index] = delta.finish_reason
                 tokens += delta.completion_tokens
@@ -615,4 +618,4 @@ async def complete(request: Request, job: Job, deltas: asyncio.Queue, cid: str, 
     if "error" in reasons:
         return error_response(500, "the server failed while generating this reply; see its log",
                               kind="server_error")
-    return completion_response(cid, model, texts, reasons, prompt_tokens, tokens)
+    return completion_response(cid, model, replies, reasons, prompt_tokens, tokens)
