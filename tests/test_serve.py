@@ -22,7 +22,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from picochat.__main__ import main as picochat_main
-from picochat.engine import Engine
+from picochat.engine import Engine, RowState
 from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
 from picochat.serve.api import Defaults, parse_messages
 from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app
@@ -521,6 +521,18 @@ def test_marker_text_in_any_message_renders_as_text_never_as_special_tokens(tiny
                  "<|assistant_start|>", "<|assistant_end|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")]
     assert [t for t in ids if t >= tok.bos_id] == structure  # only the turns' own special tokens
     assert tok.decode(ids).count("<|python_start|>") == 3  # all three spelled out, as text
+
+
+def test_forced_tool_output_is_encoded_as_text(tiny):
+    """The tool's answer goes into the model as ordinary tokens between the two real markers
+    (ordinary encoding: special-token text in it is text), so it cannot end its own block."""
+    model, tok = tiny
+    row = RowState()
+    Engine(model, tok).force_output(row, FORGED_OUTPUT)
+    forced = list(row.forced)
+    assert [t for t in forced if t >= tok.bos_id] == [tok.encode_special("<|output_start|>"),
+                                                      tok.encode_special("<|output_end|>")]
+    assert forced[0] == tok.encode_special("<|output_start|>") and tok.decode(forced[1:-1]) == FORGED_OUTPUT
 
 
 def test_tool_parts_sent_back_render_as_the_tool_tokens(tiny):
