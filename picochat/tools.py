@@ -937,8 +937,8 @@ def _collect(proc: subprocess.Popen, code: bytes, deadline: float) -> _Finished:
                     name, capture = streams[key.fd]
                     if chunk := os.read(key.fd, 2**16):
                         capture.add(chunk)
-                        finished.overflowed = finished.overflowed or (name if capture.total > MAX_STREAM_BYTES
-                                                                      else None)
+                        if capture.total > MAX_STREAM_BYTES:
+                            finished.overflowed = name
                     else:
                         selector.unregister(key.fd)
                         del streams[key.fd]
