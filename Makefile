@@ -12,6 +12,7 @@ PY     := $(VENV)/bin/python
 # (its words go to pip unquoted: quote a specifier with < or > inside, TORCH_SPEC="'torch>=2.9'").
 TORCH_SPEC ?= $(shell TORCH_VARIANT="$(TORCH_VARIANT)" $(PYTHON) runs/torch_install.py)
 PRESET ?= auto
+RECIPE ?=
 
 .PHONY: speedrun test venv clean-venv
 
@@ -28,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 speedrun: $(VENV)/.installed
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash runs/speedrun.sh $(PRESET)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash runs/speedrun.sh $(PRESET) $(if $(RECIPE),--recipe $(RECIPE))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests

@@ -12,10 +12,14 @@ import torch
 import torch._dynamo as dynamo
 
 from picochat.model import GPT, _chunk_loss_and_grad, config_from_depth, head_loss, norm
+from picochat.recipe import model_parts
+
+RECIPES = pytest.mark.parametrize("recipe", ["seed", "2026"])  # 2026: every part on, a window of 8
 
 
-def tiny_model(dtype=torch.float32, seed=0):
-    model = GPT(config_from_depth(2, vocab_size=512, sequence_len=64), compute_dtype=dtype)
+def tiny_model(dtype=torch.float32, seed=0, recipe="seed"):
+    parts = {**model_parts(recipe, 64), **({"short_window": 8} if recipe == "2026" else {})}
+    model = GPT(config_from_depth(2, vocab_size=512, sequence_len=64, **parts), compute_dtype=dtype)
     model.init_weights(seed=seed)
     torch.manual_seed(seed)
     with torch.no_grad():  # zero-init projections make blocks the identity; perturb them
@@ -24,10 +28,11 @@ def tiny_model(dtype=torch.float32, seed=0):
     return model
 
 
+@RECIPES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_compiled_trunk_is_one_graph_with_no_breaks(dtype):
+def test_the_compiled_trunk_is_one_graph_with_no_breaks(dtype, recipe):
     dynamo.reset()
-    model = tiny_model(dtype)
+    model = tiny_model(dtype, recipe=recipe)
     explained = dynamo.explain(model.trunk)(torch.randint(0, 512, (2, 64)))
     reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
@@ -41,14 +46,15 @@ def test_the_compiled_head_chunk_is_one_graph_with_no_breaks():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
-def test_the_traced_trunk_and_head_give_the_eager_loss_and_gradients():
+@RECIPES
+def test_the_traced_trunk_and_head_give_the_eager_loss_and_gradients(recipe):
     dynamo.reset()
     torch.manual_seed(0)
     idx, targets = torch.randint(0, 512, (2, 64)), torch.randint(0, 512, (2, 64))
     targets[0, :5] = -1
 
     def run(compiled):
-        model = tiny_model()
+        model = tiny_model(recipe=recipe)
         trunk = torch.compile(model.trunk, backend="aot_eager", dynamic=False) if compiled else model.trunk
         loss = head_loss(trunk(idx), model.lm_head.weight, targets, chunk_rows=48)
         loss.backward()
