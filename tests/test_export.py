@@ -23,9 +23,9 @@ from stagerun import picochat
 # is reduced. 1e-4 leaves room for other CPUs' kernels while catching any real mapping error.
 LOGITS_ATOL = 1e-4
 
-TRAIN = ["--dataset", "tiny", "--depth", "2", "--max-seq-len", "256", "--device-batch-size", "4",
-         "--total-batch-size", "1024", "--dtype", "float32", "--device", "cpu", "--eval-every", "-1",
-         "--sample-every", "-1", "--num-iterations", "40", "--model-tag", "exporttest"]
+TRAIN = ["--recipe", "seed", "--dataset", "tiny", "--depth", "2", "--max-seq-len", "256",
+         "--device-batch-size", "4", "--total-batch-size", "1024", "--dtype", "float32", "--device", "cpu",
+         "--eval-every", "-1", "--sample-every", "-1", "--num-iterations", "40", "--model-tag", "exporttest"]
 
 SAMPLES = [
     "Hello world! 🎉😀👍🏽 naïve café, «quotes» — dash",
@@ -203,6 +203,106 @@ def test_export_folder_is_complete_and_the_card_is_written(exported):
 
 
 # -----------------------------------------------------------------------------
+# A model with every 2026 part: transformers runs picochat's own modeling file
+
+PARTS = dict(window_pattern="SSL", short_window=16, value_embeds=True, lambdas=True, smear=True, backout=True,
+             rope_base=100_000.0, qk_scale=1.2, init="2026")
+
+
+@pytest.fixture(scope="module")
+def every_part(tiny_home, tmp_path_factory):
+    """A GQA GPT with every 2026 part on (windows of 16 tokens, so 100-token prompts run past
+    them) and random weights, none of them zero, as a base checkpoint in a home of its own;
+    exported with the CLI. Returns (home, model, folder, the export's stdout)."""
+    from picochat.checkpoint import save_checkpoint
+    from picochat.model import GPT, GPTConfig
+    from picochat.tokenizer import Tokenizer
+    home = tmp_path_factory.mktemp("parts-home")
+    shutil.copytree(tiny_home / "tokenizer", home / "tokenizer")
+    tokenizer = Tokenizer.load(home / "tokenizer")
+    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_kv_head=2,
+                       n_embd=64, **PARTS)
+    model = GPT(config)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    meta = {"step": 30, "model_config": config.to_dict(), "user_config": {"model_tag": "parts"},
+            "compute_dtype": "float32"}
+    save_checkpoint(home / "checkpoints" / "base" / "parts", 30, model.state_dict(), meta, {})
+    out = tmp_path_factory.mktemp("export") / "parts-hf"
+    proc = picochat(home, "export", "--source", "base", "--out", str(out))
+    return home, model.eval(), out, proc.stdout
+
+
+def part_prompts(tokenizer) -> list[list[int]]:
+    """100-token prompts (past the 16-token windows, within the 128-token context)."""
+    return [p[:100] for p in long_prompts(tokenizer)]
+
+
+def test_seed_model_exports_to_transformers_own_class_without_code(exported):
+    _, folder = exported
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["NanoChatForCausalLM"]
+    assert not list(folder.glob("*.py"))
+
+
+@pytest.mark.slow
+def test_every_part_exports_with_its_own_modeling_file_and_the_same_logits(every_part, in_home):
+    from transformers import AutoModelForCausalLM
+
+    from picochat.engine import Engine
+    from picochat.tokenizer import get_tokenizer
+    home, ours, folder, stdout = every_part
+    in_home(home)
+    tokenizer = get_tokenizer()
+    assert "trust_remote_code=True" in stdout and "value embeddings" in stdout
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "picochat" and config["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_picochat.PicochatForCausalLM"
+    assert {p.name for p in folder.glob("*.py")} == {"configuration_picochat.py", "modeling_picochat.py"}
+    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="trust_remote_code"):  # transformers runs no code unasked
+        AutoModelForCausalLM.from_pretrained(folder)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(theirs).__name__ == "PicochatForCausalLM" and theirs.dtype == torch.float32
+    engine = Engine(ours, tokenizer)
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id}
+    generated = 0
+    for prompt in part_prompts(tokenizer):
+        with torch.no_grad():
+            expected, got = ours(torch.tensor([prompt])), theirs(torch.tensor([prompt])).logits
+        assert torch.allclose(got, expected, rtol=0, atol=LOGITS_ATOL), (got - expected).abs().max()
+        greedy = engine.generate_batch(prompt, max_tokens=24, temperature=0.0)[0][0][len(prompt):]
+        assert greedy and not stops & set(greedy)
+        with torch.no_grad():
+            top2 = ours(torch.tensor([prompt + greedy]))[0, len(prompt) - 1:-1].topk(2).values
+        if (top2[:, 0] - top2[:, 1] > TIE_MARGIN).all():  # no near-tie: generate() must give the same tokens
+            for use_cache in (True, False):  # the KV cache (windows, smear's predecessor) and the plain loop
+                with torch.no_grad():
+                    out = theirs.generate(torch.tensor([prompt]), max_new_tokens=len(greedy), do_sample=False,
+                                          use_cache=use_cache)
+                assert out[0, len(prompt):].tolist() == greedy, use_cache
+            generated += 1
+    assert generated
+
+
+@pytest.mark.slow
+def test_every_part_export_imports_back_bit_for_bit(every_part, tmp_path, in_home):
+    from picochat.checkpoint import latest_step, load_checkpoint
+    from picochat.common import checkpoint_dir
+    _, ours, folder, _ = every_part
+    fresh = tmp_path / "home"
+    picochat(fresh, "import", str(folder), "--stage", "base")
+    in_home(fresh)
+    root = checkpoint_dir("base", "parts")
+    state, meta, _ = load_checkpoint(root, latest_step(root), "cpu")
+    assert meta["step"] == 30 and meta["model_config"] == dict(ours.config.to_dict(), init="seed")
+    assert state.keys() == ours.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+
+
+# -----------------------------------------------------------------------------
 # Round trips
 
 @pytest.mark.slow
@@ -243,7 +343,9 @@ def write_nanochat_layout(cache, tokenizer, model, step: int, prefix: str = "_or
     state = {prefix + k: v for k, v in model.state_dict().items()}
     state[prefix + "transformer.wte.weight"] = state[prefix + "transformer.wte.weight"].bfloat16()  # as on CUDA
     torch.save(state, ckpt / f"model_{step:06d}.pt")
-    meta = {"step": step, "val_bpb": 1.5, "model_config": model.config.to_dict(), "user_config": {"depth": 2}}
+    sizes = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # the seed's model_config
+    meta = {"step": step, "val_bpb": 1.5, "model_config": {k: getattr(model.config, k) for k in sizes},
+            "user_config": {"depth": 2}}
     (ckpt / f"meta_{step:06d}.json").write_text(json.dumps(meta))
     (cache / "tokenizer").mkdir()
     ranks = {token: i for i, token in enumerate(tokenizer.tokens)}
@@ -324,10 +426,10 @@ def test_broken_or_foreign_nanochat_checkpoints_are_refused(nanochat_model, tmp_
 
     extra = layout("extra")
     state = torch.load(extra / "model_000005.pt", weights_only=True)
-    state["_orig_mod.transformer.h.0.attn.ve_gate.weight"] = torch.zeros(4, 12)
+    state["_orig_mod.transformer.h.0.attn.c_q.bias"] = torch.zeros(128)  # no nanochat design has biases
     torch.save(state, extra / "model_000005.pt")
     assert_refused(picochat(home, "import", str(extra), "--stage", "base", check=False),
-                   "unexpected tensor transformer.h.0.attn.ve_gate.weight")
+                   "unexpected tensor transformer.h.0.attn.c_q.bias")
 
     shape = layout("shape")
     state = torch.load(shape / "model_000005.pt", weights_only=True)

@@ -45,8 +45,8 @@ def check_state_dict(state: dict, config: GPTConfig, origin: str) -> None:
                                 f"expected {list(shape)} for this model config")
     for name in state:
         if name not in expected:
-            raise PicochatError(f"{origin}: unexpected tensor {name}; this is not picochat's "
-                                f"(nanochat seed) architecture")
+            raise PicochatError(f"{origin}: unexpected tensor {name}; picochat's GPT of this config "
+                                f"has no place for it")
 
 
 def check_config(config: GPTConfig, origin: str) -> None:

@@ -1,12 +1,18 @@
 """
-picochat's GPT and tokenizer in the layout transformers loads with no remote code.
+picochat's GPT and tokenizer in the layouts transformers loads.
 
-transformers ships a model class for exactly this architecture (config model_type "nanochat":
-parameter-free RMSNorm after the embedding, before each sublayer and before the head; RoPE base
-10,000 rotating (first half, second half) by −angle, then QK-norm; ReLU² MLP of width 4d; untied
-head; 15·tanh(logits/15); no biases; grouped-query heads). The mapping is one-to-one, weight for
-weight; the one number that has to be set explicitly is the norm's epsilon, which transformers
-defaults to 1e-6 while picochat's F.rms_norm uses float32's machine epsilon.
+A model of the seed architecture goes to the class transformers ships for it (config model_type
+"nanochat": parameter-free RMSNorm after the embedding, before each sublayer and before the head;
+RoPE base 10,000 rotating (first half, second half) by −angle, then QK-norm; ReLU² MLP of width 4d;
+untied head; 15·tanh(logits/15); no biases; grouped-query heads), with no remote code. The mapping
+is one-to-one, weight for weight; the one number that has to be set explicitly is the norm's
+epsilon, which transformers defaults to 1e-6 while picochat's F.rms_norm uses float32's machine
+epsilon.
+
+A model with any 2026 part (sliding windows, value embeddings, lambdas, smear, backout, another
+RoPE base or q·k scale) has no class in transformers: it goes out with its own (model_type
+"picochat": the two files in picochat/interop/remote/, named in config.json's auto_map, loaded with
+trust_remote_code=True), under picochat's own tensor names and GPTConfig's field names.
 
 The tokenizer becomes a `tokenizers` byte-level BPE: the same tokens with the same ids, merges
 derived from the ranks, picochat's split pattern, and the nine special tokens after the ranks.
@@ -25,6 +31,13 @@ from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MODEL_TYPE = "nanochat"
 ARCHITECTURE = "NanoChatForCausalLM"
+REMOTE_MODEL_TYPE = "picochat"
+REMOTE_ARCHITECTURE = "PicochatForCausalLM"
+REMOTE_CODE = Path(__file__).parent / "remote"
+REMOTE_FILES = ("configuration_picochat.py", "modeling_picochat.py")
+# GPTConfig's fields the remote model implements ("init" only matters for training).
+REMOTE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
+                 "short_window", "value_embeds", "lambdas", "smear", "backout", "rope_base", "qk_scale")
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded checkpoints (as published on the Hub)
 
@@ -79,18 +92,20 @@ def picochat_name(name: str, origin: str) -> str:
     return f"transformer.h.{match.group(1)}.{by_hf_block[match.group(2)]}"
 
 
-def save_weights(state: dict, path: Path) -> None:
-    """picochat state dict -> model.safetensors under transformers' names (contiguous copies:
-    safetensors refuses views and shared storage)."""
+def save_weights(state: dict, path: Path, native: bool = True) -> None:
+    """picochat state dict -> model.safetensors under transformers' NanoChat names (native) or
+    picochat's own (the remote-code model). Contiguous copies: safetensors refuses views and
+    shared storage."""
     st = optional_import("safetensors.torch", "picochat export")
-    tensors = {hf_name(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors = {(hf_name(k) if native else k): v.detach().to("cpu").contiguous() for k, v in state.items()}
     st.save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def load_weights(folder: Path) -> dict:
+def load_weights(folder: Path, native: bool = True) -> dict:
     """model.safetensors (or its shards) -> picochat state dict in fp32 (as picochat checkpoints
-    are; widening bf16 or fp16 is exact). safetensors holds raw tensors only, so reading it runs
-    no code; a truncated or corrupt file is refused in one line."""
+    are; widening bf16 or fp16 is exact), from NanoChat's names (native) or picochat's own.
+    safetensors holds raw tensors only, so reading it runs no code; a truncated or corrupt file is
+    refused in one line."""
     st = optional_import("safetensors.torch", "picochat import")
     index = folder / WEIGHTS_INDEX
     if index.is_file():
@@ -115,7 +130,7 @@ def load_weights(folder: Path) -> dict:
             raise PicochatError(f"{path} is truncated or not a safetensors file "
                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         for key, tensor in tensors.items():
-            state[picochat_name(key, str(path))] = tensor.float() if tensor.is_floating_point() else tensor
+            state[picochat_name(key, str(path)) if native else key] = tensor.float() if tensor.is_floating_point() else tensor
     return state
 
 
@@ -153,6 +168,53 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     }
 
 
+def remote_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    """config.json for picochat's own modeling file (remote code): GPTConfig's fields, the softcap,
+    and the auto_map that tells transformers which classes to load. Refuses a config with a field
+    the modeling file does not implement set to anything but its default."""
+    defaults = GPTConfig().to_dict()
+    unknown = [k for k, v in config.to_dict().items() if k not in REMOTE_FIELDS + ("init",) and v != defaults[k]]
+    if unknown:
+        raise PicochatError(f"the model sets {', '.join(unknown)}, which the exported modeling file does not "
+                            f"implement; it cannot be exported")
+    special = tokenizer.encode_special
+    fields = {k: v for k, v in config.to_dict().items() if k in REMOTE_FIELDS}
+    return {
+        "architectures": [REMOTE_ARCHITECTURE],
+        "model_type": REMOTE_MODEL_TYPE,
+        "auto_map": {"AutoConfig": "configuration_picochat.PicochatConfig",
+                     "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM"},
+        **fields,
+        "softcap": SOFTCAP,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": special("<|assistant_end|>"),
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def gpt_config_from_remote(cfg: dict, origin: str) -> GPTConfig:
+    """The GPTConfig of a config.json that remote_config wrote (read as JSON; its modeling file is
+    never run). A softcap other than picochat's, or a field of the wrong kind, is refused."""
+    if cfg.get("softcap", SOFTCAP) != SOFTCAP:
+        raise PicochatError(f"{origin}: softcap is {cfg.get('softcap')!r}, picochat's architecture has {SOFTCAP}")
+    try:
+        config = GPTConfig(**{k: cfg[k] for k in REMOTE_FIELDS if k in cfg})
+    except (TypeError, ValueError, AttributeError) as e:
+        raise PicochatError(f"{origin}: not a picochat model config ({e})") from None
+    kinds = {int: ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "short_window"),
+             bool: ("value_embeds", "lambdas", "smear", "backout"), float: ("rope_base", "qk_scale")}
+    for kind, names in kinds.items():
+        for name in names:  # JSON numbers: 100000 for a float is fine, true for an int is not
+            value = getattr(config, name)
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise PicochatError(f"{origin}: {name} is {value!r}, not a {kind.__name__}")
+    check_config(config, origin)
+    return config
+
+
 def generation_config(tokenizer: Tokenizer) -> dict:
     """Stop where picochat's Engine stops: at <|assistant_end|>, or at <|bos|> (a new document)."""
     end = tokenizer.encode_special("<|assistant_end|>")
@@ -181,8 +243,8 @@ def gpt_config_from_hf(cfg: dict, origin: str) -> tuple[GPTConfig, str | None]:
     if not isinstance(cfg, dict):
         raise PicochatError(f"{origin}: a {type(cfg).__name__}, not a JSON object")
     if cfg.get("model_type") != MODEL_TYPE:
-        raise PicochatError(f"{origin}: model_type is {cfg.get('model_type')!r}; only {MODEL_TYPE!r} "
-                            f"models have picochat's architecture")
+        raise PicochatError(f"{origin}: model_type is {cfg.get('model_type')!r}; only {MODEL_TYPE!r} and "
+                            f"{REMOTE_MODEL_TYPE!r} models have picochat's architecture")
     for key in SIZE_FIELDS + OPTIONAL_SIZE_FIELDS:
         value = cfg.get(key)
         if (value is not None or key in SIZE_FIELDS) and (not isinstance(value, int) or isinstance(value, bool)):

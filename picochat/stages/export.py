@@ -1,15 +1,17 @@
 """
-`picochat export`: a checkpoint as a folder transformers loads offline, with no remote code.
+`picochat export`: a checkpoint as a folder transformers loads offline.
 
     picochat export                                  # the only SFT model, latest step
     picochat export --source base --model-tag d20 --out ./d20-base
 
-The folder: config.json (transformers' "nanochat" model type, which is picochat's architecture),
-model.safetensors (fp32), tokenizer.json + tokenizer_config.json + special_tokens_map.json (fast
-tokenizer, chat template), generation_config.json (stops at <|assistant_end|>), picochat.json (where
-it came from, for `picochat import`) and README.md (a model card written from the checkpoint's
-records). The tokenizer is the one beside the checkpoint (an import leaves one there), else the
-shared $PICOCHAT_HOME/tokenizer.
+The folder: config.json, model.safetensors (fp32), tokenizer.json + tokenizer_config.json +
+special_tokens_map.json (fast tokenizer, chat template), generation_config.json (stops at
+<|assistant_end|>), picochat.json (where it came from, for `picochat import`) and README.md (a model
+card written from the checkpoint's records). A model of the seed architecture is transformers' own
+"nanochat" model type (no remote code); a model with any 2026 part (windows, value embeddings,
+lambdas, smear, backout, another RoPE base or q·k scale) also gets configuration_picochat.py and
+modeling_picochat.py, which transformers runs only with trust_remote_code=True. The tokenizer is
+the one beside the checkpoint (an import leaves one there), else the shared $PICOCHAT_HOME/tokenizer.
 Everything is written to a temporary folder beside the output and renamed into place at the end.
 See docs/EXPORT.md.
 """
@@ -68,8 +70,9 @@ def main(argv=None):
                         args.force)
 
     # Everything that can be refused is built before the first byte is written.
+    native = config.is_seed()  # transformers' NanoChat class holds it; else our own modeling file
     files = {
-        "config.json": hf.hf_config(config, tokenizer),
+        "config.json": hf.hf_config(config, tokenizer) if native else hf.remote_config(config, tokenizer),
         "generation_config.json": hf.generation_config(tokenizer),
         "tokenizer_config.json": hf.tokenizer_config(tokenizer, config.sequence_len),
         "special_tokens_map.json": {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
@@ -85,13 +88,32 @@ def main(argv=None):
                 (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
             for name, text in texts.items():
                 (tmp / name).write_text(text)
-            hf.save_weights(state, tmp / hf.WEIGHTS_FILE)
+            for name in () if native else hf.REMOTE_FILES:
+                shutil.copyfile(hf.REMOTE_CODE / name, tmp / name)
+            hf.save_weights(state, tmp / hf.WEIGHTS_FILE, native)
             # safetensors creates its file owner-only; give it the mode every other file got
             os.chmod(tmp / hf.WEIGHTS_FILE, (tmp / "config.json").stat().st_mode & 0o777)
     except OSError as e:
         raise PicochatError(f"could not write {out} ({e})") from None
     print(f"exported {args.source} model {root.name} step {step} → {out}")
+    if not native:
+        print(f"note: its {', '.join(parts_of(config))} are beyond transformers' NanoChat class, so the folder "
+              f"carries its own modeling file: load it with "
+              f"AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     return 0
+
+
+def parts_of(config: GPTConfig) -> list[str]:
+    """The 2026 parts a model has, in words (for the note and the model card)."""
+    defaults = GPTConfig()
+    windows = any(w is not None for w in config.layer_windows())
+    named = [("sliding windows", windows), (f"window pattern {config.window_pattern}", not windows and
+                                            config.window_pattern != defaults.window_pattern),
+             ("value embeddings", config.value_embeds), ("residual lambdas", config.lambdas),
+             ("smear", config.smear), ("backout", config.backout),
+             (f"RoPE base {config.rope_base:g}", config.rope_base != defaults.rope_base),
+             (f"q·k scale {config.qk_scale:g}", config.qk_scale != defaults.qk_scale)]
+    return [name for name, on in named if on]
 
 
 def output_folder(out: Path, force: bool) -> Path:
@@ -115,7 +137,7 @@ def checkpoint_config(meta: dict, origin: str) -> GPTConfig:
     """The checkpoint's GPTConfig; a config with fields picochat's GPT lacks is refused."""
     try:
         config = GPTConfig(**meta["model_config"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise PicochatError(f"{origin}: model_config is not picochat's GPTConfig ({e})") from None
     check_config(config, origin)
     return config
@@ -282,6 +304,7 @@ def model_card(source: str, root: Path, step: int, meta: dict, config: GPTConfig
     """README.md: what the model is, how it was trained (from the records picochat keeps), how to
     use it, and what it is not. Nothing is claimed that those records do not say."""
     params = sum(math.prod(shape) for shape in expected_shapes(config).values())
+    native = config.is_seed()
     chain = lineage(source, root, step, meta)
     parts = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [picochat, nanochat]", "---", "",
@@ -289,10 +312,12 @@ def model_card(source: str, root: Path, step: int, meta: dict, config: GPTConfig
         f"A {params / 1e6:.1f}M-parameter language model trained from scratch with picochat and exported "
         f"by `picochat export`. It is a small model: expect fluent-looking text that is often wrong.", "",
         "## Architecture", "",
-        "picochat's GPT, held exactly by transformers' NanoChat class: pre-norm blocks with a "
-        "parameter-free RMSNorm (also after the embedding and on queries and keys after RoPE), "
-        "rotary embeddings (base 10,000), ReLU² MLP, untied embedding and head, logits softcapped "
-        "at 15, no biases.", "",
+        "picochat's GPT: pre-norm blocks with a parameter-free RMSNorm (also after the embedding and "
+        "on queries and keys after RoPE), rotary embeddings, ReLU² MLP, untied embedding and head, "
+        "logits softcapped at 15, no biases. " + (
+            "transformers' NanoChat class holds it exactly (RoPE base 10,000)." if native else
+            f"It also has {', '.join(parts_of(config))}, which transformers' NanoChat class lacks: the folder "
+            f"carries its own modeling file (modeling_picochat.py), run with `trust_remote_code=True`."), "",
         "| layers | width | heads | kv heads | vocab | context (trained) | parameters |",
         "|---|---|---|---|---|---|---|",
         f"| {config.n_layer} | {config.n_embd} | {config.n_head} | {config.n_kv_head} | {config.vocab_size} | "
@@ -311,7 +336,7 @@ def model_card(source: str, root: Path, step: int, meta: dict, config: GPTConfig
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained(PATH)",
-        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "model = AutoModelForCausalLM.from_pretrained(PATH" + ("" if native else ", trust_remote_code=True") + ")",
         "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hi!\"}],",
         "                              add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
         "out = model.generate(**ids, max_new_tokens=64)",

@@ -4,10 +4,12 @@
     picochat import ./my-export                       # a folder written by `picochat export` (or the Hub layout)
     picochat import ~/.cache/nanochat/chatsft_checkpoints/d20 --model-tag d20 --stage sft
 
-Two formats are read: a transformers folder of model_type "nanochat" (config.json, safetensors
-weights, tokenizer.json), and a nanochat checkpoint directory (model_NNNNNN.pt, meta_NNNNNN.json;
-its tokenizer.pkl beside it or in nanochat's cache layout, or --tokenizer). Nothing in them is
-executed: weights load as plain tensors and tokenizer.pkl through a one-class unpickler.
+Two formats are read: a transformers folder (config.json, safetensors weights, tokenizer.json) of
+model_type "nanochat" or "picochat" (an export with its own modeling file, which is never run), and
+a nanochat checkpoint directory of any design from the seed's to HEAD's (model_NNNNNN.pt,
+meta_NNNNNN.json; its tokenizer.pkl beside it or in nanochat's cache layout, or --tokenizer;
+picochat/interop/nanochat.py maps each design). Nothing in them is executed: weights load as plain
+tensors and tokenizer.pkl through a one-class unpickler.
 
 Every tensor is checked against picochat's GPT before anything is written; the checkpoint is then
 written under $PICOCHAT_HOME/checkpoints/<stage>/<tag>/ (an existing tag only with --force), and the
@@ -84,7 +86,8 @@ def main(argv=None):
     write_checkpoint(root, step, state, meta, tokenizer)
     if write_shared:  # the same tokenizer already there is left alone (it may record trained_on)
         tokenizer.save(tokenizer_dir())
-    print(f"imported {origin['format']} model from {src} → {root} (step {step}); "
+    design = f" ({origin['design']})" if "design" in origin else ""
+    print(f"imported {origin['format']} model{design} from {src} → {root} (step {step}); "
           f"run it with `picochat chat --source {args.stage} --model-tag {tag}`")
     return 0
 
@@ -100,13 +103,18 @@ def read_hf_folder(src: Path):
     """(state, config, tokenizer, origin) of a transformers folder. picochat.json, written by
     picochat export, gives back the original tag and step."""
     provenance = read_provenance(src / "picochat.json")
-    config, note = hf.gpt_config_from_hf(read_json(src / "config.json"), str(src / "config.json"))
-    if note:
-        print(f"note: {note}")
+    cfg, origin = read_json(src / "config.json"), str(src / "config.json")
+    native = not (isinstance(cfg, dict) and cfg.get("model_type") == hf.REMOTE_MODEL_TYPE)
+    if native:
+        config, note = hf.gpt_config_from_hf(cfg, origin)
+        if note:
+            print(f"note: {note}")
+    else:  # picochat's own modeling file: only config.json and the weights are read, no code is run
+        config = hf.gpt_config_from_remote(cfg, origin)
     if not (src / "tokenizer.json").is_file():
         raise PicochatError(f"no tokenizer.json in {src}")
     tokenizer = hf.tokenizer_from_hf(src / "tokenizer.json")
-    state = hf.load_weights(src)
+    state = hf.load_weights(src, native)
     origin = {"format": "transformers", "path": str(src), **provenance}
     return state, config, tokenizer, origin
 
@@ -132,11 +140,12 @@ def read_nanochat_dir(src: Path, step: int, tokenizer_path: Path | None):
     step = available[-1] if step < 0 else step
     if step not in available:
         raise PicochatError(f"no model_{step:06d}.pt in {src}; steps there: {', '.join(map(str, available))}")
-    _, config = nanochat.read_meta(src, step)
+    _, model_config = nanochat.read_meta(src, step)
     tokenizer = nanochat.read_tokenizer(tokenizer_path.expanduser() if tokenizer_path
                                         else nanochat.find_tokenizer_dir(src))
-    state = nanochat.read_state(src, step)
-    origin = {"format": "nanochat", "path": str(src / f"model_{step:06d}.pt"), "step": step}
+    path = src / f"model_{step:06d}.pt"
+    config, state, design = nanochat.to_picochat(model_config, nanochat.read_state(src, step), str(path))
+    origin = {"format": "nanochat", "design": design.name, "path": str(path), "step": step}
     return state, config, tokenizer, origin
 
 
