@@ -54,10 +54,15 @@ def worker(args) -> dict:
     device = torch.device("cpu")
     dtype = common.resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
-    model = GPT(config_from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len),
+    from picochat.recipe import ADAM_GROUPS, TRAINING, model_parts
+    parts = model_parts(args.recipe, args.seq_len)
+    model = GPT(config_from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **parts),
                 compute_dtype=dtype)
     model.init_weights(seed=0)
-    optimizer = model.setup_optimizer()
+    r = TRAINING[args.recipe]  # the recipe's Muon (orthogonalization, NorMuon, MuonEq, decay) and AdamW groups
+    muon = dict(ortho=r["ortho"], normuon=r["normuon"] == "yes", row_equilibrate=r["row-equilibrate"] == "yes",
+                weight_decay=0.1 if r["muon-weight-decay"] else 0.0)
+    optimizer = model.setup_optimizer(adam=ADAM_GROUPS[args.recipe], muon=muon)
     B, T = args.batch_size, args.seq_len
     x = torch.randint(0, args.vocab_size, (B, T))
     y = torch.randint(0, args.vocab_size, (B, T))
@@ -73,7 +78,7 @@ def worker(args) -> dict:
     dt = statistics.median(times[args.warmup:])
     tok_per_sec = B * T / dt
     peak = common.peak_flops(device, dtype)
-    return {"dtype": str(dtype).replace("torch.", ""), "path": args.path, "tok_per_sec": tok_per_sec,
+    return {"dtype": str(dtype).replace("torch.", ""), "path": args.path, "recipe": args.recipe, "tok_per_sec": tok_per_sec,
             "step_ms": 1000 * dt, "min_step_ms": 1000 * min(times[args.warmup:]),
             "mfu": model.flops_per_token() * tok_per_sec / peak, "peak_tflops": peak / 1e12,
             "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads()}
@@ -89,6 +94,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--dtypes", default="float32,auto", help="comma-separated: float32, bfloat16, auto")
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated: reference, fast")
+    p.add_argument("--recipes", default="seed", help="comma-separated: seed, 2026 (picochat/recipe.py: the "
+                   "model parts and Muon options of each); the ratio column compares each to the first")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole table, alternating, this many times")
+    p.add_argument("--recipe", default="seed", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--path", default="fast", help=argparse.SUPPRESS)
@@ -100,27 +109,32 @@ def main() -> int:
     print(f"d{args.depth}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} = "
           f"{args.batch_size * args.seq_len:,} tokens per step, median of {args.steps} steps after "
           f"{args.warmup} warm-up; one fresh process per row")
-    header = (f"{'dtype':<9} {'path':<10} {'tok/s':>8} {'step ms':>8} {'MFU':>6} {'peak RSS':>9} "
-              f"{'fast/ref':>9}")
+    header = (f"{'recipe':<7} {'dtype':<9} {'path':<10} {'tok/s':>8} {'step ms':>8} {'MFU':>6} {'peak RSS':>9} "
+              f"{'fast/ref':>9} {'/first':>7}")
     print(header)
     print("-" * len(header))
-    for dtype in args.dtypes.split(","):
-        ref_tps = None
-        for path in args.paths.split(","):
-            cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--path", path,
-                   "--depth", str(args.depth), "--vocab-size", str(args.vocab_size),
-                   "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr)
-                return out.returncode
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            ref_tps = r["tok_per_sec"] if path == "reference" else ref_tps
-            ratio = f"{r['tok_per_sec'] / ref_tps:.2f}x" if ref_tps and path != "reference" else ""
-            label = r["dtype"] + ("*" if dtype == "auto" else "")
-            print(f"{label:<9} {path:<10} {r['tok_per_sec']:>8,.0f} {r['step_ms']:>8.0f} "
-                  f"{100 * r['mfu']:>5.1f}% {r['peak_rss_gib']:>6.2f} GiB {ratio:>9}", flush=True)
+    for _ in range(args.rounds):
+        for dtype in args.dtypes.split(","):
+            first = {}
+            for recipe in args.recipes.split(","):
+                ref_tps = None
+                for path in args.paths.split(","):
+                    cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--path", path,
+                           "--depth", str(args.depth), "--vocab-size", str(args.vocab_size),
+                           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--recipe", recipe]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.stderr.write(out.stderr)
+                        return out.returncode
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    ref_tps = r["tok_per_sec"] if path == "reference" else ref_tps
+                    ratio = f"{r['tok_per_sec'] / ref_tps:.2f}x" if ref_tps and path != "reference" else ""
+                    first.setdefault(path, r["tok_per_sec"])
+                    vs_first = f"{r['tok_per_sec'] / first[path]:.2f}x"
+                    label = r["dtype"] + ("*" if dtype == "auto" else "")
+                    print(f"{recipe:<7} {label:<9} {path:<10} {r['tok_per_sec']:>8,.0f} {r['step_ms']:>8.0f} "
+                          f"{100 * r['mfu']:>5.1f}% {r['peak_rss_gib']:>6.2f} GiB {ratio:>9} {vs_first:>7}", flush=True)
     print("* picochat's default dtype here (common.resolve_dtype('auto')). "
           "MFU against this CPU's measured matmul peak in that dtype.")
     return 0
