@@ -285,6 +285,16 @@ def test_every_part_exports_with_its_own_modeling_file_and_the_same_logits(every
                 assert out[0, len(prompt):].tolist() == greedy, use_cache
             generated += 1
     assert generated
+    # a left-padded batch: each row generates what it generates alone
+    short, long = part_prompts(tokenizer)[0][:60], part_prompts(tokenizer)[1]
+    pad = len(long) - len(short)
+    ids = torch.tensor([[0] * pad + short, long])
+    mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
+    with torch.no_grad():
+        both = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        for row, prompt in enumerate([short, long]):
+            alone = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+            assert both[row, len(long):].tolist() == alone[0, len(prompt):].tolist(), row
 
 
 @pytest.mark.slow

@@ -188,6 +188,8 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         """input_ids (B, T) -> logits (B, T, vocab) in fp32. With a cache, input_ids are the tokens
         after those cached, and `previous_ids` (B, 1) the token before them (for smear)."""
         c = self.config
+        if input_ids is None:
+            raise ValueError("pass input_ids: value embeddings and smear look the tokens up (inputs_embeds is not enough)")
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache()
