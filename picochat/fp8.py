@@ -10,8 +10,8 @@ FP8 training matmuls for GPUs that have them (H100, H200, Ada: compute capabilit
         evaluate(model)
 
 The recipe is "tensorwise" dynamic scaling, as torchao calls it and nanochat HEAD trains with
-(≈5% time to GPT-2 at equal quality, 1.17x tok/s at d26; its dev/LOG.md): each matmul operand
-gets one fp32 scale, recomputed every call, that maps the tensor's largest |value| onto the FP8
+(its log: 1.17x tok/s at d26, ≈5% less time to GPT-2 at equal quality): each matmul operand gets
+one fp32 scale, recomputed every call, that maps the tensor's largest |value| onto the FP8
 format's largest finite value. Inputs and weights are cast to e4m3 (more mantissa), gradients to
 e5m2 (more range). The three matmuls of a Linear (output, input gradient, weight gradient) run
 as `torch._scaled_mm` with fp32 accumulation; only the forward one uses the tensor cores' fast
