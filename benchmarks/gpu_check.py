@@ -872,7 +872,6 @@ def check_train(ctx, depth: int) -> tuple[bool, str, str, dict]:
         r["out_of_memory_at_rows"] = rows
         rows //= 2
     r["rows"] = rows
-    ctx.train_results[depth] = r
     est, peak = r.get("memory_estimate_gib"), r.get("peak_memory_gib")
     if est is None:
         mem = "no memory estimate printed"
@@ -1025,7 +1024,6 @@ class Context:
         self.dtype, self.dtype_name = torch.bfloat16, "bfloat16"
         self.depths = plan["depths"]
         self.rows = args.device_batch_size or plan["rows"]
-        self.train_results: dict[int, dict] = {}
         self.recipe_results: dict[str, dict] = {}
         self.pace = 1.0  # measured / estimated time of the last base_train check that passed
         self.run_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(start))  # marks this run's --out lines
