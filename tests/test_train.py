@@ -83,6 +83,8 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tiny_home, re
     (["--total-batch-size", "1000"], "not a multiple of --max-seq-len"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dataset", "nothing-here"], "no train shards for dataset 'nothing-here'"),
+    (["--fp8", "yes"], "--fp8 yes: FP8 needs an H100/Ada GPU"),
+    (["--recipe", "2025"], "invalid choice: '2025'"),
 ])
 def test_bad_input_gets_a_one_line_error(tiny_home, args, message):
     proc = picochat(tiny_home, "base_train", *TRAIN, "--num-iterations", "2", *args, check=False)

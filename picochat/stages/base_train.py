@@ -12,6 +12,8 @@ continues exactly: same data, same optimizer state, same losses as an uninterrup
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from picochat.cli import Parser, add_device_args, int_or_auto
@@ -110,6 +112,9 @@ def build_parser() -> Parser:
     add_device_args(g)
     g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                    help="torch.compile the model (auto: on CUDA only)")
+    g.add_argument("--fp8", default="no", choices=["auto", "yes", "no"],
+                   help="FP8 (tensorwise) block matmuls, picochat/fp8.py; auto: where the GPU has them "
+                        "(H100/Ada), with a one-line note elsewhere; yes: refuse to run without")
     return p
 
 
@@ -252,6 +257,13 @@ def train(args, info, device, dtype):
 
     loaders = [PackingLoader(args.dataset, "train", tokenizer, device_batch, T, stream=info.rank + k * W,
                              num_streams=num_streams, device=device) for k in range(grad_accum)]
+    if args.fp8 != "no":
+        from picochat.fp8 import enable_fp8, fp8_support
+        ok, why = fp8_support(device)
+        if not ok and args.fp8 == "yes":
+            raise PicochatError(f"--fp8 yes: {why}")
+        print0(f"{'fp8':<{width}} " + (f"{enable_fp8(model)} block matmuls in FP8 (tensorwise)" if ok
+                                     else f"off: {why}"))
     compile_model = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     print0(f"{'compile':<{width}} {'trunk and head chunks (torch.compile)' if compile_model else 'no (eager)'}")
     recipe = Pretraining(args, model, tokenizer, loaders, num_iterations, layout, T, compile_model, device, dtype)
@@ -262,6 +274,19 @@ def train(args, info, device, dtype):
             "data_recipe": (read_manifest(args.dataset) or {}).get("recipe")}  # a rebuilt corpus is new data
     return run_loop(recipe, model, optimizer, LoopSettings.from_args(args), meta,
                     must_match=("model_config", "world_size", "device_batch_size", "total_batch_size", "data_recipe"))
+
+
+def compute_dtype_matmuls(model):
+    """Evaluation and sampling run in the compute dtype: FP8 switched off for the block (a no-op
+    without FP8)."""
+    if uses_fp8(model):
+        from picochat.fp8 import fp8_disabled
+        return fp8_disabled(model)
+    return contextlib.nullcontext()
+
+
+def uses_fp8(model) -> bool:
+    return any(type(m).__name__ == "Float8Linear" for m in model.modules())
 
 
 class Pretraining(Recipe):
@@ -333,8 +358,9 @@ class Pretraining(Recipe):
                                  num_streams=num_streams, buffer_docs=100, device=self.device)
                    for k in range(self.layout.grad_accum)]
         batches = (batch for ld in loaders for batch in ld.one_pass(steps))
-        return {"val_bpb": evaluate_bpb(lambda x, y: self.model(x, y, loss_reduction="none"), batches,
-                                        self.token_bytes)}
+        with compute_dtype_matmuls(self.model):
+            return {"val_bpb": evaluate_bpb(lambda x, y: self.model(x, y, loss_reduction="none"), batches,
+                                            self.token_bytes)}
 
     def after_step(self, step, last) -> None:
         a = self.args
@@ -342,8 +368,9 @@ class Pretraining(Recipe):
             return
         self.model.eval()
         engine = Engine(self.model, self.tokenizer)
-        for prompt in SAMPLE_PROMPTS:
-            ids = self.tokenizer.encode(prompt, prepend=self.tokenizer.bos_id)
-            out = engine.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
-            print0(f"  {prompt!r} → {self.tokenizer.decode(out)!r}")
+        with compute_dtype_matmuls(self.model):
+            for prompt in SAMPLE_PROMPTS:
+                ids = self.tokenizer.encode(prompt, prepend=self.tokenizer.bos_id)
+                out = engine.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
+                print0(f"  {prompt!r} → {self.tokenizer.decode(out)!r}")
         self.model.train()
