@@ -98,7 +98,8 @@ def train(stage, args, info, device, mixtures, mask_mode, defaults):
     ckpt_root = checkpoint_dir(stage, model_tag)
     total_conversations = math.ceil(len(train_task) * args.num_epochs)
     optimizer = model.setup_optimizer(args.embedding_lr * args.init_lr_frac, args.unembedding_lr * args.init_lr_frac,
-                                      args.matrix_lr * args.init_lr_frac, args.weight_decay)
+                                      args.matrix_lr * args.init_lr_frac, args.weight_decay,
+                                      lr_frac=args.init_lr_frac)
     horizon = (f"{args.num_iterations} steps" if args.num_iterations > 0
                else f"{args.num_epochs:g} epoch(s) = {total_conversations:,} conversations")
     for key, value in [

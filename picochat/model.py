@@ -1,9 +1,12 @@
 """
-The GPT (nanochat's seed architecture, docs/DESIGN.md#model), in one file:
+The GPT (nanochat's seed architecture, docs/DESIGN.md#model, and the 2026 parts switched on by
+GPTConfig's later fields, docs/DESIGN.md#the-2026-recipe: sliding windows, value embeddings,
+per-layer lambdas, smear, backout, RoPE base, q·k scale), in one file:
 
 - pre-norm residual blocks with a parameter-free RMSNorm (after the embedding, before attention and
   MLP, before the head, and on q and k per head: QK-norm);
-- rotary position embeddings (base 10,000, half-split convention), no position table;
+- rotary position embeddings (base 10,000 in the seed, 100,000 in 2026; half-split convention), no
+  position table;
 - attention through F.scaled_dot_product_attention, GQA-capable (n_kv_head <= n_head), no biases;
 - a ReLU² MLP (d → 4d → d); untied embedding and head; logits softcapped at 15 in fp32;
 - one dial: `config_from_depth(depth)` gives width 64·depth (rounded up to a multiple of 128) and
@@ -68,6 +71,9 @@ class GPTConfig:
             raise ValueError("a window pattern with S layers needs short_window >= 1")
         if self.init not in ("seed", "2026"):
             raise ValueError(f"init is 'seed' or '2026', got {self.init!r}")
+        if (self.smear and self.n_embd < SMEAR_CHANNELS) or (self.value_embeds and self.n_embd < VE_GATE_CHANNELS):
+            raise ValueError(f"smear needs a width of at least {SMEAR_CHANNELS} and value embeddings "
+                             f"{VE_GATE_CHANNELS}; this model is {self.n_embd} wide")
         self.window_pattern = pattern
 
     def layer_windows(self) -> list[int | None]:
@@ -82,7 +88,7 @@ class GPTConfig:
 
     def is_seed(self) -> bool:
         """No 2026 part switched on: the architecture of the seed (and of transformers' NanoChat)."""
-        return (self.window_pattern == "L" or self.n_layer == 1) and not (
+        return all(w is None for w in self.layer_windows()) and not (
             self.value_embeds or self.lambdas or self.smear or self.backout) and \
             self.rope_base == 10_000.0 and self.qk_scale == 1.0
 
@@ -290,6 +296,8 @@ class KVCache:
 
     def positions(self, T: int) -> torch.Tensor:
         """(1, T): the positions of the next T tokens (the same for every row)."""
+        if self.pos + T > self.max_len:  # before anything is written (an index past the end is a CUDA assert)
+            raise RuntimeError(f"KV cache full: {self.pos + T} positions needed, {self.max_len} allocated")
         return torch.arange(self.pos, self.pos + T, device=self.k.device).unsqueeze(0)
 
     def previous_tokens(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -840,10 +848,13 @@ class GPT(nn.Module):
 
     def setup_optimizer(self, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                         matrix_lr: float = 0.02, weight_decay: float = 0.0, scalar_lr: float = 0.5,
-                        lr_scale: float = 1.0, adam: dict | None = None, muon: dict | None = None):
+                        lr_scale: float = 1.0, adam: dict | None = None, muon: dict | None = None,
+                        lr_frac: float = 1.0):
         """AdamW for the embeddings, the head and the scalars, Muon for every block matrix
         (docs/DESIGN.md#optimizer). AdamW LRs were tuned at width 768 and scale as (d/768)^-0.5;
-        `lr_scale` multiplies every LR but the smear/backout group's (the batch-size correction).
+        `lr_scale` multiplies every LR but the smear/backout group's (the batch-size correction);
+        `lr_frac` every LR (a finetuning stage's --init-lr-frac, applied by the caller to the first
+        three rates it passes, and here to the rates it does not: scalars, value embeddings, smear).
         `adam` overrides the head's and embedding's settings per group ({"lm_head": {...},
         "wte": {...}}: betas, weight_decay), `muon` adds options to the Muon group (momentum,
         ortho, normuon, weight_decay, ...). The 2026 parts get nanochat HEAD's groups: value
@@ -860,16 +871,17 @@ class GPT(nn.Module):
             dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr * lr_scale,
                  momentum=0.95, nesterov=True, ns_steps=5, **(muon or {})),
         ]
-        if c.value_embeds:
+        if c.value_embeds:  # embedding_lr already carries lr_frac
             groups.append(group(list(self.value_embeds.parameters()), 0.5 * embedding_lr * scale * lr_scale,
                                 "value_embeds", betas=(0.8, 0.995), weight_decay=0.01))
         if c.lambdas:
-            groups.append(group([self.resid_lambdas], 0.01 * scalar_lr * lr_scale, weight_decay=0.05))
-            groups.append(group([self.x0_lambdas], scalar_lr * lr_scale, betas=(0.96, 0.95), weight_decay=0.0))
+            groups.append(group([self.resid_lambdas], 0.01 * scalar_lr * lr_scale * lr_frac, weight_decay=0.05))
+            groups.append(group([self.x0_lambdas], scalar_lr * lr_scale * lr_frac, betas=(0.96, 0.95),
+                                weight_decay=0.0))
         fixed = ([self.smear_gate.weight, self.smear_lambda] if c.smear else []) + \
             ([self.backout_lambda] if c.backout else [])
         if fixed:
-            groups.append(group(fixed, 0.2, weight_decay=0.0))
+            groups.append(group(fixed, 0.2 * lr_frac, weight_decay=0.0))
         return MuonAdamW(groups)
 
     # --- forward --------------------------------------------------------------------------

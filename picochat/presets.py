@@ -63,18 +63,13 @@ def plan(preset: str, recipe: str = "2026") -> dict:
     import torch
 
     from picochat.model import GPT, config_from_depth
-    from picochat.training import auto_total_batch
+    from picochat.recipe import horizon
     p, train = PRESETS[preset], TRAINING[recipe]
     ratio = p.ratio if p.ratio is not None else train["target-param-data-ratio"]
-    parts = model_parts(recipe, p.max_seq_len)
-    counted = (lambda m: m.num_params()) if train["horizon-params"] == "all" else (lambda m: m.scaling_params())
+    config = config_from_depth(p.depth, VOCAB[recipe], p.max_seq_len, **model_parts(recipe, p.max_seq_len))
+    tokens_wanted, _, batch = horizon(config, ratio, train["horizon-params"], train["total-batch-size"])
     with torch.device("meta"):
-        model = GPT(config_from_depth(p.depth, VOCAB[recipe], p.max_seq_len, **parts))
-        reference = GPT(config_from_depth(12, VOCAB[recipe], p.max_seq_len, **parts))
-    tokens_wanted = ratio * counted(model)
-    batch = train["total-batch-size"]
-    if batch == -1:
-        batch = auto_total_batch(tokens_wanted, ratio * counted(reference))
+        model = GPT(config)
     steps = int(tokens_wanted // batch)
     flops = model.flops_per_token() * batch * steps
     hw = p.hardware
@@ -83,7 +78,7 @@ def plan(preset: str, recipe: str = "2026") -> dict:
                 scaling_params=model.scaling_params(), ratio=ratio, total_batch=batch, steps=steps,
                 tokens=steps * batch, flops=flops, hardware=hw.name, mfu=hw.mfu, hours=seconds / 3600,
                 dollars=seconds / 3600 * hw.dollars_per_hour, vocab=VOCAB[recipe], dataset=DATASET[recipe],
-                shards=shards_for(steps * batch))
+                shards=shards_for(steps * batch), device_batch=p.device_batch)
 
 
 def shards_for(tokens: float, chars_per_token: float = 4.8, chars_per_shard: float = 250e6) -> int:

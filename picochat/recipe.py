@@ -65,3 +65,28 @@ MODEL_FLAGS = {  # flag -> GPTConfig field, for the 2026 parts
     "lambdas": "lambdas", "smear": "smear", "backout": "backout", "rope-base": "rope_base",
     "qk-scale": "qk_scale", "init": "init",
 }
+
+
+def horizon(config, ratio: float, counted: str, total_batch: int) -> tuple[float, float, int]:
+    """The horizon rules base_train and the presets share, for a model of `config`: (tokens the
+    ratio asks for, the same recipe's d12 reference tokens, the total batch). `counted`: "all"
+    parameters or the "scaling" ones (block matrices plus head); total_batch -1: from the horizon,
+    B = 2^round(log2(2^19·(D/D_d12)^0.383))."""
+    import dataclasses
+
+    import torch
+
+    from picochat.model import GPT, config_from_depth
+    from picochat.training import auto_total_batch
+    count = (lambda m: m.num_params()) if counted == "all" else (lambda m: m.scaling_params())
+    ref_config = config_from_depth(12, config.vocab_size, config.sequence_len,
+                                   **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                      if f.name in model_parts("seed", 1)})
+    with torch.device("meta"):
+        tokens, ref_tokens = ratio * count(GPT(config)), ratio * count(GPT(ref_config))
+    if total_batch == -1:
+        if ratio <= 0:
+            raise ValueError("a batch from the horizon (--total-batch-size -1) needs a positive "
+                             "--target-param-data-ratio")
+        total_batch = auto_total_batch(tokens, ref_tokens)
+    return tokens, ref_tokens, total_batch

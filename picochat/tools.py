@@ -447,8 +447,8 @@ def _find_cgroups() -> _CgroupParents | str:
         with open(os.path.join(mountpoint, "cgroup.controllers")) as f:
             has_memory = {"memory", "pids"} <= set(f.read().split())
         if has_memory:
-            # a cgroup with processes cannot give controllers to its children: ours only can where we
-            # are alone in it; as root, a cgroup of our own under the root works
+            # a non-root cgroup that holds processes cannot give controllers to its children, so our
+            # own works only at the real root; as root, a cgroup of our own under the root works
             candidates = ([os.environ[CGROUP_ENV]] if os.environ.get(CGROUP_ENV) else
                           [own] + ([os.path.join(mountpoint, "picochat-sandbox")] if os.geteuid() == 0 else []))
             tried = []
@@ -464,7 +464,7 @@ def _find_cgroups() -> _CgroupParents | str:
             return (f"no cgroup v2 directory takes the calls' cgroups ({'; '.join(tried)}): set {CGROUP_ENV} to "
                     f"one delegated to this user with memory and pids in cgroup.subtree_control, or run as root")
     if "memory" in found and "pids" in found:
-        dirs = [found["memory"][1], found["pids"][1]]
+        dirs = list(dict.fromkeys([found["memory"][1], found["pids"][1]]))  # one, where both are mounted together
         if all(os.access(d, os.W_OK) for d in dirs):
             return _CgroupParents(1, dirs)
         return f"this user cannot make cgroups in {' or '.join(dirs)} (cgroup v1): run as root"
@@ -683,7 +683,9 @@ class _Setup:
 
 
 _SETUP_LOCK = threading.Lock()  # look once, even when many threads start sandboxes together
-_SETUPS: dict[tuple[str | None, bool], _Setup] = {}  # complete setups only: anything missing is looked at again
+_SETUPS: dict[tuple[str | None, bool], _Setup] = {}  # complete setups; an incomplete one is looked at again
+_INCOMPLETE: dict[tuple[str | None, bool], tuple[float, _Setup]] = {}  # ... but at most once a minute
+RECHECK_S = 60.0
 _CALL_NUMBERS = itertools.count()
 
 
@@ -692,6 +694,9 @@ def _sandbox_setup() -> _Setup:
     with _SETUP_LOCK:
         if (bwrap, as_root) in _SETUPS:
             return _SETUPS[(bwrap, as_root)]
+        when, cached = _INCOMPLETE.get((bwrap, as_root), (float("-inf"), None))
+        if time.monotonic() - when < RECHECK_S:  # the weaker mode's calls do not each probe a jail
+            return cached
         missing = []
         lib = _libseccomp()
         if lib is None:
@@ -716,6 +721,8 @@ def _sandbox_setup() -> _Setup:
         if not missing:
             _sweep_stale([MOUNTS_DIR, *cgroups.dirs])
             _SETUPS[(bwrap, as_root)] = setup
+        else:
+            _INCOMPLETE[(bwrap, as_root)] = (time.monotonic(), setup)
         return setup
 
 

@@ -327,7 +327,14 @@ def load_for_resume(ckpt_root: Path, resume: bool, resume_if_possible: bool, ran
         raise PicochatError(f"--resume: none of the {len(steps)} checkpoint(s) in {ckpt_root} is intact "
                             f"(newest: {first_reason}); start a new run without --resume")
     for key, value in layout.items():
-        if meta.get(key) != value:
+        saved = meta.get(key)
+        if key == "model_config" and isinstance(saved, dict):  # written before a field existed: its default
+            from picochat.model import GPTConfig
+            try:
+                saved = GPTConfig(**saved).to_dict()
+            except (TypeError, ValueError):
+                pass
+        if saved != value:
             raise PicochatError(f"--resume: the checkpoint has {key} {meta.get(key)}, this run {value}; "
                                 f"resume with the same settings, or start a new --model-tag")
     return step, meta, model_state, rank_state

@@ -35,6 +35,10 @@ class Tok:
     def encode_special(self, name):
         return self.special[name]
 
+    @property
+    def special_ids(self):
+        return {**self.special, "<|bos|>": self.bos_id}
+
     def encode(self, text):
         return [30 + ord(c) % 64 for c in text]
 
@@ -46,10 +50,11 @@ class Tok:
 
 
 def random_model(seed=0, n_kv_head=2, n_embd=64, recipe="seed"):
-    """recipe "2026": every part on, with a window of 6 on layer 0 so that decodes run past it."""
+    """recipe "2026": every part on, 4 layers (windows of 6 on layers 0-2 so that decodes run past
+    them, value embeddings on 1 and 3, backout after 2, which the last layer does not cancel)."""
     parts = {**model_parts(recipe, 64), **({"short_window": 6} if recipe == "2026" else {})}
-    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=n_embd,
-                       **parts)
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=4 if recipe == "2026" else 2, n_head=4,
+                       n_kv_head=n_kv_head, n_embd=n_embd, **parts)
     model = GPT(config)
     model.init_weights(seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -199,7 +199,8 @@ def test_each_call_has_its_own_cgroup_and_tmpfs_removed_afterwards():
 def test_a_missing_layer_is_refused_in_one_line_or_opted_out_of(lacking, patch, warning, monkeypatch):
     import picochat.tools as tools
     monkeypatch.setattr(tools, *patch)
-    monkeypatch.setattr(tools, "_SETUPS", {})  # look at the machine again
+    monkeypatch.setattr(tools, "_SETUPS", {})  # look at the machine again (and leave no cached
+    monkeypatch.setattr(tools, "_INCOMPLETE", {})  # incomplete setup behind for the next test)
     monkeypatch.delenv(UNSAFE_ENV, raising=False)
     with pytest.raises(PicochatError, match=UNSAFE_ENV) as refused:
         run_python("print(1)")

@@ -24,9 +24,10 @@ from picochat.data.sources import read_manifest
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
-from picochat.recipe import MODEL_FLAGS, RECIPES, TRAINING, ADAM_GROUPS, model_parts, short_window
+from picochat.recipe import ADAM_GROUPS, MODEL_FLAGS, RECIPES, TRAINING, model_parts, short_window
+from picochat.recipe import horizon as recipe_horizon
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
-from picochat.training import (auto_total_batch, batch_layout, batch_lr_scale, cosine_weight_decay,
+from picochat.training import (batch_layout, batch_lr_scale, cosine_weight_decay,
                                estimate_eval_memory_gib, estimate_memory_gib, lr_multiplier_by_step, muon_momentum,
                                muon_momentum_with_warmdown, scaled_weight_decay)
 
@@ -118,9 +119,10 @@ def build_parser() -> Parser:
     return p
 
 
-def apply_recipe(args) -> None:
+def apply_recipe(args) -> set[str]:
     """Fill every flag left at None from the recipe (in place), so the run's user_config records
-    the values it trained with."""
+    the values it trained with. Returns the names of the recipe flags the user set."""
+    explicit = {k for k in vars(args) if getattr(args, k) is not None}
     for flag, value in TRAINING[args.recipe].items():
         key = flag.replace("-", "_")
         if getattr(args, key) is None:
@@ -133,6 +135,7 @@ def apply_recipe(args) -> None:
             setattr(args, key, ("yes" if value else "no") if isinstance(value, bool) else value)
     if "S" in args.window_pattern.upper() and args.short_window < 1:
         args.short_window = short_window(args.max_seq_len)  # S layers asked for under the seed recipe
+    return explicit
 
 
 def model_config_parts(args) -> dict:
@@ -168,26 +171,27 @@ def train(args, info, device, dtype):
         raise PicochatError(f"--max-seq-len must be at least 8, got {T}")
 
     # --- model ---------------------------------------------------------------------------
-    apply_recipe(args)
-    parts = model_config_parts(args)
-    config = config_from_depth(args.depth, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim, **parts)
+    explicit = apply_recipe(args)
+    try:
+        config = config_from_depth(args.depth, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim,
+                                   **model_config_parts(args))
+        # the horizon's tokens, the same recipe's d12 tokens (the reference of the batch and decay
+        # rules) and the batch: one rule, shared with picochat.presets
+        ratio = args.target_param_data_ratio
+        target_tokens, ref_tokens, total_batch = recipe_horizon(config, ratio, args.horizon_params,
+                                                                args.total_batch_size)
+    except ValueError as e:
+        raise PicochatError(str(e)) from None
+    if args.muon_weight_decay < 0 and args.muon_weight_decay != -1:
+        raise PicochatError(f"--muon-weight-decay must be >= 0 (or -1 for the rule), got {args.muon_weight_decay}")
     seed_everything(args.seed)
     with torch.device("meta"):
         model = GPT(config, compute_dtype=dtype)
     model.to_empty(device=device)
     model.init_weights(seed=args.seed)
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
-    horizon_params = num_params if args.horizon_params == "all" else model.scaling_params()
-    # the d12 model of the same recipe and vocabulary: the reference of the batch and decay rules
-    with torch.device("meta"):
-        reference = GPT(config_from_depth(12, tokenizer.vocab_size, T, args.aspect_ratio, args.head_dim, **parts))
-    ratio = args.target_param_data_ratio
-    ref_tokens = ratio * (reference.num_params() if args.horizon_params == "all" else reference.scaling_params())
 
     # --- batch arithmetic ----------------------------------------------------------------
-    total_batch = args.total_batch_size
-    if total_batch == -1:  # from the horizon's tokens (B ∝ D^0.383, 2^19 at d12)
-        total_batch = auto_total_batch(ratio * horizon_params, ref_tokens)
     layout = batch_layout(total_batch, T, W, args.device_batch_size, model, device, dtype,
                           total_is_default=args.total_batch_size == TRAINING[args.recipe]["total-batch-size"])
     B_total, device_batch, grad_accum = layout.total_batch, layout.device_batch, layout.grad_accum
@@ -200,7 +204,7 @@ def train(args, info, device, dtype):
         num_iterations = round(args.target_flops / (flops_per_token * B_total))
         horizon = f"--target-flops {args.target_flops:.3g}"
     elif ratio > 0:
-        num_iterations = int(ratio * horizon_params // B_total)
+        num_iterations = int(target_tokens // B_total)
         horizon = f"--target-param-data-ratio {ratio:g} ({args.horizon_params} parameters)"
     else:
         raise PicochatError("no horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
@@ -213,11 +217,16 @@ def train(args, info, device, dtype):
     lr_scale = batch_lr_scale(B_total) if scale_lr else 1.0
     muon_wd = args.muon_weight_decay
     if muon_wd < 0:  # the T_epoch rule: B/(lr·wd·D) as at the d12 reference, for the LR actually used
+        if ratio <= 0:
+            raise PicochatError("--muon-weight-decay -1 (the rule) needs a positive --target-param-data-ratio")
         muon_wd = scaled_weight_decay(B_total, num_iterations * B_total, ref_tokens) * batch_lr_scale(B_total) / lr_scale
+    adam = ADAM_GROUPS[args.recipe]
+    if "weight_decay" in explicit:  # --weight-decay given: it rules the head and embedding, not the recipe
+        adam = {name: {k: v for k, v in g.items() if k != "weight_decay"} for name, g in adam.items()}
     muon = dict(ortho=args.ortho, normuon=args.normuon == "yes", row_equilibrate=args.row_equilibrate == "yes",
                 weight_decay=muon_wd)
     optimizer = model.setup_optimizer(args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
-                                      args.scalar_lr, lr_scale, ADAM_GROUPS[args.recipe], muon)
+                                      args.scalar_lr, lr_scale, adam, muon)
     args.model_tag = args.model_tag or f"d{args.depth}"  # saved resolved: later stages read it back
     model_tag = args.model_tag
     ckpt_root = checkpoint_dir("base", model_tag)

@@ -115,7 +115,7 @@ def train(args, names, info, device):
     model_tag = args.model_tag or source_meta["model_tag"]
     f = args.init_lr_frac
     optimizer = model.setup_optimizer(args.embedding_lr * f, args.unembedding_lr * f, args.matrix_lr * f,
-                                      args.weight_decay)
+                                      args.weight_decay, lr_frac=f)
     for key, value in [
         ("source", f"{args.source} checkpoint {source_meta['model_tag']} step {source_meta['step']}"),
         ("model", f"depth {model.config.n_layer}, width {model.config.n_embd}, {model.num_params():,} parameters, {dtype}"),
