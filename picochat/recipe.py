@@ -16,6 +16,12 @@ or off alone (`--value-embeds no`, `--window-pattern L`, ...).
 from __future__ import annotations
 
 RECIPES = ("seed", "2026")
+WARMUP_STEPS, WARMUP_MAX_FRACTION = 40, 0.02
+
+
+def warmup_steps(requested: int, num_iterations: int) -> int:
+    """--warmup-steps, or for -1 the 2026 recipe's: 40 steps, at most 2% of the run."""
+    return requested if requested >= 0 else min(WARMUP_STEPS, int(num_iterations * WARMUP_MAX_FRACTION))
 
 
 def short_window(seq_len: int) -> int:
@@ -35,6 +41,8 @@ def model_parts(recipe: str, seq_len: int) -> dict:
 
 
 # base_train's flags whose defaults come from the recipe (flag name with dashes -> value).
+# warmup-steps -1: nanochat HEAD's 40 steps, but at most 2% of the run (its GPU horizons are 2,500+
+# steps, where this is 40; on a 113-step CPU run 40 steps of warmup cost 5% bpb, docs/LOG.md).
 TRAINING = {
     "seed": {
         "embedding-lr": 0.2, "unembedding-lr": 0.004, "matrix-lr": 0.02, "scalar-lr": 0.5,
@@ -46,7 +54,7 @@ TRAINING = {
     "2026": {
         "embedding-lr": 0.3, "unembedding-lr": 0.008, "matrix-lr": 0.02, "scalar-lr": 0.5,
         "weight-decay": 0.0, "muon-weight-decay": -1.0, "ortho": "polar_express", "normuon": "yes",
-        "row-equilibrate": "yes", "warmup-steps": 40, "warmdown-ratio": 0.65, "final-lr-frac": 0.05,
+        "row-equilibrate": "yes", "warmup-steps": -1, "warmdown-ratio": 0.65, "final-lr-frac": 0.05,
         "momentum-schedule": "2026", "batch-lr-scale": "auto", "target-param-data-ratio": 12.0,
         "horizon-params": "scaling", "total-batch-size": -1,
     },

@@ -53,3 +53,9 @@ def test_speedrun_refuses_bad_arguments_in_one_line(args, message, tmp_path):
     proc = subprocess.run(["bash", str(REPO / "runs" / "speedrun.sh"), *args], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_the_2026_warmup_is_40_steps_at_most_2_percent_of_the_run():
+    from picochat.recipe import warmup_steps
+    assert [warmup_steps(-1, n) for n in (2520, 4980, 1000, 113, 10)] == [40, 40, 20, 2, 0]
+    assert warmup_steps(0, 5000) == 0 and warmup_steps(7, 100) == 7  # an explicit count is kept

@@ -24,7 +24,7 @@ from picochat.data.sources import read_manifest
 from picochat.engine import Engine
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
-from picochat.recipe import ADAM_GROUPS, MODEL_FLAGS, RECIPES, TRAINING, model_parts, short_window
+from picochat.recipe import ADAM_GROUPS, MODEL_FLAGS, RECIPES, TRAINING, model_parts, short_window, warmup_steps
 from picochat.recipe import horizon as recipe_horizon
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
 from picochat.training import (batch_layout, batch_lr_scale, cosine_weight_decay,
@@ -92,8 +92,8 @@ def build_parser() -> Parser:
                    help="scale every LR by √(total batch / 2^19); auto: when the batch comes from the "
                         "horizon (--total-batch-size -1), where the rule was fitted (recipe: seed no, 2026 auto)")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warmup")
-    g.add_argument("--warmup-steps", type=int, default=None, help="steps of LR warmup (recipe: 0 / 40; "
-                   "used when --warmup-ratio is 0)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="steps of LR warmup, used when --warmup-ratio "
+                   "is 0; -1: 40, at most 2%% of the steps (recipe: seed 0, 2026 -1)")
     g.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of steps of linear LR warmdown (recipe)")
     g.add_argument("--final-lr-frac", type=float, default=None, help="LR at the end, as a fraction of the peak (recipe)")
     g.add_argument("--momentum-schedule", choices=["seed", "2026"], default=None, help="Muon momentum: "
@@ -253,7 +253,9 @@ def train(args, info, device, dtype):
                    + f", RoPE base {config.rope_base:g}, qk scale {config.qk_scale:g}, {config.init} init"),
         ("optimizer", f"Muon {args.ortho}{' + NorMuon' if args.normuon == 'yes' else ''}"
                       f"{' + MuonEq' if args.row_equilibrate == 'yes' else ''}, weight decay {muon_wd:.4g} "
-                      f"(cautious, cosine to 0), LR × {lr_scale:.3g} for the batch"),
+                      f"(cautious, cosine to 0), LR × {lr_scale:.3g} for the batch, "
+                      f"{warmup_steps(args.warmup_steps, num_iterations) if args.warmup_ratio == 0 else f'{args.warmup_ratio:g} of the'} "
+                      f"warmup steps"),
         ("iterations", f"{num_iterations:,} (from {horizon})"),
         ("training tokens", f"{num_iterations * B_total:,} ({num_iterations * B_total / num_params:.2f} per param, "
                             f"{num_iterations * B_total / model.scaling_params():.2f} per scaling param)"),
@@ -341,7 +343,8 @@ class Pretraining(Recipe):
     def lr_multiplier(self, step, progress) -> float:
         a = self.args
         return lr_multiplier_by_step(step, self.num_iterations, a.warmup_ratio, a.warmdown_ratio, a.final_lr_frac,
-                                     warmup_steps=a.warmup_steps if a.warmup_ratio == 0 else None)
+                                     warmup_steps=warmup_steps(a.warmup_steps, self.num_iterations)
+                                     if a.warmup_ratio == 0 else None)
 
     def muon_schedule(self, step) -> tuple[float, float | None]:
         a, n = self.args, self.num_iterations
