@@ -140,7 +140,6 @@ def load_weights(folder: Path, native: bool = True) -> dict:
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     """config.json for transformers' NanoChat class holding this GPT exactly. The context length
     is the one the model was trained on (picochat itself will decode up to 10x further)."""
-    special = tokenizer.encode_special
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -158,8 +157,15 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
+        **token_fields(tokenizer),
+    }
+
+
+def token_fields(tokenizer: Tokenizer) -> dict:
+    """The config.json fields about tokens and defaults that both exported kinds share."""
+    return {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": special("<|assistant_end|>"),
+        "eos_token_id": tokenizer.encode_special("<|assistant_end|>"),
         # No pad id on the model: transformers would make it the embedding's padding_idx, which
         # freezes that token's embedding if anyone fine-tunes the export. Padding is masked anyway.
         "pad_token_id": None,
@@ -177,7 +183,6 @@ def remote_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     if unknown:
         raise PicochatError(f"the model sets {', '.join(unknown)}, which the exported modeling file does not "
                             f"implement; it cannot be exported")
-    special = tokenizer.encode_special
     fields = {k: v for k, v in config.to_dict().items() if k in REMOTE_FIELDS}
     return {
         "architectures": [REMOTE_ARCHITECTURE],
@@ -187,11 +192,7 @@ def remote_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         **fields,
         "softcap": SOFTCAP,
         "tie_word_embeddings": False,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": special("<|assistant_end|>"),
-        "pad_token_id": None,
-        "use_cache": True,
-        "dtype": "float32",
+        **token_fields(tokenizer),
     }
 
 
