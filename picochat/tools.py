@@ -1,9 +1,8 @@
 """
-The tools a chat model can call: a calculator and a Python sandbox.
-
-The engine sees `<|python_start|>code<|python_end|>` in a sample, calls `run_tool(code)` and forces
-`<|output_start|>` + result + `<|output_end|>` into the sequence (docs/DESIGN.md#tool-use). HumanEval-style evals call
-`run_python` directly (docs/DESIGN.md#tool-use).
+Two of the tools a chat model can call: the calculator and the Python sandbox. Which tool answers a
+`<|python_start|>code<|python_end|>` block is decided by picochat/toolbox.py (the tools by name,
+the dispatcher, the bounds; docs/TOOLS.md); HumanEval-style evals call `run_python` directly
+(docs/DESIGN.md#tool-use).
 
 - `use_calculator(expr)`: arithmetic and a few string methods (`'strawberry'.count('r')`), evaluated
   by walking the AST of an allow-list. Nothing is ever passed to eval/exec, so there is no escape to
@@ -31,11 +30,12 @@ The engine sees `<|python_start|>code<|python_end|>` in a sample, calls `run_too
   unless PICOCHAT_UNSAFE_SANDBOX=1 opts in to running with what there is (a RuntimeWarning on each
   call names what is missing).
   sys.exit() counts as a failure: the code did not run to its end.
-- `run_tool(code)`: calculator first; if the text is not calculator arithmetic, the sandbox (3 s),
-  printing the value of a final expression like a notebook cell. Short string, never raises.
+- `python_tool(code)`: the python tool, the sandbox for 3 s (TOOL_TIMEOUT_S), printing the value of
+  a final expression like a notebook cell. `calculate(expr)` is the calculator's value or its
+  exception (NotArithmetic: not calculator arithmetic, so Python's to answer).
 
 Run the tests:  python -m pytest tests/test_tools.py tests/test_sandbox.py tests/test_sandbox_limits.py
-Try it:         python -c "from picochat.tools import run_tool; print(run_tool('2**10 / 4'))"
+Try it:         python -c "from picochat.toolbox import run_tool; print(run_tool('2**10 / 4'))"
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def _call(node, ev):
         raise ArithmeticFailure(f".{func.attr}(): {e}") from None
 
 
-def _calculate(expr: str):
+def calculate(expr: str):
     """The value of a calculator expression; raises NotArithmetic or ArithmeticFailure."""
     if not isinstance(expr, str):
         raise NotArithmetic(f"the calculator takes a string, got {type(expr).__name__}")
@@ -229,7 +229,7 @@ def use_calculator(expr: str) -> str:
     """Evaluate arithmetic ("1,234 + 5", "2**10 / 3") or a string question ("'strawberry'.count('r')",
     "len('hello')"). Returns the result as text, or "Error: ..." (never raises, never takes > ~1 s)."""
     try:
-        return format_value(_calculate(expr))
+        return format_value(calculate(expr))
     except (NotArithmetic, ArithmeticFailure) as e:
         return f"Error: {e}"
     except Exception as e:  # a bug here must not take the engine down
@@ -1019,14 +1019,10 @@ def _exit_reason(rc: int, killed_by: int | None) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The engine's entry point
+# The python tool, as the dispatcher calls it (picochat/toolbox.py)
 
 TOOL_TIMEOUT_S = 3.0
-TOOL_OUTPUT_CHARS = 500
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= TOOL_OUTPUT_CHARS else text[:TOOL_OUTPUT_CHARS - 3] + "..."
+TOOL_OUTPUT_CHARS = 500  # every tool's answer is cut to this many characters (picochat/toolbox.py)
 
 
 def print_last_expression(code: str) -> str:
@@ -1048,21 +1044,16 @@ def print_last_expression(code: str) -> str:
         return code
 
 
+def python_tool(code: str) -> str:
+    """The python tool: `code` in the sandbox for TOOL_TIMEOUT_S, printing the value of a final
+    expression like a notebook cell. Its output, or "Error: ..."; raises PicochatError where the
+    sandbox cannot run (the dispatcher turns that into an error string too)."""
+    result = run_python(print_last_expression(code), timeout=TOOL_TIMEOUT_S)
+    return result.stdout.rstrip() if result.success else f"Error: {result.error}"
+
+
 def run_tool(code: str) -> str:
-    """What the engine calls on <|python_start|>code<|python_end|>: the calculator if the code is
-    calculator arithmetic, else the sandbox. Returns at most TOOL_OUTPUT_CHARS; never raises."""
-    try:
-        try:
-            return _clip(format_value(_calculate(code)))
-        except ArithmeticFailure as e:
-            return _clip(f"Error: {e}")
-        except NotArithmetic:
-            pass
-        if not isinstance(code, str):
-            return f"Error: tool input must be a string, got {type(code).__name__}"
-        result = run_python(print_last_expression(code), timeout=TOOL_TIMEOUT_S)
-        if result.success:
-            return _clip(result.stdout.rstrip())
-        return _clip(f"Error: {result.error}")
-    except Exception as e:  # never take the engine down
-        return _clip(f"Error: {type(e).__name__}: {e}")
+    """picochat.toolbox.run_tool, the dispatcher over every tool, for callers that import it from
+    here. Looked up when called, because picochat.toolbox imports this module."""
+    from picochat.toolbox import run_tool as dispatch
+    return dispatch(code)
