@@ -12,6 +12,7 @@ from picochat.common import PicochatError, tune_cpu_allocator
 
 STAGES = {
     "data": "download, build or import pretraining shards (data download | data demo | data import)",
+    "index": "build or search the full-text index of the search tool (index build | index search)",
     "tok_train": "train the BPE tokenizer on a dataset",
     "tok_eval": "bytes per token of the tokenizer on held-out text",
     "base_train": "pretrain the base model",
