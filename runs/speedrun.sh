@@ -64,6 +64,7 @@ demo)
     TAG="${MODEL_TAG:-demo}"; DATASET=demo; DEMO_RECIPE="${RECIPE_GIVEN:-seed}"
     stamp "data: offline demo corpus (Wikipedia summaries, chitchat, Shakespeare; docs/DATA.md)"
     picochat data demo
+    picochat index build --dataset demo  # the search tool's index: the Wikipedia summaries (docs/TOOLS.md)
     stamp "tokenizer"
     tok_train_once --dataset demo --vocab-size 4096
     picochat tok_eval --dataset demo
@@ -154,6 +155,7 @@ d12|d20|gpt2)
         DOWNLOAD_PID=$!
         trap 'kill "$DOWNLOAD_PID" 2>/dev/null || true' EXIT  # a failed stage stops the download too
     fi
+    picochat index build --dataset demo  # the search tool's index: the demo's Wikipedia summaries (docs/TOOLS.md)
     stamp "tokenizer"
     tok_train_once "${TOK[@]}"
     picochat tok_eval --dataset "$DATASET"
