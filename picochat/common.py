@@ -1,6 +1,7 @@
 """
 Shared plumbing: paths under PICOCHAT_HOME, user-facing errors, device and dtype choice,
-torch.distributed setup, seeding, atomic file writes, progress bars and peak-FLOPs numbers for MFU.
+torch.distributed setup, seeding, atomic file writes, progress bars, terminal colours and peak-FLOPs
+numbers for MFU.
 
 Nothing here knows about models or data; every other module may import it.
 """
@@ -209,6 +210,28 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+# -----------------------------------------------------------------------------
+# Terminals: one rule for every progress line and colour picochat prints
+
+ANSI = {"bold": "\033[1m", "dim": "\033[2m", "cyan": "\033[36m", "green": "\033[1;32m", "grey": "\033[2;37m"}
+ANSI_RESET = "\033[0m"
+
+
+def is_terminal(stream) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def color_enabled(stream) -> bool:
+    """Colour only what goes to a terminal (a pipe or a file gets plain text), and never when
+    NO_COLOR is set to anything but "" (https://no-color.org)."""
+    return is_terminal(stream) and not os.environ.get("NO_COLOR")
+
+
+def styled(text: str, style: str, color: bool) -> str:
+    """`text` in an ANSI style (a key of ANSI) when `color`, else as it is."""
+    return f"{ANSI[style]}{text}{ANSI_RESET}" if color else text
+
+
 def progress_bar(iterable=None, **kwargs):
     """A tqdm progress bar (rate and ETA) on rank 0 only; silent on other ranks. On a terminal it
     redraws one line; in a log (stderr redirected) it prints a plain line now and then instead."""
@@ -216,8 +239,7 @@ def progress_bar(iterable=None, **kwargs):
     kwargs.setdefault("disable", not dist_info().is_master)
     kwargs.setdefault("dynamic_ncols", True)
     file = kwargs.setdefault("file", sys.stderr)
-    on_terminal = hasattr(file, "isatty") and file.isatty()
-    if on_terminal:
+    if is_terminal(file):
         return tqdm(iterable, **kwargs)
     kwargs.setdefault("ascii", True)  # '#' rather than block characters in a log file
     return _log_bar_class()(iterable, **kwargs)

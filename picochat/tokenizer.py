@@ -34,7 +34,7 @@ from typing import Iterable
 import tiktoken
 import torch
 
-from picochat.common import PicochatError, atomic_path, tokenizer_dir
+from picochat.common import PicochatError, atomic_path, color_enabled, styled, tokenizer_dir
 
 # GPT-4's split pattern with numbers in groups of 1-2 digits instead of 1-3
 # (nanochat LOG 2026-01-13, d12: {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 val bpb).
@@ -54,8 +54,7 @@ DEFAULT_VOCAB_SIZE = 65_536  # 2^16, nanochat's seed (HEAD uses 32,768)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all bytes, the specials, and at least one merge
 
 MAX_RENDER_TOKENS = 2048  # chat renderings are cut to nanochat's SFT sequence length (docs/DESIGN.md#chat-format)
-ANSI_RESET = "\033[0m"
-ANSI_BY_MASK = {0: "\033[2;37m", 1: "\033[1;32m"}  # dim grey: given to the model; green: trained on
+STYLE_BY_MASK = {0: "grey", 1: "green"}  # dim grey: given to the model; green: trained on
 
 TOKENIZER_FILE = "tokenizer.json"
 FILE_FORMAT = "picochat-tokenizer/1"
@@ -275,11 +274,13 @@ class Tokenizer:
         ids, _ = self.render_conversation(conversation, max_tokens=sys.maxsize)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-    def visualize_tokenization(self, ids: list[int], mask: list[int], color: bool = True) -> str:
+    def visualize_tokenization(self, ids: list[int], mask: list[int], color: bool | None = None) -> str:
         """Every token, separated by '|', marked by its mask: for eyeballing a rendering.
 
         color=True: mask 1 green, mask 0 dim grey (ANSI). color=False: each run of mask-1 tokens is
-        wrapped in [[ ]] instead. Newlines and tabs are shown escaped so every token stays visible."""
+        wrapped in [[ ]] instead. None: colour if stdout takes it (common.color_enabled). Newlines and
+        tabs are shown escaped so every token stays visible."""
+        color = color_enabled(sys.stdout) if color is None else color
         if len(ids) != len(mask):
             raise ValueError(f"ids and mask differ in length: {len(ids)} vs {len(mask)}")
         runs = []
@@ -287,7 +288,7 @@ class Tokenizer:
             texts = [self.id_to_bytes(token).decode("utf-8", errors="replace")
                      .replace("\n", "\\n").replace("\t", "\\t") for token, _ in run]
             if color:
-                runs.append("|".join(f"{ANSI_BY_MASK[m]}{t}{ANSI_RESET}" for t in texts))
+                runs.append("|".join(styled(t, STYLE_BY_MASK[m], color=True) for t in texts))
             else:
                 runs.append("[[" + "|".join(texts) + "]]" if m else "|".join(texts))
         return "|".join(runs)

@@ -104,7 +104,7 @@ def test_render_for_completion_drops_the_last_reply_and_opens_a_new_one(tok):
     assert tok.render_for_completion(without_last) == prompt
 
 
-def test_visualization_marks_trained_tokens(tok):
+def test_visualization_marks_trained_tokens(tok, capsys):
     ids, mask = tok.render_conversation({"messages": [{"role": "user", "content": "hi\nthere"},
                                                       {"role": "assistant", "content": "ok"}]})
     plain = tok.visualize_tokenization(ids, mask, color=False)
@@ -113,6 +113,7 @@ def test_visualization_marks_trained_tokens(tok):
     reply = "|".join(tok.decode([t]) for t in tok.encode("ok"))
     assert plain.endswith(f"<|assistant_start|>|[[{reply}|<|assistant_end|>]]")
     assert "\033[" not in plain
-    colored = tok.visualize_tokenization(ids, mask)
+    assert tok.visualize_tokenization(ids, mask) == plain  # capsys: stdout is not a terminal
+    colored = tok.visualize_tokenization(ids, mask, color=True)
     assert "\033[1;32m<|assistant_end|>\033[0m" in colored
     assert "\033[2;37m<|bos|>\033[0m" in colored

@@ -2,13 +2,14 @@
 `picochat chat`: talk to a model in the terminal (docs/DESIGN.md#cli-and-server).
 
 The whole conversation is kept as messages, rendered into the prompt the way `picochat serve`
-renders it, and the reply streams as it is sampled. Tool calls show up as `[python] expr` and their results as `[output] ...`, dimmed, apart
-from the reply's text. A reply cut off at --max-tokens is closed with <|assistant_end|> in the
-history so the next turn starts cleanly.
+renders it, and the reply streams as it is sampled. Tool calls show up as `[python] expr` and their
+results as `[output] ...`, dimmed, apart from the reply's text. Colours only on a terminal, and not
+with NO_COLOR set (common.color_enabled; --plain turns them off too). A reply cut off at
+--max-tokens is closed with <|assistant_end|> in the history so the next turn starts cleanly.
 
     picochat chat                                  # the only SFT model, its latest step
     picochat chat --source base -p "The capital of France is"
-    picochat chat -p "What is 12*7?" -t 0 --plain  # one answer, greedy, no colours, then exit
+    picochat chat -p "What is 12*7?" -t 0          # one answer, greedy, then exit
 
 In the loop: /clear starts over, /help lists the commands, quit or exit (or Ctrl-D) leaves;
 Ctrl-C stops a reply midway.
@@ -21,7 +22,8 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
-from picochat.common import TRAINING_STAGES, PicochatError, decode_dtype, dist_info, resolve_device
+from picochat.common import (TRAINING_STAGES, PicochatError, color_enabled, decode_dtype, dist_info,
+                             resolve_device, styled)
 from picochat.engine import Engine, StreamDecoder
 from picochat.tokenizer import get_tokenizer
 
@@ -29,8 +31,6 @@ HELP = """commands:
   /clear       forget the conversation and start a new one
   /help        show this
   quit, exit   leave (Ctrl-D too)"""
-
-ANSI = {"bold": "\033[1m", "dim": "\033[2m", "cyan": "\033[36m", "reset": "\033[0m"}
 
 
 def build_parser() -> Parser:
@@ -44,7 +44,7 @@ def build_parser() -> Parser:
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42, help="sampling seed; reply i uses seed + i")
     add_device_args(p)
-    p.add_argument("--plain", action="store_true", help="no ANSI colours")
+    p.add_argument("--plain", action="store_true", help="no ANSI colours, even on a terminal")
     return p
 
 
@@ -88,6 +88,7 @@ class Chat:
 
     def __init__(self, engine: Engine, args):
         self.engine, self.args = engine, args
+        self.color = not args.plain and color_enabled(sys.stdout)
         tok = engine.tokenizer
         self.special = {name: tok.encode_special(name) for name in
                         ("<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
@@ -106,7 +107,7 @@ class Chat:
         return self.engine.tokenizer.render_conversation({"messages": self.messages}, max_tokens=sys.maxsize)[0]
 
     def style(self, name: str, text: str) -> str:
-        return text if self.args.plain else f"{ANSI[name]}{text}{ANSI['reset']}"
+        return styled(text, name, self.color)
 
     def reply(self, text: str) -> None:
         """Add the user's turn, stream the assistant's reply to stdout, add it to the history."""

@@ -29,7 +29,7 @@ import torch
 
 from picochat.checkpoint import load_model, resolve_model_dir
 from picochat.cli import Parser, add_device_args, positive_int
-from picochat.common import TRAINING_STAGES, PicochatError, dist_info, resolve_device, resolve_dtype
+from picochat.common import TRAINING_STAGES, PicochatError, color_enabled, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine
 from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
 from picochat.serve.app import (BODY_TIMEOUT_S, FD_RESERVE, HEADER_TIMEOUT_S, LOOPBACK_NAMES, MAX_CLIENT_CONNECTIONS,
@@ -236,6 +236,7 @@ def main(argv=None):
           f"{args.header_timeout:g} s, bodies (up to 1 MB) within {args.body_timeout:g} s", flush=True)
     server_config = serve_config(app, args.host, args.port, max_connections=max_connections,
                                  header_timeout=args.header_timeout,
-                                 max_client_connections=args.max_client_connections, log_level="info")
+                                 max_client_connections=args.max_client_connections, log_level="info",
+                                 use_colors=color_enabled(sys.stdout) and color_enabled(sys.stderr))
     uvicorn.Server(server_config).run()
     return 0
