@@ -588,6 +588,24 @@ def test_a_tool_output_that_forges_markers_stays_inside_its_tool_part(tiny):
         assert ids.count(tok.encode_special(name)) == 1, name
 
 
+def test_the_answer_marker_is_hidden_from_api_clients_unless_asked_for(tiny):
+    """The math tasks' reply ends with '#### 84' for the checkers; an API client (a chat app) gets
+    the reply without it, streamed too, where the marker arrives a token at a time."""
+    model, tok = tiny
+    engine = tool_calling_engine(model, tok, "12 * 7", "\n\n12 * 7 = 84\n#### 84", lambda code: "84")
+    assert len(tok.encode("\n#### 84")) > 2  # the marker comes in several tokens
+    with serving(model, tok, engine=engine) as (url, _), httpx.Client(timeout=60) as client:
+        body = ask("What is 12 times 7?", temperature=0)
+        plain = client.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        streamed = "".join(d.get("content") or "" for d in stream_events(client, url, body))
+        raw = client.post(url + "/v1/chat/completions", json=dict(body, show_answer_marker=True)).json()
+        refused = client.post(url + "/v1/chat/completions", json=dict(body, show_answer_marker="yes"))
+    assert plain["content"] == streamed == plain["parts"][-1]["text"] == "\n\n12 * 7 = 84"
+    assert raw["choices"][0]["message"]["content"] == "\n\n12 * 7 = 84\n#### 84"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "show_answer_marker"
+
+
+
 def test_the_web_page_is_served_at_the_root(tiny):
     model, tok = tiny
     with serving(model, tok) as (url, _):

@@ -15,6 +15,11 @@ and closed by the model's real special tokens, come out as parts of their own ("
 "python_output", the tool's answer) beside the text (`ReplyParts`), and go back in as such parts of
 an assistant message's content list. Text, anywhere, is only ever text: a reply or a tool output
 that spells "<|output_end|>" cannot end a tool block on a page or become a special token.
+
+A reply's text is what a person sees (picochat/display.py): the '#### 18' answer marker that the
+math tasks train is cut from `content`, text parts and text deltas (held back while streaming until
+it is decided), unless the request asks for `show_answer_marker` (an eval harness that grades the
+marker itself; picochat's extension, like top_k 0).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+
+from picochat.display import DisplayStream
 
 # nanochat's abuse limits (docs/DESIGN.md#cli-and-server)
 MAX_MESSAGES = 500
@@ -80,6 +87,7 @@ class ChatRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    show_answer_marker: bool = False  # picochat's extension: the reply's text with its '#### n' line
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +223,10 @@ def parse_chat_request(body, defaults: Defaults) -> ChatRequest:
     if not isinstance(stream, bool):
         raise InvalidRequest(f"stream must be true or false, got {shown(stream)}", "stream")
     options = body.get("stream_options") or {}
+    show_marker = body.get("show_answer_marker", False)
+    if not isinstance(show_marker, bool):
+        raise InvalidRequest(f"show_answer_marker must be true or false, got {shown(show_marker)}",
+                             "show_answer_marker")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidRequest(f"seed must be an integer, got {shown(seed)}", "seed")
@@ -229,6 +241,7 @@ def parse_chat_request(body, defaults: Defaults) -> ChatRequest:
         seed=None if seed is None else seed % 2**63,
         stop=parse_stop(body.get("stop")),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        show_answer_marker=show_marker,
     )
 
 
@@ -289,12 +302,17 @@ class ReplyParts:
     `content`; a tool block is a part of type "python" or "python_output", streamed as `tool`
     deltas: {"index": n, "type", "text"}, the first with text "" (the block opened), the last with
     "done": true (its end token came). n counts the reply's tool parts from 0. Other special tokens
-    (a stray end, <|user_start|>) are dropped. `parts` is the reply so far, in order."""
+    (a stray end, <|user_start|>) are dropped. `parts` is the reply so far, in order.
 
-    def __init__(self):
+    The text is displayed text (picochat/display.py): the answer marker is cut, and text that may
+    still be one is held back until the next text or marker decides it, or `flush()` at the end.
+    `show_answer_marker`: the text as the model wrote it."""
+
+    def __init__(self, show_answer_marker: bool = False):
         self.parts: list[dict] = []
         self.open: dict | None = None  # the tool part being written
         self.tools = 0  # tool parts opened so far
+        self.display = None if show_answer_marker else DisplayStream()
 
     @property
     def content(self) -> str:
@@ -303,12 +321,21 @@ class ReplyParts:
     def feed(self, text: str = "", marker: str | None = None) -> list[dict]:
         """New text or one marker -> the stream deltas for it (a chunk's `delta` each)."""
         if marker is not None:
-            return self._marker(marker)
-        if not text:
-            return []
+            return self.flush() + self._marker(marker)  # text on either side of a marker is not contiguous
         if self.open is not None:
+            if not text:
+                return []
             self.open["text"] += text
             return [self._tool_delta(text)]
+        return self._text(self.display.feed(text) if self.display else text)
+
+    def flush(self) -> list[dict]:
+        """The deltas of the text held back: call it when the reply has ended."""
+        return self._text(self.display.finish()) if self.display else []
+
+    def _text(self, text: str) -> list[dict]:
+        if not text:
+            return []
         if self.parts and self.parts[-1]["type"] == "text":
             self.parts[-1]["text"] += text
         else:

@@ -551,22 +551,22 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
                                        f"(--max-queue); retry in a moment", kind="rate_limit_error",
                                   headers={"Retry-After": str(RETRY_AFTER_S)})
         metrics.prompt_tokens += len(prompt)
-        cid = completion_id()
+        cid, replies = completion_id(), [ReplyParts(chat.show_answer_marker) for _ in range(chat.n)]
         if chat.stream:
-            return JobStream(job, stream_events(job, deltas, cid, model_name, len(prompt), chat.include_usage))
-        return await complete(request, job, deltas, cid, model_name, len(prompt))
+            return JobStream(job, stream_events(job, deltas, replies, cid, model_name, len(prompt),
+                                                chat.include_usage))
+        return await complete(request, job, deltas, replies, cid, model_name, len(prompt))
 
     return app
 
 
-async def stream_events(job: Job, deltas: asyncio.Queue, cid: str, model: str, prompt_tokens: int,
-                        include_usage: bool):
+async def stream_events(job: Job, deltas: asyncio.Queue, replies: list[ReplyParts], cid: str, model: str,
+                        prompt_tokens: int, include_usage: bool):
     """Server-sent events: a role chunk per choice, a chunk per piece of text (`content`) or of a
-    tool block (`tool`, see ReplyParts), a chunk with each choice's finish_reason, optionally the
-    usage, then [DONE]."""
+    tool block (`tool`, see ReplyParts), the text ReplyParts held back, a chunk with each choice's
+    finish_reason, optionally the usage, then [DONE]."""
     for i in range(job.n):
         yield sse(chunk(cid, model, i, {"role": "assistant", "content": ""}))
-    replies = [ReplyParts() for _ in range(job.n)]
     finished, tokens = 0, 0
     while finished < job.n:
         delta: Delta = await deltas.get()
@@ -579,6 +579,8 @@ async def stream_events(job: Job, deltas: asyncio.Queue, cid: str, model: str, p
         if delta.finish_reason == "error":
             yield sse(error_body("the server failed while generating this reply; see its log", "server_error"))
         else:
+            for piece in replies[delta.index].flush():
+                yield sse(chunk(cid, model, delta.index, piece))
             yield sse(chunk(cid, model, delta.index, {}, delta.finish_reason))
     if include_usage:
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
@@ -586,9 +588,10 @@ async def stream_events(job: Job, deltas: asyncio.Queue, cid: str, model: str, p
     yield sse("[DONE]")
 
 
-async def complete(request: Request, job: Job, deltas: asyncio.Queue, cid: str, model: str, prompt_tokens: int):
+async def complete(request: Request, job: Job, deltas: asyncio.Queue, replies: list[ReplyParts], cid: str,
+                   model: str, prompt_tokens: int):
     """Wait for every choice to finish; a client that hangs up meanwhile cancels the job."""
-    replies, reasons, tokens = [ReplyParts() for _ in range(job.n)], [""] * job.n, 0
+    reasons, tokens = [""] * job.n, 0
 
     async def collect():
         nonlocal tokens
@@ -597,6 +600,7 @@ async def complete(request: Request, job: Job, deltas: asyncio.Queue, cid: str, 
             delta = await deltas.get()
             replies[delta.index].feed(delta.text, delta.marker)
             if delta.finish_reason is not None:
+                replies[delta.index].flush()
                 reasons[delta.index] = delta.finish_reason
                 tokens += delta.completion_tokens
                 finished += 1

@@ -3,9 +3,11 @@
 
 The whole conversation is kept as messages, rendered into the prompt the way `picochat serve`
 renders it, and the reply streams as it is sampled. Tool calls show up as `[python] expr` and their
-results as `[output] ...`, dimmed, apart from the reply's text. Colours only on a terminal, and not
-with NO_COLOR set (common.color_enabled; --plain turns them off too). A reply cut off at
---max-tokens is closed with <|assistant_end|> in the history so the next turn starts cleanly.
+results as `[output] ...`, dimmed, apart from the reply's text. The reply's text is shown without
+the '#### n' answer marker of the math tasks (picochat/display.py); the history keeps the tokens as
+sampled. Colours only on a terminal, and not with NO_COLOR set (common.color_enabled; --plain turns
+them off too). A reply cut off at --max-tokens is closed with <|assistant_end|> in the history so
+the next turn starts cleanly.
 
     picochat chat                                  # the only SFT model, its latest step
     picochat chat --source base -p "The capital of France is"
@@ -24,6 +26,7 @@ from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
 from picochat.common import (TRAINING_STAGES, PicochatError, color_enabled, decode_dtype, dist_info,
                              resolve_device, styled)
+from picochat.display import DisplayStream
 from picochat.engine import Engine, StreamDecoder
 from picochat.tokenizer import get_tokenizer
 
@@ -122,6 +125,7 @@ class Chat:
         print(self.style("bold", "Assistant: "), end="", flush=True)
         stream = StreamDecoder(tok)
         self.block = None  # inside a tool call ("dim") or a tool output ("cyan")
+        self.display = DisplayStream()  # the reply's text as a person sees it
         reply_tokens, ended = [], False
         columns = self.engine.generate(prompt, max_tokens=min(self.args.max_tokens, context - len(prompt)),
                                        temperature=self.args.temperature, top_k=self.args.top_k or None,
@@ -136,7 +140,8 @@ class Chat:
                 self.show(token, stream)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the whole chat
             pass
-        print(stream.flush())
+        rest = stream.flush()
+        print(rest if self.block else self.display.feed(rest) + self.display.finish())
         # The history always holds well-formed turns: a reply that was cut, or that ended with
         # <|bos|> (the model starting a new document), is closed with <|assistant_end|> when rendered.
         self.messages += [user, {"role": "assistant", "content": self.reply_parts(reply_tokens)}]
@@ -167,13 +172,15 @@ class Chat:
         if token in (s["<|python_start|>"], s["<|output_start|>"]):
             self.block = "dim" if token == s["<|python_start|>"] else "cyan"
             label = "[python] " if token == s["<|python_start|>"] else "[output] "
-            text = stream.flush() + "\n" + self.style(self.block, label)
+            text = self.display.feed(stream.flush()) + self.display.finish() + "\n" + self.style(self.block, label)
         elif token in (s["<|python_end|>"], s["<|output_end|>"]):
             text = self.style(self.block or "dim", stream.flush()) + "\n"
             self.block = None
         else:
             text = stream.feed(token)
-            if self.block and text:
+            if not self.block:
+                text = self.display.feed(text)
+            elif text:
                 text = self.style(self.block, text)
         sys.stdout.write(text)
         sys.stdout.flush()
