@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.common import PicochatError
+from picochat.display import displayed_text
 from picochat.tasks import hub, offline
 from picochat.tasks.arc import ARC
 from picochat.tasks.arithmetic import Arithmetic, problem_split
@@ -25,6 +26,7 @@ from picochat.tasks.identity import GREETINGS, IdentityConversations
 from picochat.tasks.mmlu import MMLU
 from picochat.tasks.smoltalk import SmolTalk
 from picochat.tasks.spelling import SimpleSpelling, SpellingBee, word_split
+from picochat.toolbox import run_tool
 
 
 # -----------------------------------------------------------------------------
@@ -383,10 +385,31 @@ def test_arithmetic_uses_the_calculator_and_keeps_test_problems_out_of_train():
         return next(p for p in conv["messages"][1]["content"] if p["type"] == kind)
     for conv in list(train)[:50]:
         call, output = part(conv, "python"), part(conv, "python_output")
-        assert str(eval(call["text"])) == output["text"]
+        assert run_tool(call["text"]) == output["text"]  # what the tool answers when the model calls it
         assert train.evaluate(conv, f"#### {output['text']}") and not train.evaluate(conv, "#### 99999")
     exprs = lambda task: {part(c, "python")["text"] for c in task}
     assert not exprs(train) & exprs(test) and all(problem_split(e) == "test" for e in exprs(test))
+
+
+def test_arithmetic_is_asked_in_everyday_words_and_the_tool_call_keeps_the_symbols():
+    symbols = {"plus": "+", "minus": "-", "multiplied by": "*", "times": "*", "divided by": "/"}
+    for task in (Arithmetic(size=400), Arithmetic(size=200, split="test")):
+        questions = " ".join(c["messages"][0]["content"].lower() for c in task)
+        for words in ("times", "plus", "minus", "divided by", "how much is", "what's"):
+            assert words in questions, (task.split, words)
+        spoken = 0
+        for conv in task:
+            question, parts = conv["messages"][0]["content"], conv["messages"][1]["content"]
+            call = next(p["text"] for p in parts if p["type"] == "python")
+            assert set(call) <= set("0123456789 +-*/")
+            if any(word in question for word in symbols):  # the words, read back, are the call
+                spoken += 1
+                for word, symbol in symbols.items():
+                    question = question.replace(f" {word} ", f" {symbol} ")
+                assert call in question, (question, call)
+            answer = "".join(p["text"] for p in parts if p["type"] == "text")
+            assert task.evaluate(conv, answer) and "#" not in displayed_text(answer)
+        assert 0.3 < spoken / len(task) < 0.5
 
 
 def test_mixture_covers_every_example_once_per_epoch_and_oversamples_a_task_listed_twice():
