@@ -41,7 +41,6 @@ from picochat.common import COMMAND_OF_STAGE, TRAINING_STAGES, PicochatError, at
 TRAIN_STAGES = tuple(TRAINING_STAGES)
 COLUMNS = {name: stage.column for name, stage in TRAINING_STAGES.items()}
 TITLES = {name: stage.title for name, stage in TRAINING_STAGES.items()}
-CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic")
 NOT_PIPELINE = ("chat", "serve", "report", "export", "import")  # interactive or after the fact: not part of the run's time
 # Hourly rental price per GPU in USD, from nanochat's seed report (docs/DESIGN.md#report-card); other GPUs $2.00.
 GPU_HOURLY_USD = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))
@@ -412,15 +411,39 @@ def core_label(core: dict | None) -> str:
     return describe(core) if core else "CORE"
 
 
+def task_accuracy(task: str):
+    return lambda ev: accuracy_of(ev, task)
+
+
+def everyday_passed(ev: dict) -> Accuracy | None:
+    """The share of Everyday prompts whose reply passes (on topic, not canned, modern English)."""
+    scores = ev.get("everyday") or {}
+    return None if scores.get("passed") is None else Accuracy(scores["passed"], scores.get("prompts"))
+
+
+# The summary's rows under CORE: (name, its number from a stage's chat-eval file, shown even where
+# no stage has it). The others (the offline demo's) appear once a stage has them. One line a row.
+CHAT_ROWS = (
+    ("ARC-Easy", task_accuracy("ARC-Easy"), True),
+    ("ARC-Challenge", task_accuracy("ARC-Challenge"), True),
+    ("MMLU", task_accuracy("MMLU"), True),
+    ("GSM8K", task_accuracy("GSM8K"), True),
+    ("HumanEval", task_accuracy("HumanEval"), True),
+    ("SpellingBee", task_accuracy("SpellingBee"), True),
+    ("Arithmetic", task_accuracy("Arithmetic"), False),
+    ("ChatCORE", lambda ev: ev.get("chatcore"), True),
+    ("Everyday", everyday_passed, False),
+)
+
+
 def summary_rows(base_eval: dict | None, chat_evals: dict[str, dict]) -> list[list]:
-    """Rows CORE, the chat tasks and ChatCORE; columns BASE, MID, SFT, RL (None where not run)."""
+    """Rows CORE and CHAT_ROWS; columns BASE, MID, SFT, RL (None where not run)."""
     core = (base_eval or {}).get("core")
     rows = [[core_label(core), core.get("score") if core else None, None, None, None]]
-    for task in CHAT_TASKS:
-        row = [task] + [accuracy_of(chat_evals.get(s), task) for s in TRAIN_STAGES]
-        if task not in ("Arithmetic",) or any(v is not None for v in row[1:]):  # a demo task: only when run
+    for name, number, always in CHAT_ROWS:
+        row = [name] + [number(chat_evals[s]) if s in chat_evals else None for s in TRAIN_STAGES]
+        if always or any(v is not None for v in row[1:]):
             rows.append(row)
-    rows.append(["ChatCORE"] + [chat_evals.get(s, {}).get("chatcore") for s in TRAIN_STAGES])
     return rows
 
 

@@ -76,7 +76,9 @@ def fabricated_run(home):
                             "HumanEval": 0.0122, "SpellingBee": 0.25}})
     write_json(home / "evals" / "chat_sft_t_step000002.json",
                {"source": "sft", "model_tag": "t", "step": 2, "chatcore": None,
-                "results": {"ARC-Easy": 0.375, "SpellingBee": 0.5, "SpellingBee_chance": 0.4}})
+                "results": {"ARC-Easy": 0.375, "SpellingBee": 0.5, "SpellingBee_chance": 0.4},
+                "everyday": {"prompts": 50, "topic_on_topic": 0.45, "passed": 0.36},
+                "everyday_samples": [["Hi", "Hello! How can I help?"]]})
     runs = [("tok_train", "00:00:00", "00:01:00"), ("base_train", "00:01:00", "00:02:30"),
             ("mid_train", "00:03:00", "00:03:40"), ("chat", "05:00:00", "09:00:00")]  # chat: not the run's time
     (home / "report").mkdir(parents=True)
@@ -118,6 +120,7 @@ def test_report_has_every_section_and_the_exact_numbers_of_the_evals(fabricated_
         "HumanEval": ["–", "0.0122", "–", "–"],
         "SpellingBee": ["0.0000", "0.2500", "0.5000", "–"],
         "ChatCORE": ["–", "0.0512", "–", "–"],
+        "Everyday": ["–", "–", "0.3600 (0.24–0.50)", "–"],  # the share of its 50 prompts passed
     }
     # the chain sft t → mid t → base t, not the newest base tag
     assert "base `t` step 4, mid `t` step 4, sft `t` step 2" in text and "zzunrelated" not in text
