@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from picochat.common import decode_dtype
+from picochat.decode import decode_dtype
 from picochat.engine import Engine, compile_decode, reference_generate
 from picochat.model import GPT, config_from_depth
 

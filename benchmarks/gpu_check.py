@@ -111,12 +111,15 @@ sys.path.insert(0, str(REPO))  # run as `python3 benchmarks/gpu_check.py` from a
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import picochat.decode as D  # noqa: E402
 import picochat.model as M  # noqa: E402
+import picochat.ops as ops  # noqa: E402
 from picochat.common import shutdown_distributed  # noqa: E402
 from picochat.data.shards import shard_name, write_shard  # noqa: E402
 from picochat.engine import Engine  # noqa: E402
 from picochat.fp8 import Float8Linear, enable_fp8, fp8_disabled, fp8_support  # noqa: E402
-from picochat.model import GPT, KVCache, config_from_depth  # noqa: E402
+from picochat.model import GPT, config_from_depth  # noqa: E402
+from picochat.scheduler import generate, generate_batch  # noqa: E402
 from picochat.stages.base_train import build_parser as base_train_parser  # noqa: E402
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -325,9 +328,9 @@ def check_fused_ops(ctx) -> tuple[bool, str, str, dict]:
     angles = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv_freq)
     rotary = (angles.cos()[None, :, None, :], angles.sin()[None, :, None, :])
     cases = {  # name: (fast, reference, input shape, extra args in float64)
-        "norm": (M.norm, M.reference_norm, (B, T, cfg.n_embd), ()),
-        "rotary_norm": (M.rotary_norm, M.reference_rotary_norm, (B, T, H, D), rotary),
-        "relu_squared": (M.relu_squared, M.reference_relu_squared, (B, T, 4 * cfg.n_embd), ()),
+        "norm": (ops.norm, ops.reference_norm, (B, T, cfg.n_embd), ()),
+        "rotary_norm": (ops.rotary_norm, ops.reference_rotary_norm, (B, T, H, D), rotary),
+        "relu_squared": (ops.relu_squared, ops.reference_relu_squared, (B, T, 4 * cfg.n_embd), ()),
     }
     eps = torch.finfo(dtype).eps
     numbers, failed, worst = {}, [], 0.0
@@ -378,7 +381,7 @@ def check_head_loss(ctx) -> tuple[bool, str, str, dict]:
         loss.backward()
         return loss.detach(), x.grad.clone(), w.grad.clone()
 
-    reference = lambda: M.reference_head_loss(x, w, targets)  # noqa: E731
+    reference = lambda: ops.reference_head_loss(x, w, targets)  # noqa: E731
     want = loss_and_grads(reference)
     eps = torch.finfo(dtype).eps
     numbers = {"rows": N, "width": d, "vocab": V, "reference_ms": median_ms(lambda: loss_and_grads(reference), device)}
@@ -391,7 +394,7 @@ def check_head_loss(ctx) -> tuple[bool, str, str, dict]:
         for chunk in p["head_chunks"]:
             if chunk > N:
                 continue
-            fused = lambda: M.head_loss(x, w, targets, chunk_rows=chunk, **kwargs)  # noqa: E731
+            fused = lambda: ops.head_loss(x, w, targets, chunk_rows=chunk, **kwargs)  # noqa: E731
             got = loss_and_grads(fused)
             errs = [rel_diff(g, t) for g, t in zip(got, want)]
             # the loss is a mean in fp32: only the chunked summation order differs; gradients pass
@@ -407,7 +410,7 @@ def check_head_loss(ctx) -> tuple[bool, str, str, dict]:
     best_variant, best = min(timings, key=timings.get)
     numbers["best_variant"] = best_variant
     numbers["best_chunk_rows"] = best
-    default = M.head_chunk_rows(device) if hasattr(M, "head_chunk_rows") else None
+    default = ops.head_chunk_rows(device)
     numbers["default_chunk_rows"] = default
     ms = timings[best_variant, best]
     log(f"  fastest chunk size on this device: {best} rows, {best_variant} ({ms:.2f} ms); "
@@ -430,6 +433,13 @@ class NoSpecialTokens:
     def encode_special(self, name: str) -> int:
         return self.bos_id + 1 + SPECIAL_TOKENS.index(name)
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {name: self.encode_special(name) for name in SPECIAL_TOKENS}
+
+    def id_to_bytes(self, token: int) -> bytes:  # the Scheduler streams text; nothing here reads it
+        return b"?"
+
 
 @torch.no_grad()
 def check_kv_cache(ctx) -> tuple[bool, str, str, dict]:
@@ -439,16 +449,17 @@ def check_kv_cache(ctx) -> tuple[bool, str, str, dict]:
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, p["vocab_size"], (P,), generator=gen).tolist()
     engine = Engine(model, NoSpecialTokens(p["vocab_size"]))
-    rows, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=K, temperature=0.0)
+    rows, _ = generate_batch(engine, prompt, num_samples=2, max_tokens=K, temperature=0.0)
     tokens = rows[0]
     K = len(tokens) - P  # (no token can end a row early here, but count what came back)
     # The reference: one full forward over prompt + generated tokens, no cache.
     full = model(torch.tensor([tokens], device=device))[0, P - 1:-1]  # the logits that chose each new token
-    # The same tokens fed through a KV cache one at a time (teacher forcing), as Engine decodes.
-    cache = KVCache(model.config, 1, len(tokens), device, dtype)
-    cached = [model(torch.tensor([prompt], device=device), kv_cache=cache)[0, -1]]
+    # The same tokens fed through the decode cache one at a time (teacher forcing), as Engine decodes.
+    cache = engine.new_cache(1, len(tokens))
+    cache.rows = 1
+    cached = [engine.forward(torch.tensor([prompt], device=device), cache, masked=False)[0]]
     for t in tokens[P:-1]:
-        cached.append(model(torch.tensor([[t]], device=device), kv_cache=cache)[0, -1])
+        cached.append(engine.forward(torch.tensor([[t]], device=device), cache, masked=False)[0])
     cached = torch.stack(cached)
     logit_diff = max_abs(cached - full)
     # Greedy tokens: Engine's token must be the full forward's argmax, unless the two are within
@@ -490,7 +501,7 @@ def hbm_gbps(device: torch.device) -> float | None:
 
 
 def decode_speed(ctx, model: GPT, prompt: list[int], tokens: int) -> dict:
-    """Batch-1 greedy decoding on the fast path (GPT.decode_step over prepared weights), eager and
+    """Batch-1 greedy decoding on the fast path (picochat.decode over prepared weights), eager and
     compiled (CompiledDecode: static shapes and CUDA graphs on CUDA; the aot_eager backend in the
     dry run), timed after a warm-up that compiles every bucket it needs. Bandwidth: the bytes a
     step must read (every matmul weight in the compute dtype, one embedding row, the KV cache)
@@ -502,19 +513,18 @@ def decode_speed(ctx, model: GPT, prompt: list[int], tokens: int) -> dict:
     # matmuls, plain for the compiler), so a shared model would rebuild its weights inside the timing.
     eager = Engine(copy.deepcopy(model).prepare_for_inference(), tok, compile=False)
     compiled = Engine(copy.deepcopy(model).prepare_for_inference(), tok, compile=False)
-    compiled.compiled = M.CompiledDecode(mode="reduce-overhead") if device.type == "cuda" \
-        else M.CompiledDecode(backend="aot_eager")
-    compiled.compiled_prefill = M.CompiledPrefill() if device.type == "cuda" else M.CompiledPrefill(backend="aot_eager")
+    compiled.compiled = D.CompiledDecode(mode="reduce-overhead") if device.type == "cuda" \
+        else D.CompiledDecode(backend="aot_eager")
+    compiled.compiled_prefill = D.CompiledPrefill() if device.type == "cuda" else D.CompiledPrefill(backend="aot_eager")
     fast = eager.model
 
     def greedy(engine) -> list[int]:
-        return [column[0] for column, _ in engine.generate(prompt, 1, max_tokens=tokens, temperature=0.0)]
+        return [column[0] for column, _ in generate(engine, prompt, 1, max_tokens=tokens, temperature=0.0)]
 
     def steps_ms(engine) -> float:
         """ms per decode step on one cache kept across rounds, as the server keeps its own: a CUDA
         graph captured in the warm-up round replays on the same cache, never re-recorded."""
-        m = engine.model
-        cache = M.RowKVCache(m.config, 1, len(prompt) + tokens + 1, device, M.kv_cache_dtype(m.compute_dtype, device))
+        cache = engine.new_cache(1, len(prompt) + tokens + 1)
         logits, prefill = engine.prefill(prompt)
         cache.load_row(0, prefill)
         cache.rows = 1
@@ -525,7 +535,7 @@ def decode_speed(ctx, model: GPT, prompt: list[int], tokens: int) -> dict:
             sync(device)
             t0 = time.perf_counter()
             for _ in range(tokens):
-                ids = m.decode_step(ids, cache, masked=True, compiled=engine.compiled).argmax(dim=-1)
+                ids = engine.forward(ids.view(1, 1), cache, masked=True).argmax(dim=-1)
             sync(device)
             out.append(1000 * (time.perf_counter() - t0) / tokens)
         return out

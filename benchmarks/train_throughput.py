@@ -44,12 +44,13 @@ def worker(args) -> dict:
         common.tune_cpu_allocator()
     import torch
     import picochat.model as M
+    from picochat import ops
     from picochat.model import GPT, config_from_depth
 
     if args.path == "reference":  # the model looks these up at call time
         for name in ("norm", "rotary_norm", "relu_squared"):
-            setattr(M, name, getattr(M, f"reference_{name}"))
-    loss_fn = M.head_loss if args.path == "fast" else M.reference_head_loss
+            setattr(M, name, getattr(ops, f"reference_{name}"))
+    loss_fn = ops.head_loss if args.path == "fast" else ops.reference_head_loss
 
     device = torch.device("cpu")
     dtype = common.resolve_dtype(args.dtype, device)

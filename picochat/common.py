@@ -178,15 +178,20 @@ def threads_per_process(cores: int, local_processes: int) -> int:
     return max(1, cores // max(1, local_processes))
 
 
+def node_share_of_cores() -> int:
+    """This process's share of the cores it may run on (taskset/cgroups respected), divided among
+    the processes torchrun started on this node (LOCAL_WORLD_SIZE): torch's threads and tiktoken's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return threads_per_process(cores, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun: NCCL on CUDA, gloo elsewhere. The node's
     cores are shared among its processes (torchrun sets LOCAL_WORLD_SIZE), so 8 ranks never run
     8 × all-cores threads (on CPU that thrashes; on GPU nodes it slows data packing)."""
     info = dist_info()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if local > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(threads_per_process(cores, local))
+    if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+        torch.set_num_threads(node_share_of_cores())
     if info.distributed and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
@@ -363,42 +368,6 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
             dist.broadcast(fast, src=0)
         return torch.bfloat16 if fast.item() else torch.float32
     return torch.float32
-
-
-def decode_speedup(model, rows: int = 1, steps: int = 6, rounds: int = 3, cached: int = 64) -> float:
-    """Measured ratio of fp32 to bf16 time for decode steps of this model (one token for `rows`
-    rows against `cached` cached positions), the two dtypes alternated, best of `rounds`. The model
-    must still hold its fp32 master weights; its compute_dtype is restored."""
-    from picochat.model import RowKVCache, kv_cache_dtype
-    device, dtype = next(model.parameters()).device, model.compute_dtype
-    ids = torch.zeros(rows, dtype=torch.long, device=device)
-    best = {}
-    try:
-        for _ in range(rounds):
-            for d in (torch.float32, torch.bfloat16):
-                model.compute_dtype = d
-                cache = RowKVCache(model.config, rows, cached + steps + 1, device, kv_cache_dtype(d, device))
-                cache.rows, cache.lengths[:] = rows, [cached] * rows
-                model.decode_step(ids, cache, masked=False)  # warm-up (and the cast, done once)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    model.decode_step(ids, cache, masked=False)
-                best[d] = min(best.get(d, float("inf")), time.perf_counter() - t0)
-    finally:
-        model.compute_dtype = dtype
-        model._decode_weights = None  # do not keep a bf16 copy around
-    return best[torch.float32] / best[torch.bfloat16]
-
-
-def decode_dtype(model, requested: str, device: torch.device) -> torch.dtype:
-    """Inference dtype for chat: as resolve_dtype, except that 'auto' on a CPU times decode steps
-    of this very model in both dtypes (decode_speedup) and takes bf16 only when it is clearly
-    faster (> 1.2x), measured at start-up on the machine that will decode (with the weights
-    prepared once, bf16 won at d4 batch 1 on the dev CPU: docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy;
-    fp32 keeps a row's tokens independent of the batch). Call before prepare_for_inference()."""
-    if requested != "auto" or device.type != "cpu":
-        return resolve_dtype(requested, device)
-    return torch.bfloat16 if decode_speedup(model) > 1.2 else torch.float32
 
 
 def seed_everything(seed: int) -> None:

@@ -1,27 +1,21 @@
 """
-The inference engine: batched sampling with a KV cache, and the tool-use state machine (docs/DESIGN.md#engine).
+The inference engine: a model, its tokenizer and its tools (docs/DESIGN.md#engine).
 
-`Engine.generate` is a streaming generator. It runs the prompt through the model once, with batch 1,
-then copies that prefix of the KV cache into a cache with one row per sample, so N samples of one
-prompt cost one prefill. Every step yields a column: one token per row, and a mask saying whether
-the row sampled it (1) or was forced to emit it (0: the tool's output).
+`Engine` holds what one model replica needs to decode: `prefill` (a prompt through the model alone,
+into a one-row picochat.decode.Cache), `forward` (new tokens for the first rows of a cache: the one
+call into picochat.decode's forward, eager or compiled), and the tool-use state machine of a row
+(`advance`, `force_output`, `run_tool`). It has no decode loop of its own: picochat/scheduler.py's
+Scheduler is the only one, and its `generate` / `generate_batch` are what chat, the evals, RL and the
+base model's samples call.
 
-Tool use (docs/DESIGN.md#tool-use): when a row emits <|python_start|> ... <|python_end|>, the tokens in between
-are decoded and passed to the tool (picochat.tools.run_tool unless another is given); the answer is
-forced into that row as <|output_start|> result <|output_end|> over the following steps, and the
-model carries on from there. A row ends at <|assistant_end|> or <|bos|>.
+Tool use (docs/DESIGN.md#tool-use): when a row emits <|python_start|> ... <|python_end|>, the tokens in
+between are decoded and passed to the tools (picochat.toolbox.run_tool, unless another is given); the
+answer is forced into that row as <|output_start|> result <|output_end|> over the following steps,
+and the model carries on from there. A row ends at <|assistant_end|> or <|bos|>.
 
-    engine = Engine(model, tokenizer)
-    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Hi"}]})
-    for tokens, masks in engine.generate(prompt, num_samples=4, max_tokens=64, temperature=0.8):
-        ...                                   # tokens[i] is row i's next token
-    results, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=64)
-
-`StreamDecoder` turns a stream of token ids into text without ever printing half a character.
-
-The server (picochat/scheduler.py) shares the pieces: `sample_rows` samples every row with its
-own temperature / top-k / top-p / generator, and `Engine.advance` + `force_output` are the tool-use
-state machine of one row (the server runs the tool itself, in a worker thread).
+`sample_rows` samples every row with its own temperature / top-k / top-p / generator;
+`StreamDecoder` turns a stream of token ids into text without ever printing half a character;
+`reference_generate` is the slow, obvious greedy loop the fast path is tested and timed against.
 """
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from picochat.model import CompiledDecode, CompiledPrefill, KVCache, RowKVCache, kv_cache_dtype
+from picochat.decode import Cache, CompiledDecode, CompiledPrefill, decode_weights, forward, kv_cache_dtype
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -89,25 +83,6 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
 
 
 # -----------------------------------------------------------------------------
-# KV cache plumbing (kept here so picochat/model.py stays just the model)
-
-
-def expand_cache(prefill: KVCache, config, num_rows: int, max_len: int) -> KVCache:
-    """A new cache of `num_rows` rows and `max_len` positions, each row starting with the batch-1
-    prefill's keys and values: the prompt is computed once and shared by every sample."""
-    if prefill.k.size(1) != 1:
-        raise ValueError(f"expand_cache takes a batch-1 cache, got batch {prefill.k.size(1)}")
-    if max_len < prefill.pos:
-        raise ValueError(f"max_len {max_len} is shorter than the cached prefix ({prefill.pos})")
-    cache = KVCache(config, num_rows, max_len, prefill.k.device, prefill.k.dtype)
-    cache.k[:, :, :, :prefill.pos] = prefill.k[:, :, :, :prefill.pos]  # broadcast over the rows
-    cache.v[:, :, :, :prefill.pos] = prefill.v[:, :, :, :prefill.pos]
-    cache.tokens[:, :prefill.pos] = prefill.tokens[:, :prefill.pos]
-    cache.pos = prefill.pos
-    return cache
-
-
-# -----------------------------------------------------------------------------
 # The engine
 
 
@@ -120,21 +95,15 @@ def compile_decode(device: torch.device) -> CompiledDecode:
 
 def reference_generate(model, tokens: list[int], num_samples: int, max_tokens: int) -> list[list[int]]:
     """The slow, obvious greedy decode loop that the fast path is checked and timed against
-    (tests/test_decode_fast.py, benchmarks/decode_speed.py): the model's own forward with a KVCache,
-    one step at a time, every Linear casting its weight per call as before prepare_for_inference,
-    no stop tokens, no tools. Returns num_samples rows of max_tokens tokens."""
+    (tests/test_decode_fast.py, benchmarks/decode_speed.py): the model's own training forward over
+    the whole sequence for every new token, no cache, no stop tokens, no tools. Returns num_samples
+    rows of max_tokens tokens (the rows are the same: greedy)."""
     device = next(model.parameters()).device
+    seq = list(tokens)
     with torch.no_grad():
-        prefill = KVCache(model.config, 1, len(tokens), device, model.compute_dtype)
-        logits = model(torch.tensor([tokens], device=device), kv_cache=prefill)[:, -1, :]
-        cache = expand_cache(prefill, model.config, num_samples, len(tokens) + max_tokens)
-        logits = logits.expand(num_samples, -1)
-        out = []
         for _ in range(max_tokens):
-            ids = logits.argmax(dim=-1)
-            out.append(ids.tolist())
-            logits = model(ids.unsqueeze(1), kv_cache=cache)[:, -1, :]
-    return [list(row) for row in zip(*out)]
+            seq.append(int(model(torch.tensor([seq], device=device))[0, -1].argmax()))
+    return [seq[len(tokens):] for _ in range(num_samples)]
 
 
 @dataclass
@@ -151,7 +120,7 @@ class Engine:
                  compile: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        # The decode step compiled with static shapes and captured as CUDA graphs (picochat.model.
+        # The decode step compiled with static shapes and captured as CUDA graphs (picochat.decode.
         # CompiledDecode), and the prefill compiled per power-of-two prompt length (CompiledPrefill).
         # Opt-in (compile=True, or PICOCHAT_COMPILE_DECODE=1 with compile=None): on the dev CPU inductor's step was slower than eager (2.9 vs 2.3 ms at d4, after 11 s of
         # compiling per bucket: docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy), and the
@@ -160,7 +129,7 @@ class Engine:
             compile = os.environ.get("PICOCHAT_COMPILE_DECODE") == "1"
         self.compiled = compile_decode(next(model.parameters()).device) if compile else None
         self.compiled_prefill = CompiledPrefill() if compile else None  # inductor; no CUDA graphs
-        self._tool = tool  # None: picochat.tools.run_tool, imported on the first tool call
+        self._tool = tool  # None: picochat.toolbox.run_tool (the tool registry), imported on the first tool call
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -171,102 +140,56 @@ class Engine:
 
     def run_tool(self, expr: str) -> str:
         if self._tool is None:
-            from picochat.tools import run_tool  # lazily: the engine works without a tool module
+            from picochat.toolbox import run_tool  # lazily: the sandbox loads on the first tool call
             self._tool = run_tool
         try:
             return str(self._tool(expr))
         except Exception as e:  # a tool is meant to answer with an error string; a buggy one
             return f"Error: {type(e).__name__}: {e}"  # must still not end the whole generation
 
-    @torch.inference_mode()
-    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield (token_column, mask_column) per step for `num_samples` continuations of `tokens`.
-
-        Stops after max_tokens steps (default: until prompt + reply fill the model's sequence_len)
-        or once every row has ended; rows that ended still get tokens in later columns, to ignore."""
+    def new_cache(self, rows: int, max_len: int) -> Cache:
+        """An empty decode cache for `rows` rows of up to `max_len` positions, in the cache dtype."""
         model = self.model
-        if not tokens:
-            raise ValueError("the prompt is empty; start it with <|bos|>")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        prompt_len, limit = len(tokens), model.rotary_len
-        if prompt_len > limit:
-            raise ValueError(f"the prompt has {prompt_len} tokens; the model's limit is {limit}")
-        if max_tokens is None:  # fill the context the model was trained on (nanochat HEAD)
-            max_tokens = model.config.sequence_len - prompt_len
-        # The last sampled token is never fed back, so the cache needs prompt + max_tokens - 1
-        # positions; the rotary table bounds how far the model can go at all.
-        steps = min(max_tokens, limit - prompt_len + 1)
-        if steps <= 0:
-            return
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-        # 1) Prefill the prompt once, batch 1 (its cache ends at the prompt: prefill.pos).
-        logits, prefill = self.prefill(tokens)
-        # 2) Share the prefix with every row. The prefill logits are expanded too, so even the
-        #    first token is sampled per row (nanochat's seed sampled it once for all; fixed 8f979a8).
-        cache = RowKVCache(model.config, num_samples, prompt_len + steps - 1, device,
-                           kv_cache_dtype(prefill.k.dtype, device))
-        for row in range(num_samples):
-            cache.load_row(row, prefill)
-        cache.rows = num_samples
-        del prefill
-        logits = logits.expand(num_samples, -1)
-        rows = [RowState() for _ in range(num_samples)]
-        greedy = temperature == 0 and not top_k and top_p in (None, 1.0)
-        busy: set[int] = set()  # rows with forced tokens queued or inside a tool call
-        watch = self.watch_tokens
-        done = 0
-
-        # 3) Decode: sample, let forced tokens override, advance the state machines, feed back.
-        #    The per-row state machine runs only for rows that emitted a stop or tool token, are
-        #    collecting a tool call or have forced tokens queued; the others just stream.
-        for step in range(steps):
-            if greedy:
-                ids = logits.argmax(dim=-1)
-            else:
-                ids = sample_next_token(logits, generator, temperature, top_k, top_p)
-            token_column = ids.tolist()
-            mask_column = [1] * num_samples
-            if busy or not watch.isdisjoint(token_column):
-                changed = False
-                for i, row in enumerate(rows):
-                    token = token_column[i]
-                    if row.forced:
-                        token_column[i] = token = row.forced.popleft()
-                        mask_column[i], changed = 0, True
-                    elif not (row.in_python or token in watch):
-                        continue
-                    if not row.done:
-                        if (code := self.advance(row, token)) is not None:
-                            self.force_output(row, self.run_tool(code))
-                        done += row.done
-                    if row.forced or row.in_python:
-                        busy.add(i)
-                    else:
-                        busy.discard(i)
-                if changed:
-                    ids = torch.tensor(token_column, dtype=torch.long, device=device)
-            yield token_column, mask_column
-            if done == num_samples or step == steps - 1:
-                return
-            logits = model.decode_step(ids, cache, masked=False, compiled=self.compiled)
+        return Cache(model.config, rows, max_len, device, kv_cache_dtype(model.compute_dtype, device))
 
     @torch.inference_mode()
-    def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
-        """The prompt through the model, batch 1: (last position's logits (1, V), its KVCache)."""
+    def forward(self, ids: torch.Tensor, cache: Cache, masked: bool = True) -> torch.Tensor:
+        """ids (B, T): the next T tokens of each of the first B rows of `cache`, each row at its
+        own length. Returns fp32 logits (B, V) of each row's last token and advances the lengths.
+        masked=False promises that every row is at the same length (no mask is built then). The
+        one call into the model for decoding; tests fake the model's logits here. Inference mode,
+        not just no_grad: it skips autograd's bookkeeping on each of the ~100 small ops of a step."""
         model = self.model
+        B, T = ids.shape
+        lengths = cache.lengths[:B]
+        end = max(lengths) + T
+        if end > cache.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {cache.max_len} allocated")
+        if end > model.rotary_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({model.rotary_len})")
+        if self.compiled is not None and T == 1:
+            logits = self.compiled(decode_weights(model, packed=False), ids, lengths, cache, end)
+        else:
+            masked = masked or min(lengths) != max(lengths)
+            pos = torch.tensor(lengths, device=ids.device)
+            logits = forward(decode_weights(model), ids, pos, cache.k, cache.v, cache.tokens, end, masked)
+        cache.lengths[:B] = [n + T for n in lengths]
+        return logits
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, Cache]:
+        """The prompt through the model, alone: (last position's logits (1, V), a one-row Cache)."""
+        model = self.model
+        device = next(model.parameters()).device
         if self.compiled_prefill is not None:
-            out = self.compiled_prefill(model, tokens, model.compute_dtype)
+            out = self.compiled_prefill(decode_weights(model, packed=False), tokens, model.config, device,
+                                        kv_cache_dtype(model.compute_dtype, device))
             if out is not None:
                 return out
-        device = next(model.parameters()).device
-        cache = KVCache(model.config, 1, len(tokens), device, model.compute_dtype)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        return model(ids, kv_cache=cache)[:, -1, :], cache
+        cache = self.new_cache(1, len(tokens))
+        cache.rows = 1
+        return self.forward(torch.tensor([tokens], dtype=torch.long, device=device), cache, masked=False), cache
 
     def advance(self, row: RowState, token: int) -> str | None:
         """The tool-use state machine of one row, after it emitted `token`. When the token closes
@@ -286,24 +209,6 @@ class Engine:
     def force_output(self, row: RowState, result: str) -> None:
         """Queue <|output_start|> result <|output_end|> as the row's next tokens."""
         row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs
-                       ) -> tuple[list[list[int]], list[list[int]]]:
-        """All samples at once: (results, masks), each row the prompt plus its generated tokens
-        (without the token that ended it); masks are 0 over the prompt and forced tokens."""
-        results = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
-        for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
-            for i, (token, mask) in enumerate(zip(token_column, mask_column)):
-                if done[i]:
-                    continue
-                if token in self.stop_tokens:
-                    done[i] = True
-                else:
-                    results[i].append(token)
-                    masks[i].append(mask)
-        return results, masks
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from picochat.common import (COMMAND_OF_STAGE, PicochatError, checkpoint_dir, di
 from picochat.data.chat_loader import ChatPacker
 from picochat.evals.bpb import evaluate_bpb
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
-from picochat.model import head_loss
+from picochat.ops import head_loss
 from picochat.training import batch_layout, lr_multiplier_by_progress
 
 

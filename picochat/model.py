@@ -14,13 +14,9 @@ per-layer lambdas, smear, backout, RoPE base, q·k scale), in one file:
 
 Dtypes are explicit: master weights are fp32 and every Linear casts its weight to the activation
 dtype (`compute_dtype`, bf16 on modern GPUs and fast-bf16 CPUs), so there is no autocast anywhere.
-A `KVCache` turns the same forward into incremental decoding; a `RowKVCache` does it for rows
-at different positions (continuous batching in picochat serve; tests/test_serve.py checks it against
-running each row alone). Inference decodes through `GPT.decode_step` instead (the fast path: weights
-prepared once by `prepare_for_inference`, one flat function per step, `CompiledDecode` for CUDA
-graphs); tests/test_decode_fast.py pins it to the plain forward's tokens. The elementwise ops (RMSNorm, RoPE + QK-norm, ReLU²) run as fused
-autograd Functions, each with its plain reference beside it (tests/test_fast_paths.py pins them
-together; benchmarks/train_throughput.py times both).
+This is the training forward, over whole sequences; decoding runs picochat/decode.py's flat forward
+over weights prepared once, with a cache (tests/test_decode_fast.py pins its tokens to this forward).
+The elementwise ops and the fused head loss come from picochat/ops.py, each with its reference.
 
     model = GPT(config_from_depth(4, vocab_size=4096, sequence_len=512)); model.init_weights()
     loss = model(idx, targets)
@@ -28,12 +24,13 @@ together; benchmarks/train_throughput.py times both).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from picochat.ops import SOFTCAP, head_loss, norm, relu_squared, rotary_norm
 
 
 @dataclass
@@ -116,11 +113,6 @@ def config_from_depth(depth: int, vocab_size: int = 65536, sequence_len: int = S
 # -----------------------------------------------------------------------------
 # Building blocks
 
-def reference_norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without a learnable gain: the model keeps no norm parameters at all."""
-    return F.rms_norm(x, (x.size(-1),))
-
-
 class Linear(nn.Linear):
     """A bias-free Linear whose fp32 master weight is cast to the input's dtype in forward."""
 
@@ -130,508 +122,6 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # already in x's dtype after GPT.prepare_for_inference: no per-call cast
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head vector; x is (B, T, H, D)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-def reference_rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """QK-norm after RoPE, the obvious way."""
-    return reference_norm(apply_rotary(x, cos, sin))
-
-
-def reference_relu_squared(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(x).square()
-
-
-# --- Fast paths -------------------------------------------------------------------------------
-# The elementwise ops around the matmuls cost as much as the matmuls on a CPU, mostly in extra
-# passes over memory (F.rms_norm upcasts bf16 to fp32 and back; autograd saves and replays each
-# small op). These autograd Functions do the same math in fewer passes, in the activation dtype with
-# fp32 accumulation of the reductions. Each agrees with its reference above within bf16 rounding
-# (tests/test_fast_paths.py); benchmarks/train_throughput.py times both.
-
-RMS_EPS = torch.finfo(torch.float32).eps  # what F.rms_norm uses for fp32 and (upcast) bf16 inputs
-
-
-def _rms_scale(x: torch.Tensor) -> torch.Tensor:
-    """1/rms over the last dim, (..., 1) in fp32; the sum of squares is accumulated in fp32."""
-    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-    return ss.square_().div_(x.size(-1)).add_(RMS_EPS).rsqrt_()
-
-
-def _rms_norm_backward(grad: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """d/dx of y = x·rstd(x), from the output y: rstd · (g − y · mean(g·y))."""
-    coef = torch.linalg.vecdot(grad, y).float().unsqueeze(-1).div_(-y.size(-1)).to(y.dtype)
-    return torch.addcmul(grad, y, coef).mul_(rstd.to(y.dtype))
-
-
-class RMSNorm(torch.autograd.Function):
-    """norm(x) in two passes forward (sum of squares, scale) and three backward; saves only the
-    output, which the next Linear saves anyway."""
-
-    @staticmethod
-    def forward(ctx, x):
-        rstd = _rms_scale(x)
-        y = x * rstd.to(x.dtype)
-        ctx.save_for_backward(y, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, rstd = ctx.saved_tensors
-        return _rms_norm_backward(grad, y, rstd)
-
-
-class RotaryNorm(torch.autograd.Function):
-    """norm(apply_rotary(x, cos, sin)): the rotation written into one buffer, normalized in place.
-    Backward: through the norm, then the inverse rotation (rotation by −angle)."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        d = x.size(-1) // 2
-        x1, x2 = x[..., :d], x[..., d:]
-        y = torch.empty_like(x)
-        y1, y2 = y[..., :d], y[..., d:]
-        torch.mul(x1, cos, out=y1).addcmul_(x2, sin)
-        torch.mul(x2, cos, out=y2).addcmul_(x1, sin, value=-1)
-        rstd = _rms_scale(y)
-        y.mul_(rstd.to(y.dtype))
-        ctx.save_for_backward(y, rstd, cos, sin)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, rstd, cos, sin = ctx.saved_tensors
-        g = _rms_norm_backward(grad, y, rstd)
-        d = g.size(-1) // 2
-        g1, g2 = g[..., :d], g[..., d:]
-        gx = torch.empty_like(g)
-        torch.mul(g1, cos, out=gx[..., :d]).addcmul_(g2, sin, value=-1)
-        torch.mul(g2, cos, out=gx[..., d:]).addcmul_(g1, sin)
-        return gx, None, None
-
-
-class ReLUSquared(torch.autograd.Function):
-    """relu(x)² saving only relu(x); backward is 2·relu(x)·g."""
-
-    @staticmethod
-    def forward(ctx, x):
-        h = F.relu(x)
-        ctx.save_for_backward(h)
-        return h * h
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        return torch.mul(grad, h).mul_(2)
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of a few new query tokens against a KV cache as two plain matmuls: on CPU in bf16,
-    torch's SDPA for one query token is several times slower for a batch of rows (1.2 vs 0.17 ms per
-    layer for 16 rows, docs/BENCHMARKS.md). q (B, H, T, D); k, v (B, H_kv, S, D); mask (B or 1, 1, T, S), True =
-    visible. Grouped-query heads share their key/value head without copying the cache."""
-    B, H, T, D = q.shape
-    G = H // k.size(1)  # query heads per key/value head
-    qg = q.reshape(B, k.size(1), G * T, D)  # heads h*G..h*G+G-1 read kv head h (as SDPA's enable_gqa)
-    scores = (qg @ k.transpose(-1, -2)).float() * D ** -0.5  # (B, H_kv, G*T, S)
-    if mask is not None:
-        scores = scores.view(B, k.size(1), G, T, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores.view(B, k.size(1), G * T, -1), dim=-1).to(v.dtype)
-    return (probs @ v).view(B, H, T, D)
-
-
-def prefer_decode_attention(q: torch.Tensor) -> bool:
-    """Where decode_attention replaces SDPA for one query token, as measured by
-    benchmarks/decode_step.py (d4, 2-core CPU): bf16 on CPU, 1.15-1.26x per 16-row step (0.93x
-    with 1-2 rows, and slower in fp32, where SDPA stays). Not switched by batch size: a row must
-    compute the same numbers alone or in a full batch, or a seeded reply would change with load."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16
-
-
-# Under torch.compile (CUDA) the references are traced instead: the compiler fuses them and
-# derives their backward itself, and the hand-written Functions above would break the graph
-# (writes into non-contiguous halves with out=). tests/test_compile.py counts the graphs.
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dim, no learnable gain (the fast path of reference_norm)."""
-    if torch.compiler.is_compiling():
-        return reference_norm(x)
-    return RMSNorm.apply(x)
-
-
-def rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return reference_rotary_norm(x, cos, sin)
-    return RotaryNorm.apply(x, cos, sin)
-
-
-def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return reference_relu_squared(x)
-    return ReLUSquared.apply(x)
-
-
-class KVCache:
-    """Preallocated keys and values for every layer: (n_layer, B, H_kv, T_max, D), and the token
-    at each position (B, T_max), which smear reads its predecessor from.
-
-    Layers write their new keys/values at [pos, pos+T); `pos` advances once the last layer is done.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.pos = 0
-        self.max_len = max_len
-        self.n_layer = config.n_layer
-
-    def positions(self, T: int) -> torch.Tensor:
-        """(1, T): the positions of the next T tokens (the same for every row)."""
-        if self.pos + T > self.max_len:  # before anything is written (an index past the end is a CUDA assert)
-            raise RuntimeError(f"KV cache full: {self.pos + T} positions needed, {self.max_len} allocated")
-        return torch.arange(self.pos, self.pos + T, device=self.k.device).unsqueeze(0)
-
-    def previous_tokens(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Record idx (B, T) at positions pos and return each one's predecessor (0 at position 0)."""
-        self.tokens[:, pos[0]] = idx
-        return self.tokens[:, (pos[0] - 1).clamp(min=0)]
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v of shape (B, H_kv, T, D); return all keys/values so far for this layer."""
-        t0, t1 = self.pos, self.pos + k.size(2)
-        if t1 > self.max_len:
-            raise RuntimeError(f"KV cache full: {t1} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        if layer == self.n_layer - 1:
-            self.pos = t1
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
-
-
-class RowKVCache:
-    """A decode cache whose rows are each at their own position, for continuous batching: requests
-    join and leave between steps, so one row may be 300 tokens in while its neighbour has 12.
-    Keys and values (n_layer, max_rows, H_kv, T_max, D), the tokens (max_rows, T_max) and a per-row
-    length.
-
-    A forward uses the first `rows` rows (the server keeps its active requests at the front; see
-    move_row), writes each row's new keys at that row's own length, and attends through a per-row
-    mask that hides everything past it. Rows at equal lengths give what KVCache gives (tests)."""
-
-    def __init__(self, config: GPTConfig, max_rows: int, max_len: int, device, dtype):
-        shape = (config.n_layer, max_rows, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.tokens = torch.zeros(max_rows, max_len, dtype=torch.long, device=device)
-        self.lengths = [0] * max_rows  # host-side, so no step waits on the device to read them
-        self.rows = 0
-        self.max_len = max_len
-        self.n_layer = config.n_layer
-
-    def positions(self, T: int) -> torch.Tensor:
-        """(rows, T): the positions the next T tokens of each row will take. Called once per
-        forward (by GPT.trunk), before the layers insert."""
-        lengths = self.lengths[:self.rows]
-        if max(lengths) + T > self.max_len:
-            raise RuntimeError(f"KV cache full: {max(lengths) + T} positions needed, {self.max_len} allocated")
-        start = torch.tensor(lengths, device=self.k.device)
-        self._pos = start.unsqueeze(1) + torch.arange(T, device=self.k.device)
-        self.end = max(lengths) + T
-        self._masks = {}  # per window: query t of row b sees keys up to its own position, (rows, 1, T, end)
-        return self._pos
-
-    def previous_tokens(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(self.rows, device=idx.device).unsqueeze(1)
-        self.tokens[rows, pos] = idx
-        return self.tokens[rows, (pos - 1).clamp(min=0)]
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
-        """Store k, v (rows, H_kv, T, D) at each row's positions; return this layer's keys, values
-        and the attention mask (for a layer that sees `window` earlier tokens, or all)."""
-        pos, rows = self._pos, torch.arange(self.rows, device=k.device).unsqueeze(1)
-        self.k[layer, rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # (rows, T) index -> (rows, T, H_kv, D)
-        self.v[layer, rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        if layer == self.n_layer - 1:
-            self.lengths[:self.rows] = [n + k.size(2) for n in self.lengths[:self.rows]]
-        if window not in self._masks:
-            self._masks[window] = window_mask(pos, self.end, window).unsqueeze(1)
-        keys, values = self.k[layer, :self.rows, :, :self.end], self.v[layer, :self.rows, :, :self.end]
-        return keys.to(k.dtype), values.to(v.dtype), self._masks[window]  # (an fp32 cache of a bf16 model: kv_cache_dtype)
-
-    def load_row(self, row: int, prefill: "KVCache") -> None:
-        """Copy a batch-1 cache (a prompt prefilled alone) into `row`."""
-        n = prefill.pos
-        if n > self.max_len:
-            raise RuntimeError(f"a prefix of {n} tokens does not fit a cache of {self.max_len}")
-        self.k[:, row, :, :n] = prefill.k[:, 0, :, :n]
-        self.v[:, row, :, :n] = prefill.v[:, 0, :, :n]
-        self.tokens[row, :n] = prefill.tokens[0, :n]
-        self.lengths[row] = n
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row src over row dst (to fill a hole left by a finished request)."""
-        n = self.lengths[src]
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.tokens[dst, :n] = self.tokens[src, :n]
-        self.lengths[dst] = n
-
-
-# --- Fast decoding (docs/BENCHMARKS.md#decode-speed-benchmarksdecode_speedpy) ---------------------
-# One decode step of the whole model as a flat function over prepared weights: no module dispatch,
-# no autograd, q/k/v as one matmul, RoPE + QK-norm of q and k in four ops, weights in the compute
-# dtype (cast and, on CPUs, prepacked once; rebuilt only if the model's weights change), positions,
-# cache slots and the mask built once per step rather than per layer. Rows are independent (row-wise
-# ops and the same batched matmuls for every row), so a row's tokens do not depend on the batch (fp32).
-
-
-def kv_cache_dtype(compute_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The decode cache's dtype. fp32 on CPUs whatever the weights: torch's bf16 attention for one
-    query token is 3-5x slower than fp32 there (d4, 8 rows: 267 vs 45 µs per layer,
-    docs/BENCHMARKS.md), and the cache is small next to the weights. The compute dtype elsewhere."""
-    return torch.float32 if torch.device(device).type == "cpu" else compute_dtype
-
-
-def packed_linear(w: torch.Tensor) -> bool:
-    """Whether decode matmuls use oneDNN's prepacked weights: on CPUs, fp32 always and bf16 with
-    native bf16 support (d4, 2 cores: the 17 matmuls of an fp32 step take 0.75 vs 1.03 ms at batch 1,
-    1.23 vs 1.86 ms at batch 8; bf16 about 1.5-2x faster than F.linear, bitwise the same)."""
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    try:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            return False
-        return w.dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops: plain F.linear
-        return False
-
-
-def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
-class DecodeWeights:
-    """The model's weights arranged for decode_forward, in `dtype`: per layer (w_qkv, w_o, w_fc,
-    w_proj), the normalized embedding table, the head, and fp32 RoPE tables as (T, D) with the halves' signs folded
-    in. `packed`: oneDNN's prepacked layout where packed_linear allows (eager CPU; a compiled step
-    needs plain tensors). Built by GPT.decode_weights, which rebuilds them when a parameter was
-    changed in place (its _version moved), so an engine over a model that is still being trained
-    never decodes stale weights."""
-
-    def __init__(self, model: "GPT", dtype: torch.dtype, packed: bool = True):
-        c = model.config
-        cast = lambda w: w.detach().to(dtype)  # noqa: E731 (a no-op view when already in dtype)
-        self.dtype = dtype
-        self.layers = []
-        for block in model.transformer.h:
-            a, m = block.attn, block.mlp
-            qkv = torch.cat([cast(a.c_q.weight), cast(a.c_k.weight), cast(a.c_v.weight)])
-            self.layers.append((qkv, cast(a.c_proj.weight), cast(m.c_fc.weight), cast(m.c_proj.weight)))
-        wte = cast(model.transformer.wte.weight)
-        self.wte_normed = F.rms_norm(wte, (wte.size(1),), eps=RMS_EPS)  # a step's first op, done for every token at once
-        self.lm_head = cast(model.lm_head.weight)
-        cos, sin = model.cos[0, :, 0], model.sin[0, :, 0]  # (T, D/2), fp32
-        self.cos2 = torch.cat([cos, cos], -1)  # y = x·cos2 + swap_halves(x)·sin2
-        self.sin2 = torch.cat([sin, -sin], -1)
-        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
-        # the 2026 parts (None where off): per layer window, value embedding (table, gate), lambdas
-        self.windows, self.qk_scale = c.layer_windows(), c.qk_scale
-        self.value_embeds = [(cast(model.value_embeds[str(i)].weight), cast(block.attn.ve_gate.weight))
-                             if c.has_value_embed(i) else None for i, block in enumerate(model.transformer.h)]
-        self.lambdas = list(zip(cast(model.resid_lambdas), cast(model.x0_lambdas))) if c.lambdas else None
-        self.smear = (cast(model.smear_gate.weight), cast(model.smear_lambda)) if c.smear else None
-        self.backout = (c.n_layer // 2, cast(model.backout_lambda)) if c.backout else None
-        self.versions = model._weight_versions()
-        self.linear = F.linear
-        if packed and packed_linear(wte):
-            self.layers = [tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer)
-                           for layer in self.layers]
-            self.lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head, 1)
-            self.linear = _mkldnn_linear
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor a step reads (the compiled step marks them static for CUDA graphs)."""
-        out = [t for layer in self.layers for t in layer] + [self.wte_normed, self.lm_head, self.cos2, self.sin2]
-        out += [t for ve in self.value_embeds if ve is not None for t in ve]
-        out += [t for pair in self.lambdas or [] for t in pair]
-        out += list(self.smear or []) + ([self.backout[1]] if self.backout else [])
-        return out
-
-    def __deepcopy__(self, memo):  # prepacked oneDNN tensors cannot be copied: a copied model rebuilds
-        return None
-
-
-def decode_forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, end: int, masked: bool, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """One token for each of B rows: ids (B,) at positions pos (B,), long. k_cache, v_cache
-    (n_layer, >=B, H_kv, T_max, D) get this step's keys and values at pos (and `tokens` (>=B,
-    T_max), the cache's token record, gets ids, for smear); each row attends to its first end
-    positions, and with `masked` only to those <= its own position (rows at different positions);
-    without, every row must be at position end - 1. Returns fp32 softcapped logits (B, V). Static
-    shapes for fixed (B, end): what the compiled / CUDA-graph path captures. RoPE and QK-norm run
-    in fp32, the matmuls in w.dtype, attention in the cache's dtype. On a CPU a step is mostly the
-    ~30 Python-level torch calls per layer (a few µs each: a width-8 model decodes at ~1 ms per
-    step there), so this counts calls: views are taken once per step, not per layer, and casts
-    that would be no-ops are skipped."""
-    B, n_layer, T_max = ids.size(0), k_cache.size(0), k_cache.size(3)
-    H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
-    linear, cdtype = w.linear, k_cache.dtype
-    cos, sin = w.cos2[pos].unsqueeze(1), w.sin2[pos].unsqueeze(1)  # (B, 1, D)
-    # Row b, kv head h writes its key at row (b·H_kv + h)·T_max + pos[b] of a layer's (rows·H_kv·T_max, D) view.
-    slots = torch.arange(B * Hkv, device=ids.device).mul_(T_max).add_(pos.repeat_interleave(Hkv))
-    k_rows, v_rows = k_cache.view(n_layer, -1, D).unbind(0), v_cache.view(n_layer, -1, D).unbind(0)
-    keys, values = k_cache[:, :B, :, :end].unbind(0), v_cache[:, :B, :, :end].unbind(0)
-    masks = {}  # per window: (B, 1, 1, end), row b sees keys up to its own position (and within its window)
-    for window in set(w.windows):
-        if masked or (window is not None and end - 1 > window):
-            masks[window] = window_mask(pos.unsqueeze(1), end, window).view(B, 1, 1, end)
-    x = w.wte_normed[ids]  # norm(embedding), precomputed per token
-    if w.smear is not None:  # blend in the previous token's normalized embedding (none at position 0)
-        gate_w, lam = w.smear
-        rows = torch.arange(B, device=ids.device)
-        tokens[rows, pos] = ids
-        prev = w.wte_normed[tokens[rows, (pos - 1).clamp(min=0)]]
-        x = x + lam * torch.sigmoid(F.linear(x[:, :SMEAR_CHANNELS], gate_w)) * prev * (pos > 0).unsqueeze(1).to(x.dtype)
-    x0, mid = x, None
-    for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(w.layers):
-        if w.lambdas is not None:
-            x = w.lambdas[i][0] * x + w.lambdas[i][1] * x0
-        xn = F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
-        qkv = linear(xn, w_qkv)
-        if qkv.dtype != torch.float32:
-            qkv = qkv.float()
-        qkv = qkv.view(B, -1, D)  # (B, H + 2·H_kv, D): q heads, k heads, v heads
-        qk = qkv[:, :H + Hkv]
-        swapped = qk.unflatten(2, (2, D // 2)).flip(2).flatten(2)
-        qk = F.rms_norm(torch.addcmul(qk * cos, swapped, sin), (D,), eps=RMS_EPS)  # RoPE, then QK-norm
-        if w.qk_scale != 1.0:
-            qk = qk * w.qk_scale
-        v = qkv[:, H + Hkv:]
-        if w.value_embeds[i] is not None:  # value embedding, gated per kv head in (0, 3)
-            table, gate_w = w.value_embeds[i]
-            gate = 3 * torch.sigmoid(F.linear(xn[:, :VE_GATE_CHANNELS], gate_w).float())
-            v = v + gate.unsqueeze(-1) * table[ids].view(B, Hkv, D)
-        if qk.dtype != cdtype:  # a bf16 cache (GPUs)
-            qk, v = qk.to(cdtype), v.to(cdtype)
-        k_rows[i].index_copy_(0, slots, qk[:, H:].reshape(-1, D))
-        v_rows[i].index_copy_(0, slots, v.reshape(-1, D))
-        y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[i], values[i],
-                                           attn_mask=masks.get(w.windows[i]), enable_gqa=H != Hkv).reshape(B, -1)
-        if y.dtype != w.dtype:
-            y = y.to(w.dtype)
-        x = x + linear(y, w_o)
-        x = x + linear(F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc)).square_(), w_proj)
-        if w.backout is not None and i == w.backout[0]:
-            mid = x
-    if mid is not None:
-        x = x - w.backout[1] * mid
-    logits = linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w.lm_head).float()
-    return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
-
-
-def _bucket(n: int, cap: int, floor: int = 1) -> int:
-    """The next power of two >= n (at least floor), capped at cap."""
-    b = floor
-    while b < n:
-        b *= 2
-    return min(b, cap)
-
-
-class CompiledDecode:
-    """decode_forward compiled with static shapes, one graph per (rows, cache length) bucket:
-    rows padded to a power of two (the padding rows write into free cache rows at position 0, which
-    a later load_row overwrites), attention over a power-of-two prefix (>= 64) of the cache with a
-    per-row mask. On CUDA mode "reduce-overhead" captures each bucket as a CUDA graph (the step's
-    inputs are copied into static buffers; the cache and weights are marked static). Anything that
-    fails to compile falls back to the eager step, once and for good (`self.failed`).
-
-        compiled = CompiledDecode(mode="reduce-overhead")          # CUDA (Engine/Scheduler default)
-        compiled = CompiledDecode(backend="aot_eager")             # CPU tests
-        logits = model.decode_step(ids, cache, compiled=compiled)
-    """
-
-    def __init__(self, backend: str = "inductor", mode: str | None = None, min_len: int = 64):
-        self.fn = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
-        self.min_len = min_len
-        self.failed: Exception | None = None
-        # id -> weak reference: the reference tells a live tensor from a new one that reuses a freed
-        # one's id. (A WeakSet would compare tensors with ==, which raises for a tensor.)
-        self._static: dict[int, weakref.ref] = {}
-
-    def _mark_static(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            ref = self._static.get(id(t))
-            if t.is_cuda and (ref is None or ref() is not t):
-                torch._dynamo.mark_static_address(t)
-                self._static[id(t)] = weakref.ref(t)
-
-    def __call__(self, w: DecodeWeights, ids: torch.Tensor, lengths: list[int], cache: "RowKVCache",
-                 end: int) -> torch.Tensor:
-        B, max_rows = ids.size(0), cache.k.size(1)
-        pos = torch.tensor(lengths, device=ids.device)
-        if self.failed is None:
-            try:
-                Bb = _bucket(B, max_rows)
-                Lb = _bucket(end, cache.max_len, self.min_len)
-                if Bb > B:
-                    ids = torch.cat([ids, ids.new_zeros(Bb - B)])
-                    pos = torch.cat([pos, pos.new_zeros(Bb - B)])
-                self._mark_static(cache.k, cache.v, cache.tokens, *w.tensors())
-                return self.fn(w, ids, pos, cache.k, cache.v, Lb, True, cache.tokens)[:B].clone()
-            except Exception as e:  # no compiler on this machine, an unsupported op: stay eager
-                self.failed = e
-                ids = ids[:B]
-                pos = pos[:B]
-        return decode_forward(w, ids, pos, cache.k, cache.v, end, True, cache.tokens)
-
-
-class CompiledPrefill:
-    """A prompt's forward pass compiled with static shapes, one graph per power-of-two length (>=
-    min_len, at most the model's context). The prompt is padded on the right: causal attention never
-    lets a real position see the padding, and the returned cache ends at the prompt (pos = its
-    length), so the padding's keys are overwritten by the tokens decoded there. Only the last real
-    position's logits are computed. No CUDA graphs: a prefill writes a fresh cache each time and is
-    long enough to keep a GPU busy without them. The first failure falls back to eager for good
-    (`self.failed`, and the call returns None).
-
-        out = CompiledPrefill(backend="aot_eager")(model, tokens, cache_dtype)  # (logits (1, V), KVCache) or None
-    """
-
-    def __init__(self, backend: str = "inductor", mode: str | None = None, min_len: int = 64):
-        self.fn = torch.compile(self._forward, backend=backend, mode=mode, dynamic=False)
-        self.min_len = min_len
-        self.failed: Exception | None = None
-
-    @staticmethod
-    def _forward(model: "GPT", ids: torch.Tensor, last: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return model.logits(model.trunk(ids, cache).index_select(1, last))[:, 0]
-
-    def __call__(self, model: "GPT", tokens: list[int], dtype: torch.dtype):
-        n, limit = len(tokens), model.config.sequence_len
-        if self.failed is not None or not 0 < n <= limit:
-            return None
-        device = model.lm_head.weight.device
-        length = _bucket(n, limit, min(self.min_len, limit))
-        cache = KVCache(model.config, 1, length, device, dtype)
-        ids = torch.tensor([tokens + [0] * (length - n)], dtype=torch.long, device=device)
-        last = torch.tensor([n - 1], device=device)
-        try:
-            with torch.inference_mode():  # as Engine.prefill: no autograd graph to trace
-                logits = self.fn(model, ids, last, cache)
-        except Exception as e:  # no compiler here, an unsupported op: eager from now on
-            self.failed = e
-            return None
-        cache.pos = n
-        return logits, cache
 
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
@@ -664,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         if config.has_value_embed(layer_idx):
             self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head)
 
-    def forward(self, x, ve, cos, sin, kv_cache: KVCache | None):
+    def forward(self, x, ve, cos, sin):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -676,35 +166,13 @@ class CausalSelfAttention(nn.Module):
         if self.qk_scale != 1.0:
             q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        y = self.attend(q, k, v, kv_cache)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.c_proj(y)
-
-    def attend(self, q, k, v, kv_cache):
-        """Causal attention of q (B, H, T, D) over this forward's keys and, with a cache, the cached
-        ones; a windowed layer sees only its last `window` positions and itself."""
-        T, window, gqa = q.size(2), self.window, self.n_kv_head != self.n_head
-        if isinstance(kv_cache, RowKVCache):  # each row at its own position
-            k, v, mask = kv_cache.insert(self.layer_idx, k, v, window)
-            if T == 1 and prefer_decode_attention(q):
-                return decode_attention(q, k, v, mask)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        prefix = kv_cache.pos if kv_cache is not None else 0
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        if window is not None and prefix + T - 1 <= window:
-            window = None  # every query sees all of its past anyway
-        if window is None and prefix == 0:  # a whole sequence or a fresh prompt
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if window is None and T == 1:  # one new token sees everything cached
-            if prefer_decode_attention(q):
-                return decode_attention(q, k, v)
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        # a chunk after a prefix, or a windowed layer: an explicit mask
-        mask = window_mask(torch.arange(prefix, prefix + T, device=q.device), prefix + T, window)
-        if T == 1 and prefer_decode_attention(q):
-            return decode_attention(q, k, v, mask.view(1, 1, T, -1))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        gqa = self.n_kv_head != self.n_head
+        if self.window is None or T - 1 <= self.window:  # every query sees all of its past
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # a windowed layer: the token itself and `window` before it
+            mask = window_mask(torch.arange(T, device=q.device), T, self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -723,15 +191,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
+    def forward(self, x, ve, cos, sin):
+        x = x + self.attn(norm(x), ve, cos, sin)
         return x + self.mlp(norm(x))
 
 
 # -----------------------------------------------------------------------------
 # The model
 
-SOFTCAP = 15.0  # logits = 15·tanh(logits/15) (docs/DESIGN.md#model)
 ROPE_BASE = 10_000
 
 
@@ -886,52 +353,35 @@ class GPT(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"):
         """idx (B, T) → loss if targets are given, else fp32 logits (B, T, V)."""
-        x = self.trunk(idx, kv_cache)
+        x = self.trunk(idx)
         if targets is None:
             return self.logits(x)
         return head_loss(x, self.lm_head.weight, targets, loss_reduction)
 
-    def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor) -> torch.Tensor:
         """Everything but the head: the final normalized hidden states (B, T, d). This is the
         part base_train compiles; the head loss stays eager (it is already one fused pass)."""
-        c, B, T = self.config, *idx.shape
-        pos = None
-        if kv_cache is not None:  # each row's positions: (1, T) for a KVCache, (B, T) for a RowKVCache
-            pos = kv_cache.positions(T)
-            end = kv_cache.end if isinstance(kv_cache, RowKVCache) else kv_cache.pos + T
-            self._check_length(end)
-            cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B or 1, T, 1, D/2)
-        else:
-            self._check_length(T)
-            cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, D/2)
-        cos, sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
+        c, T = self.config, idx.size(1)
+        if T > self.rotary_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+        cos, sin = self.cos[:, :T].to(self.compute_dtype), self.sin[:, :T].to(self.compute_dtype)  # (1, T, 1, D/2)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
-        if c.smear:
-            x = self.smear(x, idx, kv_cache, pos)
+        if c.smear:  # x_t + λ·sigmoid(w·x_t[:24])·x_{t−1}: the previous token blended in (none at t = 0)
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0, mid = x, None
         for i, block in enumerate(self.transformer.h):
             if c.lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if c.has_value_embed(i) else None
-            x = block(x, ve, cos, sin, kv_cache)
+            x = block(x, ve, cos, sin)
             if c.backout and i == c.n_layer // 2:
                 mid = x
         if mid is not None:  # take out part of the middle layer's residual before the head
             x = x - self.backout_lambda.to(x.dtype) * mid
         return norm(x)
-
-    def smear(self, x: torch.Tensor, idx: torch.Tensor, kv_cache, pos) -> torch.Tensor:
-        """x_t + λ·sigmoid(w·x_t[:24])·x_{t−1}: a gated blend of the previous token's normalized
-        embedding into each token's own (none at position 0). With a cache the predecessor of the
-        first new token comes from the cache's token record."""
-        gate = lambda x: self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # noqa: E731
-        if kv_cache is None:
-            return torch.cat([x[:, :1], x[:, 1:] + gate(x[:, 1:]) * x[:, :-1]], dim=1)
-        prev = norm(self.transformer.wte(kv_cache.previous_tokens(idx, pos)).to(x.dtype))
-        return x + gate(x) * prev * (pos > 0).unsqueeze(-1).to(x.dtype)
 
     # --- inference ----------------------------------------------------------------------
 
@@ -947,175 +397,10 @@ class GPT(nn.Module):
         self.requires_grad_(False)
         for p in self.parameters():
             p.data = p.data.to(self.compute_dtype)
-        self._decode_weights = None
-        self.prepared = True  # weights frozen: decode_weights stops checking them for changes
+        self.prepared = True  # weights frozen: picochat.decode.decode_weights stops checking them
         return self
-
-    @torch.inference_mode()
-    def decode_step(self, ids: torch.Tensor, cache: "RowKVCache", masked: bool = True,
-                    compiled: "CompiledDecode | None" = None) -> torch.Tensor:
-        """One token for each of the first ids.size(0) rows of `cache`, each at its own length
-        (the fast path of forward(ids[:, None], kv_cache=cache)[:, -1]): fp32 logits (B, V).
-        masked=False when every row is at the same length (Engine): no mask is built. `compiled`
-        runs the step through a CompiledDecode (static shapes, CUDA graphs on CUDA). Inference
-        mode, not just no_grad: it skips autograd's bookkeeping on each of the ~100 small ops."""
-        rows = ids.size(0)
-        if getattr(self.forward, "__func__", None) is not GPT.forward:  # a forward of its own (tests): use it
-            cache.rows = rows
-            return self(ids.unsqueeze(1), kv_cache=cache)[:, -1, :]
-        lengths = cache.lengths[:rows]
-        end = max(lengths) + 1
-        if end > cache.max_len:
-            raise RuntimeError(f"KV cache full: {end} positions needed, {cache.max_len} allocated")
-        self._check_length(end)
-        if compiled is not None:
-            logits = compiled(self.decode_weights(packed=False), ids, lengths, cache, end)
-        else:
-            if masked or min(lengths) != end - 1:
-                pos, masked = torch.tensor(lengths, device=ids.device), True
-            else:
-                pos = torch.full((rows,), end - 1, dtype=torch.long, device=ids.device)
-            logits = decode_forward(self.decode_weights(), ids, pos, cache.k, cache.v, end, masked, cache.tokens)
-        cache.lengths[:rows] = [n + 1 for n in lengths]
-        return logits
-
-    def _weight_versions(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
-
-    def decode_weights(self, packed: bool = True) -> "DecodeWeights":
-        """The weights arranged for decode_forward in compute_dtype (prepacked for eager CPU
-        matmuls unless packed=False), built once and rebuilt only when a parameter changed (in
-        place: an optimizer step, load_state_dict)."""
-        cached = getattr(self, "_decode_weights", None) or {}
-        w = cached.get(packed)
-        if w is None or w.dtype != self.compute_dtype or (
-                not getattr(self, "prepared", False) and w.versions != self._weight_versions()):
-            w = DecodeWeights(self, self.compute_dtype, packed)
-            self._decode_weights = {packed: w}  # one layout at a time: a model decodes one way
-        return w
-
-    def _check_length(self, end: int) -> None:
-        if end > self.rotary_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Softcapped fp32 logits of final hidden states (any leading shape)."""
         logits = self.lm_head(x).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
-
-
-# -----------------------------------------------------------------------------
-# Loss: head + softcap + cross-entropy
-
-def reference_head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                        reduction: str = "mean") -> torch.Tensor:
-    """The slow, obvious version: full fp32 logits, softcap, F.cross_entropy (ignore_index -1)."""
-    logits = F.linear(x.reshape(-1, x.size(-1)), head_weight.to(x.dtype)).float()
-    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction=reduction)
-
-
-def _chunk_loss_and_grad(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor):
-    """One chunk of rows of the fused head: (summed loss in fp32, d(loss)/d(logits) in x's dtype).
-    Rows whose target is -1 add no loss; their logit gradient is left as is and masked by the
-    caller on the (rows, d) side, which is V/d times cheaper. Written as in-place steps on
-    chunk-sized buffers: few passes over memory eagerly, and one fused kernel or two compiled."""
-    valid = (tc != -1).unsqueeze(1)
-    tanh = F.linear(xc, w).float().div_(SOFTCAP).tanh_()
-    logits = tanh * SOFTCAP
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    tgt = tc.clamp(min=0).unsqueeze(1)
-    loss = ((lse - logits.gather(1, tgt)) * valid).sum()
-    # d(loss)/d(logits) = softmax − one-hot, then through the softcap: × (1 − tanh²)
-    g = logits.sub_(lse).exp_()
-    g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
-    g.addcmul_(g, tanh.square_(), value=-1)
-    return loss, g.to(xc.dtype)
-
-
-_compiled_chunk = None
-
-
-def compiled_chunk_fn():
-    """_chunk_loss_and_grad under torch.compile, built once (for CUDA: the ~10 elementwise fp32
-    passes over each chunk's logits become one or two kernels)."""
-    global _compiled_chunk
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
-    return _compiled_chunk
-
-
-class FusedHeadLoss(torch.autograd.Function):
-    """Head matmul, softcap and cross-entropy over chunks of rows, with the gradients computed in
-    the same pass. The (B·T, V) fp32 logits never exist all at once and nothing is recomputed:
-    backward only scales the stored input and weight gradients. Agrees with reference_head_loss
-    (tests/test_model.py). No host synchronization: the valid-row count stays on the device."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, reduction: str, chunk_rows: int, chunk_fn):
-        w = weight.to(x.dtype)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        for i in range(0, x.size(0), chunk_rows):
-            xc, tc = x[i:i + chunk_rows], targets[i:i + chunk_rows]
-            loss, g = chunk_fn(xc, w, tc)
-            total += loss
-            keep = (tc != -1).unsqueeze(1).to(x.dtype)  # ignored rows get no gradient
-            torch.mul(g @ w, keep, out=grad_x[i:i + chunk_rows])
-            grad_w += (g.t() @ (xc * keep)).float()
-        if reduction == "mean":
-            scale = 1.0 / (targets != -1).sum().clamp(min=1).float()
-        else:
-            scale = torch.ones((), device=x.device)
-        ctx.save_for_backward(grad_x, grad_w, scale)
-        ctx.weight_dtype = weight.dtype
-        return total * scale
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x, grad_w, scale = ctx.saved_tensors
-        s = grad_out * scale
-        return (grad_x * s.to(grad_x.dtype)), (grad_w * s).to(ctx.weight_dtype), None, None, None, None
-
-
-def chunked_row_losses(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_rows: int) -> torch.Tensor:
-    """Per-row cross-entropy (0 where the target is -1) without gradients, chunk by chunk: what
-    evaluation needs, in chunk_rows × V of logits instead of (B·T) × V (at d20, batch 32 and
-    vocab 65,536 the full fp32 logits alone would be 17 GiB)."""
-    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    w = head_weight.to(x.dtype)
-    out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-    for i in range(0, x.size(0), chunk_rows):
-        logits = F.linear(x[i:i + chunk_rows], w).float().div_(SOFTCAP).tanh_().mul_(SOFTCAP)
-        out[i:i + chunk_rows] = F.cross_entropy(logits, targets[i:i + chunk_rows], ignore_index=-1,
-                                                reduction="none")
-    return out
-
-
-def head_chunk_rows(device: torch.device | str) -> int:
-    """Rows of the head per chunk. 512 was fastest on the dev CPU (benchmarks/train_throughput.py;
-    docs/LOG.md). On GPUs bigger chunks mean fewer, fuller kernels; 4096 rows at vocab 65,536 is
-    1 GiB of fp32 logits per buffer (benchmarks/gpu_check.py times the alternatives)."""
-    return 4096 if torch.device(device).type == "cuda" else 512
-
-
-def head_loss(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-              reduction: str = "mean", chunk_rows: int | None = None, compiled: bool = False) -> torch.Tensor:
-    """Cross-entropy of the softcapped head, never materializing the full logits: the fused
-    chunked path when training, chunked per-row losses under no_grad (evaluation). `compiled`
-    compiles each chunk's elementwise work (used on CUDA with --compile). reduction "none" with
-    gradients enabled falls back to the reference (nothing in training needs it)."""
-    chunk_rows = chunk_rows or head_chunk_rows(x.device)
-    if not torch.is_grad_enabled():
-        rows = chunked_row_losses(x, head_weight, targets, chunk_rows)
-        if reduction == "none":
-            return rows
-        total = rows.sum()
-        return total / (targets != -1).sum().clamp(min=1) if reduction == "mean" else total
-    if reduction == "none":
-        return reference_head_loss(x, head_weight, targets, reduction)
-    chunk_fn = compiled_chunk_fn() if compiled else _chunk_loss_and_grad
-    x = x.reshape(-1, x.size(-1))
-    return FusedHeadLoss.apply(x, head_weight, targets.reshape(-1), reduction, chunk_rows, chunk_fn)

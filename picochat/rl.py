@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from picochat.engine import Engine
-from picochat.model import reference_head_loss
+from picochat.ops import reference_head_loss
 from picochat.scheduler import Job, Scheduler, run_to_completion
 
 

@@ -2,8 +2,10 @@
 Continuous batching: one background thread per engine (model replica) that serves every active
 request in each decode step.
 
-A `Job` is one API request: a prompt and `n` choices, each choice a row of the decode cache
-(picochat.model.RowKVCache, rows at their own positions). Between two steps the scheduler
+This is picochat's only decode loop: the server runs it in a thread, and chat, the evals, RL
+rollouts and the base model's samples turn it on their own thread (`generate`, `generate_batch`,
+`run_to_completion`). A `Job` is one request: a prompt and `n` choices, each choice a row of the
+decode cache (picochat.decode.Cache, rows at their own positions). Between two steps the scheduler
   1. drops the rows whose client went away or whose time ran out (so a slot frees within one step),
   2. admits queued jobs while slots are free: the prompt is prefilled alone (batch 1), copied into
      one row per choice, and each choice's first token is sampled from the prefill's logits;
@@ -27,6 +29,9 @@ GPU).
     scheduler = Scheduler(Engine(model, tokenizer), max_rows=8, max_queue=64)
     scheduler.start()
     scheduler.submit(Job(prompt, emit=print, max_tokens=32, temperature=0.0))
+
+    for tokens, masks in generate(engine, prompt, num_samples=4, max_tokens=64, temperature=0.8):
+        ...                                   # tokens[i] is row i's next token (mask 0: forced)
 """
 from __future__ import annotations
 
@@ -37,12 +42,11 @@ import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from picochat.engine import Engine, RowState, StreamDecoder, sample_rows
-from picochat.model import RowKVCache, kv_cache_dtype
 
 
 class QueueFull(Exception):
@@ -81,6 +85,8 @@ class Job:
     timeout: float | None = None  # seconds from submission, then finish_reason "length"
     cancelled: bool = False  # set by the consumer when its client went away
     keep_tokens: bool = False  # report each choice's tokens when it finishes (RL trains on them)
+    on_token: Callable[[int, int, bool], None] | None = None  # (choice, token, sampled) for every
+                                                              # token, the end token included
 
     def __post_init__(self):
         self.submitted = time.monotonic()
@@ -118,21 +124,28 @@ class Row:
 class Scheduler:
     """The decode loop of one engine (one model replica, one device): a bounded queue of jobs and
     up to `max_rows` active rows. `start()` runs it in a thread (the server); `run_once()` turns it
-    once, for callers that drive it themselves (chat_eval)."""
-    def __init__(self, engine: Engine, max_rows: int = 8, max_queue: int = 64, tool_workers: int = 2):
+    once, for callers that drive it themselves (chat_eval).
+
+    `max_len`: positions per row (default: the model's context). `tool_workers` 0 runs a tool call
+    in line, so every row gets a token in every step (generate). `masked` False when the caller
+    knows its rows stay at one length (generate: one prompt, in line tools): no attention mask then,
+    as a row decoded alone has none."""
+    def __init__(self, engine: Engine, max_rows: int = 8, max_queue: int = 64, tool_workers: int = 2,
+                 max_len: int | None = None, masked: bool = True, raise_errors: bool = False):
         self.engine = engine
         model = engine.model
         self.device = next(model.parameters()).device
         self.max_rows, self.max_queue = max_rows, max_queue
-        self.max_len = model.config.sequence_len
+        self.max_len = max_len or model.config.sequence_len
+        self.masked = masked
+        self.raise_errors = raise_errors  # generate: a failed step is the caller's error, not a finish_reason
         self.special_names = {i: name for name, i in engine.tokenizer.special_ids.items()}
-        self.cache = RowKVCache(model.config, max_rows, self.max_len, self.device,
-                                kv_cache_dtype(model.compute_dtype, self.device))
+        self.cache = engine.new_cache(max_rows, self.max_len)
         self.rows: list[Row] = []  # rows[i] lives in cache row i
         self.queue: deque[Job] = deque()
         self.lock = threading.Lock()  # guards queue (submit runs on the HTTP thread)
         self.wakeup = threading.Event()
-        self.tools = ThreadPoolExecutor(tool_workers, thread_name_prefix="picochat-tool")
+        self.tools = ThreadPoolExecutor(tool_workers, thread_name_prefix="picochat-tool") if tool_workers else None
         self.tokens_generated = 0  # counters read by /metrics
         self.steps = 0
         self._thread: threading.Thread | None = None
@@ -173,7 +186,8 @@ class Scheduler:
         self.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.tools.shutdown(wait=False, cancel_futures=True)
+        if self.tools is not None:
+            self.tools.shutdown(wait=False, cancel_futures=True)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -193,6 +207,8 @@ class Scheduler:
                 return False
             self.step()
         except Exception:  # a failed step (out of memory, a bug) must not kill the server
+            if self.raise_errors:
+                raise
             traceback.print_exc()
             for row in self.rows:
                 self.finish(row, "error")
@@ -234,6 +250,8 @@ class Scheduler:
             try:
                 self.prefill(job)
             except Exception:  # this prompt failed (out of memory?): say so, keep serving the rest
+                if self.raise_errors:
+                    raise
                 traceback.print_exc()
                 started = {row.index for row in self.rows if row.job is job}
                 for row in self.rows:
@@ -265,7 +283,7 @@ class Scheduler:
         its cache length is stepped back afterwards, so that write is simply redone later."""
         waiting = [self.waiting(row) for row in self.rows]
         ids = torch.tensor([row.last for row in self.rows], dtype=torch.long, device=self.device)
-        logits = self.engine.model.decode_step(ids, self.cache, masked=True, compiled=self.engine.compiled)
+        logits = self.engine.forward(ids.unsqueeze(1), self.cache, masked=self.masked)
         if any(waiting):
             for i, wait in enumerate(waiting):
                 if wait:
@@ -292,6 +310,8 @@ class Scheduler:
             if row.job.keep_tokens:
                 row.ids.append(token)
                 row.sampled.append(not forced)
+            if row.job.on_token is not None:
+                row.job.on_token(row.index, token, not forced)
             self.advance(row, token)
 
     def advance(self, row: Row, token: int) -> None:
@@ -305,7 +325,9 @@ class Scheduler:
         if row.state.done:  # <|assistant_end|> or <|bos|>: not part of the text
             return self.finish(row, "stop")
         row.tokens += 1
-        if code is not None:
+        if code is not None and self.tools is None:
+            engine.force_output(row.state, engine.run_tool(code))
+        elif code is not None:
             row.tool = self.tools.submit(engine.run_tool, code)
             row.tool.add_done_callback(lambda _: self.wakeup.set())
         if token in self.special_names:  # structure, not text
@@ -470,3 +492,79 @@ def run_to_completion(scheduler: Scheduler, jobs: list[Job],
         if not scheduler.run_once():
             time.sleep(0.005)  # every active row is waiting for its tool
     return results
+
+
+def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+    """Yield (token_column, mask_column) per step for `num_samples` continuations of `tokens`: the
+    prompt is prefilled once and shared by every row; row i samples with its own generator seeded
+    seed + i (as a server request's choices do); mask 0 marks a token forced in (a tool's output).
+
+    Stops after max_tokens steps (default: until prompt + reply fill the model's sequence_len), or
+    once every row has ended; a row that ended repeats its end token (mask 0) in later columns.
+    It is the Scheduler turned on this thread, with the tools run in line, so every row that has
+    not ended gets one token per step."""
+    model = engine.model
+    if not tokens:
+        raise ValueError("the prompt is empty; start it with <|bos|>")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    prompt_len, limit = len(tokens), model.rotary_len
+    if prompt_len > limit:
+        raise ValueError(f"the prompt has {prompt_len} tokens; the model's limit is {limit}")
+    if max_tokens is None:  # fill the context the model was trained on (nanochat HEAD)
+        max_tokens = model.config.sequence_len - prompt_len
+    # The last sampled token is never fed back, so the cache needs prompt + max_tokens - 1
+    # positions; the rotary table bounds how far the model can go at all.
+    steps = min(max_tokens, limit - prompt_len + 1)
+    if steps <= 0:
+        return
+    scheduler = Scheduler(engine, max_rows=num_samples, max_queue=1, tool_workers=0,
+                          max_len=prompt_len + steps - 1, masked=False, raise_errors=True)
+    queued: list[deque] = [deque() for _ in range(num_samples)]
+    ended = [False] * num_samples
+
+    def emit(delta: Delta) -> None:
+        if delta.finish_reason is not None:
+            ended[delta.index] = True
+
+    scheduler.submit(Job(list(tokens), emit, n=num_samples, max_tokens=steps, temperature=temperature,
+                         top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed,
+                         on_token=lambda i, token, sampled: queued[i].append((token, int(sampled)))))
+    last = [0] * num_samples
+    while True:
+        while any(not q and not done for q, done in zip(queued, ended)):
+            scheduler.run_once()
+        if not any(queued):
+            return
+        column, mask = [], []
+        for i, q in enumerate(queued):
+            token, sampled = q.popleft() if q else (last[i], 0)
+            last[i] = token
+            column.append(token)
+            mask.append(sampled)
+        yield column, mask
+
+
+def generate_batch(engine: Engine, tokens: list[int], num_samples: int = 1, **kwargs
+                   ) -> tuple[list[list[int]], list[list[int]]]:
+    """All samples of `generate` at once: (results, masks), each row the prompt plus its generated
+    tokens (without the token that ended it); masks are 0 over the prompt and forced tokens."""
+    results = [list(tokens) for _ in range(num_samples)]
+    masks = [[0] * len(tokens) for _ in range(num_samples)]
+    done = [False] * num_samples
+    for token_column, mask_column in generate(engine, tokens, num_samples, **kwargs):
+        for i, (token, mask) in enumerate(zip(token_column, mask_column)):
+            if done[i]:
+                continue
+            if token in engine.stop_tokens:
+                done[i] = True
+            else:
+                results[i].append(token)
+                masks[i].append(mask)
+    return results, masks

@@ -26,7 +26,6 @@ import base64
 import copy
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -34,7 +33,7 @@ from typing import Iterable
 import tiktoken
 import torch
 
-from picochat.common import PicochatError, atomic_path, color_enabled, styled, tokenizer_dir
+from picochat.common import PicochatError, atomic_path, color_enabled, node_share_of_cores, styled, tokenizer_dir
 
 # GPT-4's split pattern with numbers in groups of 1-2 digits instead of 1-3
 # (nanochat LOG 2026-01-13, d12: {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 val bpb).
@@ -58,13 +57,6 @@ STYLE_BY_MASK = {0: "grey", 1: "green"}  # dim grey: given to the model; green: 
 
 TOKENIZER_FILE = "tokenizer.json"
 FILE_FORMAT = "picochat-tokenizer/1"
-
-
-def default_num_threads() -> int:
-    """CPUs this process may run on (respects taskset/cgroups where the OS tells us)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def missing_tokenizer_error(directory: Path) -> PicochatError:
@@ -158,7 +150,7 @@ class Tokenizer:
             return head + ids + tail
         if not isinstance(text_or_list, list):
             raise TypeError(f"encode takes a str or a list of str, got {type(text_or_list).__name__}")
-        num_threads = num_threads or default_num_threads()
+        num_threads = num_threads or node_share_of_cores()  # 8 ranks on a node: 1/8 of its cores each
         if allowed_special:
             batch = self.enc.encode_batch(text_or_list, num_threads=num_threads, allowed_special="all")
         else:

@@ -1050,10 +1050,3 @@ def python_tool(code: str) -> str:
     sandbox cannot run (the dispatcher turns that into an error string too)."""
     result = run_python(print_last_expression(code), timeout=TOOL_TIMEOUT_S)
     return result.stdout.rstrip() if result.success else f"Error: {result.error}"
-
-
-def run_tool(code: str) -> str:
-    """picochat.toolbox.run_tool, the dispatcher over every tool, for callers that import it from
-    here. Looked up when called, because picochat.toolbox imports this module."""
-    from picochat.toolbox import run_tool as dispatch
-    return dispatch(code)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from picochat.checkpoint import CorruptCheckpointError, all_ranks_ok, is_disk_full, list_steps, load_checkpoint
 from picochat.common import PicochatError, atomic_write_text
-from picochat.model import GPT, head_chunk_rows, head_loss
+from picochat.model import GPT
+from picochat.ops import head_chunk_rows, head_loss
 
 
 @dataclass

@@ -173,16 +173,19 @@ def tool_calling_engine(model: GPT, tok: Tokenizer, code: str, after: str, tool)
         state["at"] = min(at + 1, len(plan) - 1)
         return scripted
 
-    class ScriptedModel(GPT):
-        def decode_step(self, ids, cache, masked=True, compiled=None):
-            return say(super().decode_step(ids, cache, masked, compiled), int(ids[0]))
-
     class ScriptedEngine(Engine):
+        prefilling = False
+
         def prefill(self, tokens):
-            state["at"] = 0
-            logits, cache = super().prefill(tokens)
+            state["at"], self.prefilling = 0, True
+            try:
+                logits, cache = super().prefill(tokens)
+            finally:
+                self.prefilling = False
             return say(logits, None), cache
 
-    scripted = ScriptedModel(model.config)
-    scripted.load_state_dict(model.state_dict())
-    return ScriptedEngine(scripted.eval(), tok, tool=tool)
+        def forward(self, ids, cache, masked=True):
+            logits = super().forward(ids, cache, masked)
+            return logits if self.prefilling else say(logits, int(ids[0, -1]))
+
+    return ScriptedEngine(model, tok, tool=tool)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from picochat.model import GPT, _chunk_loss_and_grad, config_from_depth, head_loss, norm
+from picochat.model import GPT, config_from_depth
+from picochat.ops import _chunk_loss_and_grad, head_loss, norm
 from picochat.recipe import model_parts
 
 RECIPES = pytest.mark.parametrize("recipe", ["seed", "2026"])  # 2026: every part on, a window of 8
@@ -83,7 +84,7 @@ def test_the_traced_head_chunk_matches_the_eager_one():
 def test_the_compiled_head_path_gives_the_eager_loss_and_gradients(monkeypatch):
     # head_loss(compiled=True), as base_train calls it on CUDA, with the chunk traced by aot_eager
     # (inductor would need a C++ toolchain and minutes here; the wiring is what this checks)
-    import picochat.model as M
+    import picochat.ops as M
     dynamo.reset()
     traced, calls = torch.compile(_chunk_loss_and_grad, backend="aot_eager", dynamic=False), []
     monkeypatch.setattr(M, "_compiled_chunk", lambda *a: calls.append(1) or traced(*a))

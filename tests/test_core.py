@@ -113,9 +113,12 @@ class BigramStub(torch.nn.Module):
         self.table = torch.nn.Parameter(table, requires_grad=False)
         self.widths: list[int] = []
 
-    def forward(self, ids):
+    def trunk(self, ids):  # the hidden state of a token: its one-hot row
         self.widths.append(ids.shape[1])
-        return self.table[ids]
+        return torch.nn.functional.one_hot(ids, self.table.size(0)).float()
+
+    def logits(self, hidden):
+        return hidden @ self.table
 
 
 def task(label, kind, rows, shots=0, delimiter=" ", baseline=0.0):
@@ -162,11 +165,24 @@ def test_unreachable_bundle_is_a_clear_error(home):
         core.ensure_bundle(url, retries=1)
 
 
-def test_batched_forward_passes_give_the_verdicts_of_one_item_at_a_time(byte_tokenizer):
+def test_batched_forward_passes_give_the_verdicts_of_one_item_at_a_time_and_of_full_logits(byte_tokenizer):
     from picochat.model import GPT, config_from_depth
     torch.manual_seed(0)
     model = GPT(config_from_depth(2, vocab_size=257, sequence_len=128))
     model.init_weights()
+    with torch.no_grad():  # the head starts at zero: give every choice its own loss
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def reference(item):  # the obvious way: full (1, T, V) logits of each row alone
+        losses, exact = [], []
+        for r in item:
+            logits = model(torch.tensor([r.ids]))[0, r.start - 1:r.end - 1]
+            target = torch.tensor(r.ids[r.start:r.end])
+            losses.append(torch.nn.functional.cross_entropy(logits, target).item())
+            exact.append(bool((logits.argmax(-1) == target).all()))
+        return exact[0] if kind == "language_modeling" else min(range(len(item)), key=losses.__getitem__)
+
     for name, rows, kind in (("letters", LETTERS, "multiple_choice"), ("who", WHO, "schema"),
                              ("echo", ECHO, "language_modeling")):
         t = task(name, kind, rows, shots=1)
@@ -174,7 +190,8 @@ def test_batched_forward_passes_give_the_verdicts_of_one_item_at_a_time(byte_tok
         items = [core.item_rows(t, byte_tokenizer, data, i, 128) for i in range(len(rows))]
         alone = [core.score_items(model, [item], kind, byte_tokenizer.bos_id, "cpu")[0] for item in items]
         together = core.score_items(model, items, kind, byte_tokenizer.bos_id, "cpu")
-        assert together == alone, name
+        with torch.no_grad():
+            assert together == alone == [reference(item) for item in items], name
 
 
 def test_items_share_forward_passes_up_to_the_row_limit(byte_tokenizer):

@@ -1,22 +1,26 @@
 """
-The fast decode path (GPT.decode_step over prepared weights, picochat/model.py) against the slow,
-obvious loop (picochat.engine.reference_generate: the model's own forward, one step at a time) and
-against the engine run through the model's plain forward; the compiled path (CompiledDecode, via
-torch.compile's aot_eager backend on CPU) against eager. All fp32 on CPU, tiny random models.
+The one decode path (picochat/decode.py's forward over prepared weights, driven by the Scheduler)
+against the slow, obvious loop (picochat.engine.reference_generate: the model's training forward over
+the whole sequence, one token at a time) and against an engine whose logits come from that forward
+(PlainEngine); the compiled path (CompiledDecode / CompiledPrefill, via torch.compile's aot_eager
+backend on CPU) against eager. All fp32 on CPU, tiny random models.
 
     pytest -q tests/test_decode_fast.py
 """
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from picochat.decode import CompiledDecode, CompiledPrefill, DecodeWeights, _mkldnn_linear, decode_weights, packed_linear
 from picochat.engine import Engine, reference_generate
-from picochat.model import GPT, CompiledDecode, CompiledPrefill, GPTConfig
+from picochat.model import GPT, GPTConfig
 from picochat.recipe import model_parts
-from picochat.scheduler import Job, Scheduler
+from picochat.scheduler import Job, Scheduler, generate, generate_batch, run_to_completion
 
 VOCAB = 256
 
@@ -64,12 +68,19 @@ def random_model(seed=0, n_kv_head=2, n_embd=64, recipe="seed"):
     return model.eval()
 
 
-def plain(model):
-    """The same model decoding through its plain forward (GPT.decode_step falls back to it)."""
-    slow = copy.deepcopy(model)
-    forward = slow.forward
-    slow.forward = lambda *a, **k: forward(*a, **k)
-    return slow
+class PlainEngine(Engine):
+    """The logits faked at the engine: every call runs the model's training forward over each row's
+    whole sequence (read back from the cache's token record), no keys or values cached."""
+
+    def forward(self, ids, cache, masked=True):
+        out = []
+        for b in range(ids.size(0)):
+            n, T = cache.lengths[b], ids.size(1)
+            cache.tokens[b, n:n + T] = ids[b]
+            with torch.no_grad():
+                out.append(self.model(cache.tokens[b:b + 1, :n + T])[0, -1])
+            cache.lengths[b] = n + T
+        return torch.stack(out)
 
 
 def prompts(n, seed=0):
@@ -79,7 +90,7 @@ def prompts(n, seed=0):
 
 
 def columns(engine, prompt, n, max_tokens, **kw):
-    out = [(col, mask) for col, mask in engine.generate(prompt, num_samples=n, max_tokens=max_tokens, **kw)]
+    out = [(col, mask) for col, mask in generate(engine, prompt, num_samples=n, max_tokens=max_tokens, **kw)]
     return [list(r) for r in zip(*[c for c, _ in out])], [list(r) for r in zip(*[m for _, m in out])]
 
 
@@ -131,7 +142,7 @@ def test_a_tool_call_mid_stream_decodes_as_the_plain_loop(n, recipe):
             continue
         tok = Tok(python_start=start, python_end=end, output_start=VOCAB - 1, output_end=VOCAB - 2)
         fast, fast_masks = columns(Engine(model, tok, tool=lambda e: "42!"), prompt, n, 30, temperature=0.0)
-        slow, slow_masks = columns(Engine(plain(model), tok, tool=lambda e: "42!"), prompt, n, 30, temperature=0.0)
+        slow, slow_masks = columns(PlainEngine(model, tok, tool=lambda e: "42!"), prompt, n, 30, temperature=0.0)
         assert fast == slow and fast_masks == slow_masks
         assert fast[0][7] == VOCAB - 1 and fast_masks[0][7:12] == [0] * 5 and fast_masks[0][12] == 1  # the tool's output, forced
         assert fast[0][:7] == ref[:7] and fast[0][12:] != ref[12:]  # then the model carries on from it
@@ -162,7 +173,7 @@ def test_scheduler_rows_at_different_positions_match_the_plain_loop_and_each_alo
     if compiled:
         fast.engine.compiled = CompiledDecode(backend="aot_eager", min_len=64)
     together = run_jobs(fast, [job(p, temperature=0.0) for p in ps])
-    slow = run_jobs(Scheduler(Engine(plain(model), Tok()), max_rows=8), [job(p, temperature=0.0) for p in ps])
+    slow = run_jobs(Scheduler(PlainEngine(model, Tok()), max_rows=8), [job(p, temperature=0.0) for p in ps])
     assert together == slow
     if compiled:
         assert fast.engine.compiled.failed is None
@@ -198,19 +209,52 @@ def test_a_compiled_prefill_pads_the_prompt_but_returns_the_eager_logits_and_cac
     model = random_model(seed=7, recipe=recipe)
     engine = Engine(model, Tok(), compile=False)
     prefill = CompiledPrefill(backend="aot_eager", min_len=8)
+    w = decode_weights(model, packed=False)
     for prompt in prompts(3, seed=7):
         logits, cache = engine.prefill(prompt)
-        fast_logits, fast_cache = prefill(model, prompt, model.compute_dtype)
+        fast_logits, fast_cache = prefill(w, prompt, model.config, "cpu", torch.float32)
         n = len(prompt)
-        assert fast_cache.pos == cache.pos == n and fast_cache.max_len >= n and fast_cache.max_len & (fast_cache.max_len - 1) == 0
+        assert fast_cache.lengths[0] == cache.lengths[0] == n and fast_cache.max_len & (fast_cache.max_len - 1) == 0
         torch.testing.assert_close(fast_logits, logits)
         torch.testing.assert_close(fast_cache.k[..., :n, :], cache.k[..., :n, :])
         torch.testing.assert_close(fast_cache.v[..., :n, :], cache.v[..., :n, :])
-    assert prefill(model, list(range(65)), model.compute_dtype) is None  # longer than the context: eager's error
+    assert prefill(w, list(range(65)), model.config, "cpu", torch.float32) is None  # past the context: eager's error
+
+
+def test_the_compiled_step_keeps_a_graph_per_bucket_past_the_compilers_limit():
+    """A cache of 2 rows x 128 positions with 8-position buckets has 2 x 5 = 10 step buckets, more
+    than torch.compile's default limit of 8 graphs per function: every one must still run
+    compiled (no fallback to eager), and give the eager tokens."""
+    model = random_model(seed=9)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(1)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    eager, compiled = Engine(model, Tok()), Engine(model, Tok())
+    compiled.compiled = CompiledDecode(backend=counting, min_len=8)
+    for rows in (1, 2):
+        ps = prompts(rows, seed=rows)
+        jobs = lambda: [job(p, temperature=0.0, max_tokens=110) for p in ps]  # noqa: E731
+        got = run_jobs(Scheduler(compiled, max_rows=2, max_len=128), jobs())
+        assert got == run_jobs(Scheduler(eager, max_rows=2, max_len=128), jobs())
+    assert compiled.compiled.failed is None
+    assert len(graphs) == 10 > limit
+
+
+def test_a_full_cache_is_an_error_before_anything_is_written():
+    engine = Engine(random_model(), Tok())
+    cache = engine.new_cache(1, 4)
+    cache.rows = 1
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        engine.forward(torch.zeros((1, 5), dtype=torch.long), cache)
+    assert cache.lengths[0] == 0
 
 
 def test_bf16_decode_follows_the_model_and_packed_matmuls_agree_with_f_linear():
-    from picochat.model import DecodeWeights, _mkldnn_linear, packed_linear
     model = random_model(seed=7)
     model.compute_dtype = torch.bfloat16
     prompt = prompts(1, seed=7)[0]
@@ -236,3 +280,39 @@ def test_a_model_that_has_decoded_can_still_be_copied():
     prompt = prompts(1, seed=8)[0]
     first = columns(Engine(model, Tok()), prompt, 1, 5, temperature=0.0)[0]
     assert columns(Engine(copy.deepcopy(model), Tok()), prompt, 1, 5, temperature=0.0)[0] == first
+
+
+GOLDEN = Path(__file__).parent / "fixtures" / "decode_golden.json"
+
+
+def golden_outputs(recipe):
+    """Greedy and seeded outputs at 1 and 8 rows, with tool calls mid-stream (the tool tokens'
+    head rows are scaled up so the model calls the tool often), through generate_batch (chat, the
+    base model's samples) and run_to_completion (the server's loop, chat_eval, RL rollouts)."""
+    model = random_model(seed=3, recipe=recipe)
+    with torch.no_grad():
+        for token, scale in ((250, 6.0), (251, 6.0), (254, 3.0)):
+            model.lm_head.weight[token] *= scale
+    tok = Tok(python_start=250, python_end=251, output_start=252, output_end=253, assistant_end=254, bos=255)
+    tool = lambda code: "4" + str(len(code) % 10)  # noqa: E731
+    engine, out = Engine(model, tok, tool=tool), {}
+    for name, kw in [("greedy", dict(temperature=0.0)), ("seeded", dict(temperature=1.0, top_k=40, seed=11))]:
+        for n in (1, 8):
+            out[f"engine_{name}_{n}"] = [list(generate_batch(engine, p, n, max_tokens=40, **kw)) for p in prompts(3, seed=5)]
+    for name, kw in [("greedy", dict(temperature=0.0)), ("seeded", dict(temperature=1.0, top_k=40, top_p=0.9))]:
+        jobs = [Job(p, emit=None, n=2, max_tokens=30, seed=100 + i, keep_tokens=True, **kw)
+                for i, p in enumerate(prompts(6, seed=9))]
+        results = run_to_completion(Scheduler(Engine(model, tok, tool=tool), max_rows=8, max_queue=64), jobs)
+        out[f"sched_{name}"] = [[[c.tokens, c.sampled, c.finish_reason] for c in choices] for choices in results]
+    return json.loads(json.dumps(out))  # tuples as lists, as in the file
+
+
+@RECIPES
+def test_outputs_equal_those_recorded_before_the_one_decode_path(recipe):
+    """Recorded with the code before picochat/decode.py (two caches, two forwards, two loops) and
+    equal to it token for token, except engine_seeded_8: generate's rows now sample with a
+    generator each (seed + i), as the server's choices always did, where they shared one."""
+    got, recorded = golden_outputs(recipe), json.loads(GOLDEN.read_text())[recipe]
+    assert sum(json.dumps(v).count("250, ") for v in recorded.values()) > 20  # tool calls were made
+    for key in recorded:
+        assert got[key] == recorded[key], key

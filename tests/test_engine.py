@@ -2,9 +2,10 @@
 Tests for picochat/engine.py and the `picochat chat` stage.
 
 Models are tiny GPTs with random weights (the zero-initialized head and projections perturbed so the
-logits mean something), and for exact scenarios GPT subclasses whose logits are overridden: one that
-follows a script (after token a comes script[a]) and one that is uniform. Both still run the real
-forward, so the KV cache is exercised either way. The tokenizer is a 300-token BPE trained here.
+logits mean something), and for exact scenarios engines whose logits are faked at Engine.forward:
+one that follows a script (after token a comes script[a]) and one that is uniform. Both still run
+the real forward first, so the cache is exercised either way. The tokenizer is a 300-token BPE
+trained here.
 
     pytest -q tests/test_engine.py
 """
@@ -18,8 +19,9 @@ import torch
 from picochat.__main__ import main as picochat_main
 from picochat.checkpoint import save_checkpoint
 from picochat.common import checkpoint_dir, tokenizer_dir
-from picochat.engine import Engine, StreamDecoder, sample_next_token
+from picochat.engine import Engine, StreamDecoder, sample_rows
 from picochat.model import GPT, GPTConfig
+from picochat.scheduler import generate, generate_batch
 from picochat.stages.chat import Chat
 from picochat.tokenizer import train_tokenizer
 
@@ -51,24 +53,33 @@ def random_model(model_cls=GPT, config=None, **kwargs):
     return model.eval()
 
 
-class ScriptedGPT(GPT):
+class ScriptedEngine(Engine):
     """Runs the real forward, then answers with one-hot-ish logits: after token a comes script[a]
-    (anything unscripted is followed by `default`). Records the shape of every forward."""
+    (anything unscripted is followed by `default`). Records the (rows, tokens) of every forward."""
 
-    def __init__(self, config, script: dict[int, int], default: int):
-        super().__init__(config)
+    def __init__(self, config, tok, script: dict[int, int], default: int, **kwargs):
+        super().__init__(random_model(config=config), tok, **kwargs)
         self.script, self.default, self.calls = script, default, []
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        logits = super().forward(idx, kv_cache=kv_cache)
-        self.calls.append(tuple(idx.shape))
-        nxt = idx.clone().apply_(lambda t: self.script.get(t, self.default))
+    def forward(self, ids, cache, masked=True):
+        logits = super().forward(ids, cache, masked)
+        self.calls.append(tuple(ids.shape))
+        nxt = torch.tensor([self.script.get(t, self.default) for t in ids[:, -1].tolist()])
         return torch.full_like(logits, -10.0).scatter_(-1, nxt.unsqueeze(-1), 10.0)
 
 
-class UniformGPT(GPT):
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        return torch.zeros_like(super().forward(idx, kv_cache=kv_cache))
+class UniformEngine(Engine):
+    def __init__(self, config, tok, **kwargs):
+        super().__init__(random_model(config=config), tok, **kwargs)
+
+    def forward(self, ids, cache, masked=True):
+        return torch.zeros_like(super().forward(ids, cache, masked))
+
+
+def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=None):
+    rows = logits.size(0)
+    return sample_rows(logits, torch.full((rows,), float(temperature)), torch.full((rows,), top_k or 0),
+                       torch.full((rows,), 1.0 if top_p is None else top_p), generator)
 
 
 def chat_prompt(tok, text="What is 6*7?"):
@@ -100,7 +111,7 @@ def test_greedy_with_kv_cache_equals_greedy_by_full_forwards(tok):
             expected.append(token)
             ids.append(token)
     engine = Engine(model, tok, tool=lambda expr: "")
-    columns = [col for col, _ in engine.generate(prompt, num_samples=3, max_tokens=20, temperature=0)]
+    columns = [col for col, _ in generate(engine, prompt, num_samples=3, max_tokens=20, temperature=0)]
     stops = {tok.bos_id, tok.encode_special("<|assistant_end|>"), tok.encode_special("<|python_start|>")}
     assert not stops & set(expected), "pick another seed: the reference has no stop or tool logic"
     assert [col[0] for col in columns] == expected
@@ -109,22 +120,21 @@ def test_greedy_with_kv_cache_equals_greedy_by_full_forwards(tok):
 
 def test_the_prompt_is_prefilled_once_then_decoded_one_token_per_row(tok):
     script = tool_script(tok)
-    model = ScriptedGPT(tiny_config(tok), script, default=tok.encode_special("<|assistant_end|>"))
+    engine = ScriptedEngine(tiny_config(tok), tok, script, default=tok.encode_special("<|assistant_end|>"), tool=lambda expr: "42")
     prompt = chat_prompt(tok)
-    list(Engine(model, tok, tool=lambda expr: "42").generate(prompt, num_samples=4, max_tokens=6))
-    assert model.calls == [(1, len(prompt))] + [(4, 1)] * 5
+    list(generate(engine, prompt, num_samples=4, max_tokens=6))
+    assert engine.calls == [(1, len(prompt))] + [(4, 1)] * 5
 
 
 def test_samples_differ_from_the_first_token_on(tok):
-    model = random_model(UniformGPT, tiny_config(tok))
-    engine = Engine(model, tok)
-    first = next(engine.generate(chat_prompt(tok), num_samples=8, temperature=1.0))[0]
+    engine = UniformEngine(tiny_config(tok), tok)
+    first = next(generate(engine, chat_prompt(tok), num_samples=8, temperature=1.0))[0]
     assert len(set(first)) > 1  # all 8 equal under uniform logits: probability 300^-7
 
 
 def test_same_seed_same_samples_other_seed_other_samples(tok):
-    engine = Engine(random_model(UniformGPT, tiny_config(tok)), tok, tool=lambda expr: "")
-    run = lambda seed: engine.generate_batch(chat_prompt(tok), 4, max_tokens=10, temperature=1.0, seed=seed)
+    engine = UniformEngine(tiny_config(tok), tok, tool=lambda expr: "")
+    run = lambda seed: generate_batch(engine, chat_prompt(tok), 4, max_tokens=10, temperature=1.0, seed=seed)
     assert run(7) == run(7)
     assert run(7) != run(8)
 
@@ -145,18 +155,17 @@ def test_top_k_1_and_a_tiny_top_p_are_greedy():
 
 def test_max_tokens_and_the_rotary_table_bound_the_reply(tok):
     word = tok.encode(" ok")[0]
-    never_stops = ScriptedGPT(tiny_config(tok, sequence_len=16), {}, default=word)
-    engine = Engine(never_stops, tok)
+    engine = ScriptedEngine(tiny_config(tok, sequence_len=16), tok, {}, default=word)
     prompt = chat_prompt(tok)
-    assert len(list(engine.generate(prompt, num_samples=2, max_tokens=5))) == 5
+    assert len(list(generate(engine, prompt, num_samples=2, max_tokens=5))) == 5
     # default: fill the training context (sequence_len 16), here shorter than the prompt + 5
     long_prompt = [tok.bos_id] + [word] * 9
-    assert len(list(engine.generate(long_prompt))) == 16 - 10
+    assert len(list(generate(engine, long_prompt))) == 16 - 10
     # the rotary table (10 x sequence_len = 160) is the hard limit: 158 + 3 - 1 positions are fed
-    results, _ = engine.generate_batch([tok.bos_id] * 158, max_tokens=50)
+    results, _ = generate_batch(engine, [tok.bos_id] * 158, max_tokens=50)
     assert len(results[0]) == 158 + 3
     with pytest.raises(ValueError, match="limit is 160"):
-        list(engine.generate([tok.bos_id] * 161))
+        list(generate(engine, [tok.bos_id] * 161))
 
 
 # -----------------------------------------------------------------------------
@@ -165,11 +174,11 @@ def test_max_tokens_and_the_rotary_table_bound_the_reply(tok):
 
 def test_tool_output_is_forced_after_python_end_with_mask_0(tok):
     sp = tok.encode_special
-    model = ScriptedGPT(tiny_config(tok), tool_script(tok), default=sp("<|assistant_end|>"))
     calls = []
-    engine = Engine(model, tok, tool=lambda expr: calls.append(expr) or "42")
+    engine = ScriptedEngine(tiny_config(tok), tok, tool_script(tok), default=sp("<|assistant_end|>"),
+                            tool=lambda expr: calls.append(expr) or "42")
     prompt = chat_prompt(tok)
-    columns = list(engine.generate(prompt, num_samples=2, max_tokens=64, temperature=0))
+    columns = list(generate(engine, prompt, num_samples=2, max_tokens=64, temperature=0))
     call = [sp("<|python_start|>")] + tok.encode("6*7") + [sp("<|python_end|>")]
     output = [sp("<|output_start|>")] + tok.encode("42") + [sp("<|output_end|>")]
     after = tok.encode(" ok") + [sp("<|assistant_end|>")]
@@ -177,7 +186,7 @@ def test_tool_output_is_forced_after_python_end_with_mask_0(tok):
     assert [m[0] for _, m in columns] == [1] * len(call) + [0] * len(output) + [1] * len(after)
     assert all(col[0] == col[1] for col, _ in columns)  # both rows made the call
     assert calls == ["6*7", "6*7"]
-    results, masks = engine.generate_batch(prompt, 2, max_tokens=64, temperature=0)
+    results, masks = generate_batch(engine, prompt, 2, max_tokens=64, temperature=0)
     assert results[0] == prompt + call + output + after[:-1]  # without the terminal token
     assert masks[0] == [0] * len(prompt) + [1] * len(call) + [0] * len(output) + [1] * (len(after) - 1)
 
@@ -186,9 +195,8 @@ def test_tool_output_is_forced_after_python_end_with_mask_0(tok):
                                   lambda expr: 1 / 0])  # a buggy tool that raises
 def test_generation_goes_on_after_a_tool_error(tok, tool):
     sp = tok.encode_special
-    model = ScriptedGPT(tiny_config(tok), tool_script(tok, expr="1/0"), default=sp("<|assistant_end|>"))
-    results, masks = Engine(model, tok, tool=tool).generate_batch(chat_prompt(tok), max_tokens=64,
-                                                                   temperature=0)
+    engine = ScriptedEngine(tiny_config(tok), tok, tool_script(tok, expr="1/0"), default=sp("<|assistant_end|>"), tool=tool)
+    results, masks = generate_batch(engine, chat_prompt(tok), max_tokens=64, temperature=0)
     text = tok.decode(results[0])
     assert "<|python_end|><|output_start|>Error: " in text
     assert "division by zero<|output_end|> ok" in text
@@ -223,8 +231,8 @@ def chat_args(**overrides):
 
 def test_chat_shows_tool_calls_and_keeps_well_formed_history(tok, capsys):
     sp = tok.encode_special
-    model = ScriptedGPT(tiny_config(tok), tool_script(tok), default=sp("<|assistant_end|>"))
-    chat = Chat(Engine(model, tok, tool=lambda expr: "42"), chat_args())
+    chat = Chat(ScriptedEngine(tiny_config(tok), tok, tool_script(tok), default=sp("<|assistant_end|>"),
+                               tool=lambda expr: "42"), chat_args())
     chat.reply("What is 6*7?")
     out = capsys.readouterr().out
     assert "Assistant: \n[python] 6*7\n\n[output] 42\n ok" in out
@@ -237,7 +245,7 @@ def test_chat_shows_tool_calls_and_keeps_well_formed_history(tok, capsys):
 
 def test_chat_closes_a_cut_reply_with_assistant_end(tok, capsys):
     word = tok.encode(" ok")[0]
-    chat = Chat(Engine(ScriptedGPT(tiny_config(tok), {}, default=word), tok), chat_args(max_tokens=3))
+    chat = Chat(ScriptedEngine(tiny_config(tok), tok, {}, default=word), chat_args(max_tokens=3))
     chat.reply("hi")
     assert chat.history[-4:] == [word] * 3 + [tok.encode_special("<|assistant_end|>")]
     assert "(reply cut after 3 tokens)" in capsys.readouterr().out
@@ -245,7 +253,7 @@ def test_chat_closes_a_cut_reply_with_assistant_end(tok, capsys):
 
 def test_chat_renders_like_serve_and_refuses_a_conversation_past_the_context(tok, capsys):
     word = tok.encode(" ok")[0]
-    chat = Chat(Engine(ScriptedGPT(tiny_config(tok, sequence_len=32), {}, default=word), tok), chat_args(max_tokens=50))
+    chat = Chat(ScriptedEngine(tiny_config(tok, sequence_len=32), tok, {}, default=word), chat_args(max_tokens=50))
     chat.reply("hi")  # the reply is cut where prompt + reply fill the context, as picochat serve cuts it
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
     assert chat.history[:len(prompt)] == prompt

@@ -106,6 +106,7 @@ TIE_MARGIN = 1e-4
 def test_transformers_logits_and_greedy_tokens_match_picochat(exported, in_home):
     from picochat.checkpoint import load_model
     from picochat.engine import Engine
+    from picochat.scheduler import generate_batch
     from picochat.tokenizer import get_tokenizer
     home, folder = exported
     in_home(home)
@@ -118,7 +119,7 @@ def test_transformers_logits_and_greedy_tokens_match_picochat(exported, in_home)
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id}
     generated = 0
     for prompt in long_prompts(tokenizer):
-        greedy = engine.generate_batch(prompt, max_tokens=32, temperature=0.0)[0][0][len(prompt):]
+        greedy = generate_batch(engine, prompt, max_tokens=32, temperature=0.0)[0][0][len(prompt):]
         assert greedy and not stops & set(greedy)
         ids = torch.tensor([prompt + greedy])
         with torch.no_grad():
@@ -252,6 +253,7 @@ def test_every_part_exports_with_its_own_modeling_file_and_the_same_logits(every
     from transformers import AutoModelForCausalLM
 
     from picochat.engine import Engine
+    from picochat.scheduler import generate_batch
     from picochat.tokenizer import get_tokenizer
     home, ours, folder, stdout = every_part
     in_home(home)
@@ -273,7 +275,7 @@ def test_every_part_exports_with_its_own_modeling_file_and_the_same_logits(every
         with torch.no_grad():
             expected, got = ours(torch.tensor([prompt])), theirs(torch.tensor([prompt])).logits
         assert torch.allclose(got, expected, rtol=0, atol=LOGITS_ATOL), (got - expected).abs().max()
-        greedy = engine.generate_batch(prompt, max_tokens=24, temperature=0.0)[0][0][len(prompt):]
+        greedy = generate_batch(engine, prompt, max_tokens=24, temperature=0.0)[0][0][len(prompt):]
         assert greedy and not stops & set(greedy)
         with torch.no_grad():
             top2 = ours(torch.tensor([prompt + greedy]))[0, len(prompt) - 1:-1].topk(2).values

@@ -17,7 +17,8 @@ import torch._dynamo as dynamo
 
 from picochat.fp8 import (E4M3, E5M2, Float8Linear, Float8Matmul, enable_fp8, fp8_disabled, fp8_support,
                           reference_fp8_linear, saturated_cast, to_fp8)
-from picochat.model import GPT, Linear, config_from_depth, head_loss
+from picochat.model import GPT, Linear, config_from_depth
+from picochat.ops import head_loss
 from picochat.recipe import model_parts
 
 

@@ -58,9 +58,18 @@ def test_the_d20_speedrun_stops_before_any_work_when_torch_cannot_use_the_gpu(tm
     assert not (tmp_path / "data").exists()  # nothing downloaded, nothing trained
 
 
-def test_the_cpu_threads_of_a_node_are_shared_by_its_processes():
+def test_the_cpu_threads_of_a_node_are_shared_by_its_processes(monkeypatch):
+    from picochat import tokenizer
     from picochat.common import threads_per_process
     assert [threads_per_process(16, n) for n in (1, 2, 8, 32)] == [16, 8, 2, 1]
+    # tiktoken's batch encoding too: 8 ranks on a 16-core node encode with 2 threads each
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    seen = []
+    tok = tokenizer.Tokenizer.__new__(tokenizer.Tokenizer)
+    tok.enc = type("Enc", (), {"encode_ordinary_batch": lambda self, texts, num_threads: seen.append(num_threads) or [[1]] * len(texts)})()
+    tok.encode(["a", "b"])
+    assert seen == [2]
 
 
 def _agree_worker(rank, init_file, budgets, out_dir):

@@ -206,9 +206,10 @@ def reference_ops(monkeypatch):
     """picochat's model with its plain reference ops in place of the fused ones (RMSNorm,
     RoPE + QK-norm, ReLU²): the same math, and the same float operations as nanochat's."""
     import picochat.model as model
+    import picochat.ops as ops
     for fused, reference in [("norm", "reference_norm"), ("rotary_norm", "reference_rotary_norm"),
                              ("relu_squared", "reference_relu_squared")]:
-        monkeypatch.setattr(model, fused, getattr(model, reference))
+        monkeypatch.setattr(model, fused, getattr(ops, reference))
 
 
 def import_and_load(home, ckpt, *args, stage="base", tag="d4"):
@@ -361,6 +362,7 @@ def test_imported_head_model_decodes_chats_and_serves(head_setup, home):
     import httpx
 
     from picochat.engine import Engine
+    from picochat.scheduler import generate_batch
     from serve_fixtures import running_server
     tokenizer, state, cache = head_setup
     model, _, _ = import_and_load(home, write_head_checkpoint(cache, tokenizer, state, MODEL_CONFIG, 3), stage="sft")
@@ -368,7 +370,7 @@ def test_imported_head_model_decodes_chats_and_serves(head_setup, home):
     # picks the tokens HEAD's full forward ranks first
     engine = Engine(model, tokenizer)
     for prompt in prompts(tokenizer, 180):
-        greedy = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)[0][0][len(prompt):]
+        greedy = generate_batch(engine, prompt, max_tokens=40, temperature=0.0)[0][0][len(prompt):]
         assert len(greedy) >= 10
         with torch.no_grad():
             expected = head_forward(state, MODEL_CONFIG, torch.tensor([prompt + greedy]))[0, len(prompt) - 1:-1]

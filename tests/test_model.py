@@ -1,9 +1,9 @@
-"""The GPT: size arithmetic, KV-cache decoding, and the fused head loss against its reference."""
+"""The GPT: size arithmetic, cached decoding against the full forward, and the fused head loss against its reference."""
 import pytest
 import torch
 
-from picochat.model import (GPT, GPTConfig, KVCache, config_from_depth, head_loss, norm,
-                            reference_head_loss)
+from picochat.model import GPT, GPTConfig, config_from_depth
+from picochat.ops import head_loss, norm, reference_head_loss
 
 
 def make_model(n_head=4, n_kv_head=4, seed=0):
@@ -46,28 +46,20 @@ def test_every_depth_from_1_to_64_builds_a_model_with_heads_of_128():
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_kv_cache_decoding_equals_full_forward(n_kv_head):
-    # Tolerance: 1e-4 absolute on fp32 logits (softcapped to ±15); the paths differ only in
-    # summation order inside attention.
+def test_cached_decoding_equals_full_forward(n_kv_head):
+    """picochat.decode's forward (a prefill, single tokens, a chunk after a prefix) against the
+    training forward over the whole sequence. Tolerance: 1e-4 absolute on fp32 logits (softcapped
+    to ±15); the paths differ in summation order inside attention."""
+    from picochat.decode import Cache, decode_weights, forward
     torch.manual_seed(0)
     model = make_model(n_kv_head=n_kv_head)
     idx = torch.randint(0, 97, (2, 20))
+    cache, w = Cache(model.config, 2, 20, "cpu", torch.float32), decode_weights(model)
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
-        pieces = [model(idx[:, :8], kv_cache=cache)]          # prefill
-        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(8, 12)]  # one token at a time
-        pieces.append(model(idx[:, 12:20], kv_cache=cache))   # a chunk after a prefix
-    incremental = torch.cat(pieces, dim=1)
-    assert cache.pos == 20
-    torch.testing.assert_close(incremental, full, atol=1e-4, rtol=0)
-
-
-def test_kv_cache_refuses_to_overflow():
-    model = make_model()
-    cache = KVCache(model.config, 1, 4, "cpu", torch.float32)
-    with pytest.raises(RuntimeError, match="KV cache full"):
-        model(torch.zeros((1, 5), dtype=torch.long), kv_cache=cache)
+        got = [forward(w, idx[:, a:b], torch.full((2,), a), cache.k, cache.v, cache.tokens, b, False)
+               for a, b in [(0, 8), (8, 9), (9, 10), (10, 11), (11, 12), (12, 20)]]
+    torch.testing.assert_close(torch.stack(got, 1), full[:, [7, 8, 9, 10, 11, 19]], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from picochat.decode import Cache, decode_weights, forward
 from picochat.engine import Engine, reference_generate
-from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
+from picochat.model import GPT, GPTConfig
+from picochat.scheduler import generate
 from picochat.recipe import model_parts
 from test_decode_fast import Tok
 
@@ -120,60 +122,46 @@ def test_gradients_match_the_reference():
         torch.testing.assert_close(fast[n], p.grad, atol=1e-5, rtol=1e-3, msg=n)
 
 
-def greedy_full_forward(model, prompt, steps):
-    """The slowest decode: the whole sequence through the training forward for every token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_every_decode_path_equals_the_full_forward():
     model = make_model(seed=5)
     prompt = [3, 17, 42, 8, 1, 77, 23]
     steps = 18  # well past the window of 5
-    expected = greedy_full_forward(model, prompt, steps)
-    assert reference_generate(model, prompt, 2, steps) == [expected, expected]  # module forward + KVCache
-    engine = Engine(model, Tok())
-    rows = [list(step) for step, _ in engine.generate(prompt, num_samples=3, max_tokens=steps, temperature=0.0)]
-    assert [list(r) for r in zip(*rows)] == [expected] * 3  # decode_forward, rows at one position
+    expected = reference_generate(model, prompt, 1, steps)[0]  # the training forward, whole sequence
+    rows = [list(step) for step, _ in generate(Engine(model, Tok()), prompt, num_samples=3, max_tokens=steps,
+                                                 temperature=0.0)]
+    assert [list(r) for r in zip(*rows)] == [expected] * 3  # picochat.decode, rows at one position
 
 
 def test_rows_at_different_positions_decode_as_alone():
-    """RowKVCache through the module forward and through decode_step, rows at their own lengths."""
+    """Prompts prefilled alone, loaded into one cache, then decoded together at their own lengths."""
     model = make_model(seed=6)
     prompts = [[5, 6, 7], [9, 1, 2, 3, 4, 5, 6, 7, 8], [11]]
-    alone = [greedy_full_forward(model, p, 10) for p in prompts]
-    for fast in (False, True):
-        cache = RowKVCache(model.config, 3, 32, "cpu", torch.float32)
-        last = []
-        with torch.no_grad():
-            for row, p in enumerate(prompts):
-                pre = KVCache(model.config, 1, len(p), "cpu", torch.float32)
-                last.append(int(model(torch.tensor([p]), kv_cache=pre)[0, -1].argmax()))
-                cache.load_row(row, pre)
-            cache.rows = 3
-            out = [[t] for t in last]
-            for _ in range(9):
-                ids = torch.tensor([o[-1] for o in out])
-                if fast:
-                    logits = model.decode_step(ids, cache, masked=True)
-                else:
-                    logits = model(ids.unsqueeze(1), kv_cache=cache)[:, -1]
-                for o, t in zip(out, logits.argmax(-1).tolist()):
-                    o.append(t)
-        assert out == alone, f"fast={fast}"
+    alone = [reference_generate(model, p, 1, 10)[0] for p in prompts]
+    engine = Engine(model, Tok())
+    cache = engine.new_cache(3, 32)
+    last = []
+    for row, p in enumerate(prompts):
+        logits, pre = engine.prefill(p)
+        last.append(int(logits[0].argmax()))
+        cache.load_row(row, pre)
+    cache.rows = 3
+    out = [[t] for t in last]
+    for _ in range(9):
+        logits = engine.forward(torch.tensor([[o[-1]] for o in out]), cache, masked=True)
+        for o, t in zip(out, logits.argmax(-1).tolist()):
+            o.append(t)
+    assert out == alone
 
 
 def test_prefill_in_chunks_equals_one_prefill():
     model = make_model(seed=7)
     idx = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(4))
+    cache, w = Cache(model.config, 2, 19, "cpu", torch.float32), decode_weights(model)
     with torch.no_grad():
         whole = model(idx)
-        cache = KVCache(model.config, 2, 19, "cpu", torch.float32)
-        parts = [model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 4), (4, 5), (5, 12), (12, 19)]]
-    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-5)
+        parts = [forward(w, idx[:, a:b], torch.full((2,), a), cache.k, cache.v, cache.tokens, b, False)
+                 for a, b in [(0, 4), (4, 5), (5, 12), (12, 19)]]
+    torch.testing.assert_close(torch.stack(parts, 1), whole[:, [3, 4, 11, 18]], atol=1e-5, rtol=1e-5)
 
 
 def test_seed_config_is_the_seed_model():

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from picochat.common import PicochatError
-from picochat.tools import SANDBOX_UIDS, UNSAFE_ENV, run_python, run_tool
+from picochat.toolbox import run_tool
+from picochat.tools import SANDBOX_UIDS, UNSAFE_ENV, run_python
 
 TIMEOUT_S = 2.0
 SLACK_S = 2.0  # starting the jail and tearing it down, on a busy 2-core machine

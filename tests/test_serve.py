@@ -23,10 +23,10 @@ from fastapi.testclient import TestClient
 
 from picochat.__main__ import main as picochat_main
 from picochat.engine import Engine, RowState
-from picochat.model import GPT, GPTConfig, KVCache, RowKVCache
+from picochat.model import GPT, GPTConfig
 from picochat.serve.api import Defaults, parse_messages
 from picochat.serve.app import PLACEHOLDER, STATIC_DIR, create_app
-from picochat.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler
+from picochat.scheduler import Delta, EnginePool, Job, QueueFull, Scheduler, generate_batch
 from serve_fixtures import (FORGED_CODE, FORGED_OUTPUT, load_tiny_chat_model, print_forged_output, running_server,
                             serving, tool_calling_engine)
 
@@ -42,13 +42,13 @@ def tiny(tiny_home):
     return load_tiny_chat_model(tiny_home)
 
 
-def slowed(model: GPT, seconds: float) -> GPT:
-    """The same model, sleeping before every forward: a generation of n tokens takes > n·seconds."""
-    slow = GPT(model.config)
-    slow.load_state_dict(model.state_dict())
-    forward = slow.forward
-    slow.forward = lambda *a, **k: (time.sleep(seconds), forward(*a, **k))[1]
-    return slow.eval()
+def slowed(model: GPT, tok, seconds: float) -> Engine:
+    """An engine over the model that sleeps before every forward: n tokens take > n·seconds."""
+    class Slow(Engine):
+        def forward(self, ids, cache, masked=True):
+            time.sleep(seconds)
+            return super().forward(ids, cache, masked)
+    return Slow(model, tok)
 
 
 def ask(text: str, **settings) -> dict:
@@ -83,30 +83,6 @@ def prompts(n: int) -> list[str]:
 # The per-row KV cache
 
 
-def test_rows_at_different_positions_decode_as_if_each_ran_alone():
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    model = GPT(config)
-    model.init_weights(seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape))
-        seqs = [torch.randint(0, 97, (n,)).tolist() for n in (5, 17, 2)]
-        cache = RowKVCache(config, 4, 40, "cpu", torch.float32)
-        for row, seq in enumerate(seqs):  # prefill each alone, then share one decode cache
-            prefill = KVCache(config, 1, len(seq) - 1, "cpu", torch.float32)
-            model(torch.tensor([seq[:-1]]), kv_cache=prefill)
-            cache.load_row(row, prefill)
-        cache.rows = 3
-        for _ in range(5):
-            batched = model(torch.tensor([[seq[-1]] for seq in seqs]), kv_cache=cache)[:, -1]
-            for row, seq in enumerate(seqs):  # the slow, obvious reference: the whole sequence again
-                alone = model(torch.tensor([seq]))[0, -1]
-                torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)
-                seq.append(int(alone.argmax()))
-        assert cache.lengths[:3] == [len(seq) - 1 for seq in seqs]
-
-
 # -----------------------------------------------------------------------------
 # The scheduler, driven step by step
 
@@ -118,7 +94,7 @@ def collect(job_deltas: list[Delta]) -> tuple[str, str | None]:
     return text, reasons[0] if reasons else None
 
 
-def test_scheduler_matches_the_engine_and_frees_a_cancelled_row_within_one_step(tiny):
+def test_scheduler_rows_match_each_row_alone_and_a_cancelled_row_frees_a_cancelled_row_within_one_step(tiny):
     model, tok = tiny
     scheduler = Scheduler(Engine(model, tok), max_rows=4)
     outputs = {i: [] for i in range(3)}
@@ -139,7 +115,7 @@ def test_scheduler_matches_the_engine_and_frees_a_cancelled_row_within_one_step(
     engine = Engine(model, tok)
     for i in (0, 2):
         prompt = jobs[i].prompt
-        ids, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
+        ids, _ = generate_batch(engine, prompt, max_tokens=40, temperature=0.0)  # alone, unmasked
         assert collect(outputs[i])[0] == tok.decode(ids[0][len(prompt):])
 
 
@@ -151,24 +127,28 @@ def test_a_row_waiting_for_its_tool_does_not_hold_up_the_others(tiny):
     call = [sp("<|assistant_start|>"), sp("<|python_start|>")] + tok.encode("6*7") + [sp("<|python_end|>")]
     script = dict(zip(call, call[1:])) | {sp("<|output_end|>"): sp("<|assistant_end|>")}
 
-    class ToolCaller(GPT):
+    class ToolCaller(Engine):
         """Row 0, the first request, follows the script; the rest is the tiny model as it is."""
-        prefills = 0
+        prefills, prefilling = 0, False
 
-        def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-            logits = super().forward(idx, kv_cache=kv_cache)
-            if isinstance(kv_cache, KVCache):  # a prompt prefilled alone
-                self.prefills += 1
-                if self.prefills > 1:
-                    return logits
-            target = script.get(idx[0, -1].item())
+        def prefill(self, tokens):
+            self.prefills, self.prefilling = self.prefills + 1, True
+            try:
+                return super().prefill(tokens)
+            finally:
+                self.prefilling = False
+
+        def forward(self, ids, cache, masked=True):
+            logits = super().forward(ids, cache, masked)
+            if self.prefilling and self.prefills > 1:  # the second request's prompt
+                return logits
+            target = script.get(ids[0, -1].item())
             if target is not None:
-                logits[0, -1] = -10.0
-                logits[0, -1, target] = 10.0
+                logits = logits.clone()  # an inference tensor: not writable outside inference mode
+                logits[0] = -10.0
+                logits[0, target] = 10.0
             return logits
 
-    caller = ToolCaller(model.config)
-    caller.load_state_dict(model.state_dict())
     release, calls = threading.Event(), []
 
     def tool(code):
@@ -176,7 +156,7 @@ def test_a_row_waiting_for_its_tool_does_not_hold_up_the_others(tiny):
         release.wait(10)
         return "42"
 
-    scheduler = Scheduler(Engine(caller.eval(), tok, tool=tool), max_rows=2)
+    scheduler = Scheduler(ToolCaller(model, tok, tool=tool), max_rows=2)
     tool_out, plain_out = [], []
     scheduler.submit(Job(tok.render_for_completion(ask("6*7?")), emit=tool_out.append, max_tokens=20,
                          temperature=0.0))
@@ -397,19 +377,17 @@ def test_a_missing_or_wrong_api_key_is_a_401_and_health_stays_open(tiny):
         assert good.status_code == 200
 
 
-def held_after_prefill(model: GPT) -> tuple[GPT, threading.Event]:
-    """The same model, whose decode steps (forwards on the serving cache) wait until the returned
+def held_after_prefill(model: GPT, tok) -> tuple[Engine, threading.Event]:
+    """An engine over the model whose decode steps (one token per row) wait until the returned
     event is set: a request admitted to a slot keeps it, however fast or slow the machine is."""
-    held = GPT(model.config)
-    held.load_state_dict(model.state_dict())
-    release, forward = threading.Event(), held.forward
+    release = threading.Event()
 
-    def gated_forward(*args, **kwargs):
-        if isinstance(kwargs.get("kv_cache"), RowKVCache):
-            release.wait(timeout=120)
-        return forward(*args, **kwargs)
-    held.forward = gated_forward
-    return held.eval(), release
+    class Held(Engine):
+        def forward(self, ids, cache, masked=True):
+            if ids.size(1) == 1:
+                release.wait(timeout=120)
+            return super().forward(ids, cache, masked)
+    return Held(model, tok), release
 
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
@@ -422,8 +400,8 @@ def wait_until(condition, what: str, timeout: float = 60.0) -> None:
 
 def test_a_full_queue_answers_429_with_retry_after(tiny):
     model, tok = tiny
-    held, release = held_after_prefill(model)
-    with serving(held, tok, max_rows=1, max_queue=1) as (url, pool), httpx.Client(timeout=60) as client:
+    held, release = held_after_prefill(model, tok)
+    with serving(model, tok, max_rows=1, max_queue=1, engine=held) as (url, pool), httpx.Client(timeout=60) as client:
         body = ask(prompts(3)[2], max_tokens=200, stream=True)
         try:
             with client.stream("POST", url + "/v1/chat/completions", json=body) as first:
@@ -444,8 +422,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny):
     model, tok = tiny
-    slow = slowed(model, 0.02)
-    with serving(slow, tok) as (url, pool), httpx.Client(timeout=60) as client:
+    with serving(model, tok, engine=slowed(model, tok, 0.02)) as (url, pool), httpx.Client(timeout=60) as client:
         with client.stream("POST", url + "/v1/chat/completions",
                            json=ask(prompts(3)[2], max_tokens=200, stream=True)) as r:
             lines = r.iter_lines()
@@ -461,7 +438,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny):
 
 def test_a_request_past_its_timeout_ends_with_length_and_frees_its_slot(tiny):
     model, tok = tiny
-    with serving(slowed(model, 0.02), tok, timeout=0.5) as (url, pool), httpx.Client(timeout=60) as client:
+    with serving(model, tok, engine=slowed(model, tok, 0.02), timeout=0.5) as (url, pool), httpx.Client(timeout=60) as client:
         reply = client.post(url + "/v1/chat/completions", json=ask(prompts(3)[2], max_tokens=200)).json()
         assert reply["choices"][0]["finish_reason"] == "length"
         assert 0 < reply["usage"]["completion_tokens"] < 100
@@ -603,7 +580,6 @@ def test_the_answer_marker_is_hidden_from_api_clients_unless_asked_for(tiny):
     assert plain["content"] == streamed == plain["parts"][-1]["text"] == "\n\n12 * 7 = 84"
     assert raw["choices"][0]["message"]["content"] == "\n\n12 * 7 = 84\n#### 84"
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "show_answer_marker"
-
 
 
 def test_the_web_page_is_served_at_the_root(tiny):

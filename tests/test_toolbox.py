@@ -39,12 +39,6 @@ def test_arithmetic_is_still_the_calculators_and_other_code_still_pythons(regist
     assert run_tool(None) == "Error: tool input must be a string, got NoneType"
 
 
-def test_the_old_entry_point_is_the_dispatcher(registry):
-    from picochat.tools import run_tool as old_entry_point
-    assert old_entry_point('calculator("6 * 7")') == "42"
-    assert old_entry_point("sorted([2, 1])") == "python ran 'sorted([2, 1])'"
-
-
 def test_a_block_that_is_one_call_by_name_runs_that_tool(registry):
     assert run_tool('calculator("12 * 7")') == "84"
     assert run_tool("  calculator('2 + 2')\n") == "4"

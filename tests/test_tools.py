@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from picochat.toolbox import run_tool
 from picochat.tools import (MAX_OUTPUT_BYTES, SANDBOX_UID, SANDBOX_UIDS, TOOL_OUTPUT_CHARS, TOOL_TIMEOUT_S,
-                            _interpreter_dirs, print_last_expression, run_python, run_tool, use_calculator)
+                            _interpreter_dirs, print_last_expression, run_python, use_calculator)
 from test_sandbox import live_processes_of  # tests/ is on sys.path under pytest
 
 SECRET = "secret123"

@@ -276,13 +276,21 @@ def score_items(model, items: list[list[ScoredSequence]], task_type: str, pad_id
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r.ids)] = torch.tensor(r.ids)
-    logits = model(ids.to(device)).float()
-    losses, exact = [], []
-    for i, r in enumerate(rows):
-        pred = logits[i, r.start - 1:r.end - 1]
-        target = ids[i, r.start:r.end].to(pred.device)
-        losses.append(F.cross_entropy(pred, target).item())
-        exact.append(bool((pred.argmax(-1) == target).all()))
+    # Only the positions that predict a continuation token go through the head: (rows, T, V) fp32
+    # logits would be ~1 GB for 32 rows of 2,048 tokens at a 65K vocabulary.
+    hidden = model.trunk(ids.to(device))
+    at = [(i, p) for i, r in enumerate(rows) for p in range(r.start - 1, r.end - 1)]
+    row_index, positions = (torch.tensor(v, device=hidden.device) for v in zip(*at))
+    logits = model.logits(hidden[row_index, positions])  # (continuation tokens, V), fp32
+    targets = ids.to(hidden.device)[row_index, positions + 1]
+    token_losses = F.cross_entropy(logits, targets, reduction="none")
+    hits = logits.argmax(-1) == targets
+    losses, exact, first = [], [], 0
+    for r in rows:
+        n = r.end - r.start
+        losses.append(token_losses[first:first + n].mean().item())
+        exact.append(bool(hits[first:first + n].all()))
+        first += n
     verdicts, at = [], 0
     for item in items:
         k = len(item)

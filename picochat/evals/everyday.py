@@ -167,11 +167,25 @@ def _prompt_text(prompt) -> str:
     return str(prompt)
 
 
+CANNED_OK_KINDS = ("identity",)  # the only prompts an identity line answers
+MIN_MODERN_SHARE = 0.8  # share of a reply's words that must be modern English for a pass
+
+
+def passes(conversation: dict, reply: str) -> bool:
+    """The per-prompt verdict: on topic where there is one, not canned unless asked about identity,
+    and modern English."""
+    topic, kind = conversation.get("topic"), conversation.get("kind")
+    if topic and not on_topic(reply, topic):
+        return False
+    if kind in CANNED_OK_KINDS:
+        return True
+    return not is_canned(reply) and modern_english_share(reply) >= MIN_MODERN_SHARE
+
+
 def score_replies(records, num_samples: int = 6) -> tuple[dict, list[tuple[str, str]]]:
     """records: (prompt, reply, finished) triples; prompt is an Everyday conversation (with 'kind'
     and 'topic') or a plain string (kind 'other', no topic); finished is a bool or a finish reason.
     Returns the aggregate scores and up to `num_samples` (prompt, reply) pairs, one per kind first."""
-    from picochat.tasks.everyday import CANNED_OK_KINDS, passes
     rows = []
     for prompt, reply, finished in records:
         kind = prompt.get("kind", "other") if isinstance(prompt, dict) else "other"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from picochat.common import PicochatError
 from picochat.interop import check_config, check_single_bytes
-from picochat.model import ROPE_BASE, RMS_EPS, SOFTCAP, GPTConfig
+from picochat.model import ROPE_BASE, GPTConfig
+from picochat.ops import RMS_EPS, SOFTCAP
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MODEL_TYPE = "nanochat"

@@ -23,6 +23,7 @@ from picochat.common import (PicochatError, atomic_write_text, picochat_home, pr
                              setup_device, shutdown_distributed)
 from picochat.data.loader import PackingLoader
 from picochat.engine import Engine
+from picochat.scheduler import generate_batch
 from picochat.evals import core
 from picochat.evals.bpb import evaluate_bpb
 from picochat.stages.base_train import SAMPLE_PROMPTS
@@ -100,15 +101,15 @@ def evaluate(args, info, device):
         print0("samples (greedy):")
         for prompt in SAMPLE_PROMPTS:
             ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-            out = engine.generate_batch(ids, max_tokens=args.max_new_tokens, temperature=0.0)[0][0][len(ids):]
+            out = generate_batch(engine, ids, max_tokens=args.max_new_tokens, temperature=0.0)[0][0][len(ids):]
             text = tokenizer.decode(out)
             samples[prompt] = text
             print0(f"  {prompt}{text}")
         print0("samples (unconditioned, temperature 1.0):")
         unconditioned = []
         for i in range(args.num_unconditioned):
-            out = engine.generate_batch([tokenizer.bos_id], max_tokens=args.max_new_tokens * 2,
-                                        temperature=1.0, seed=i)[0][0][1:]
+            out = generate_batch(engine, [tokenizer.bos_id], max_tokens=args.max_new_tokens * 2,
+                                 temperature=1.0, seed=i)[0][0][1:]
             unconditioned.append(tokenizer.decode(out))
             print0(f"  [{i}] {unconditioned[-1]!r}")
         results["samples"] = samples

@@ -22,8 +22,10 @@ from picochat.common import (PicochatError, check_model_tag, checkpoint_dir, dis
 from picochat.data.loader import PackingLoader
 from picochat.data.sources import read_manifest
 from picochat.engine import Engine
+from picochat.scheduler import generate_batch
 from picochat.evals.bpb import evaluate_bpb
-from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth, head_loss
+from picochat.model import ASPECT_RATIO, GPT, HEAD_DIM, SEQUENCE_LEN, config_from_depth
+from picochat.ops import head_loss
 from picochat.recipe import ADAM_GROUPS, MODEL_FLAGS, RECIPES, TRAINING, model_parts, short_window, warmup_steps
 from picochat.recipe import horizon as recipe_horizon
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
@@ -383,6 +385,6 @@ class Pretraining(Recipe):
         with compute_dtype_matmuls(self.model):
             for prompt in SAMPLE_PROMPTS:
                 ids = self.tokenizer.encode(prompt, prepend=self.tokenizer.bos_id)
-                out = engine.generate_batch(ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
+                out = generate_batch(engine, ids, max_tokens=16, temperature=0.0)[0][0][len(ids):]
                 print0(f"  {prompt!r} → {self.tokenizer.decode(out)!r}")
         self.model.train()

@@ -24,10 +24,12 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args
-from picochat.common import (TRAINING_STAGES, PicochatError, color_enabled, decode_dtype, dist_info,
+from picochat.common import (TRAINING_STAGES, PicochatError, color_enabled, dist_info,
                              resolve_device, styled)
 from picochat.display import DisplayStream
+from picochat.decode import decode_dtype
 from picochat.engine import Engine, StreamDecoder
+from picochat.scheduler import generate
 from picochat.tokenizer import get_tokenizer
 
 HELP = """commands:
@@ -127,9 +129,9 @@ class Chat:
         self.block = None  # inside a tool call ("dim") or a tool output ("cyan")
         self.display = DisplayStream()  # the reply's text as a person sees it
         reply_tokens, ended = [], False
-        columns = self.engine.generate(prompt, max_tokens=min(self.args.max_tokens, context - len(prompt)),
-                                       temperature=self.args.temperature, top_k=self.args.top_k or None,
-                                       seed=self.args.seed + self.turns)
+        columns = generate(self.engine, prompt, max_tokens=min(self.args.max_tokens, context - len(prompt)),
+                           temperature=self.args.temperature, top_k=self.args.top_k or None,
+                           seed=self.args.seed + self.turns)
         try:
             for token_column, _ in columns:
                 token = token_column[0]

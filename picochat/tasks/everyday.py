@@ -36,8 +36,6 @@ GENERAL = [("Why do people like music?", "music"), ("What should I eat for break
 FOLLOW_UPS = ["Tell me more about it.", "Why is that important?", "Can you say more?",
               "What else should I know about it?"]
 NUM_TOPIC, NUM_FOLLOW_UP = 30, 4
-CANNED_OK_KINDS = ("identity",)  # the only prompts an identity line answers
-MIN_MODERN_SHARE = 0.8  # share of a reply's words that must be modern English for a pass
 
 
 def everyday_titles(count: int) -> list[tuple[str, str, str]]:
@@ -76,18 +74,6 @@ def build_conversations() -> list[dict]:
     return convs
 
 
-def passes(conversation: dict, reply: str) -> bool:
-    """The per-prompt verdict: on topic where there is one, not canned unless asked about identity,
-    and modern English."""
-    from picochat.evals.everyday import is_canned, modern_english_share, on_topic
-    topic, kind = conversation.get("topic"), conversation.get("kind")
-    if topic and not on_topic(reply, topic):
-        return False
-    if kind in CANNED_OK_KINDS:
-        return True
-    return not is_canned(reply) and modern_english_share(reply) >= MIN_MODERN_SHARE
-
-
 class Everyday(Task):
 
     def __init__(self, **kwargs):
@@ -106,4 +92,5 @@ class Everyday(Task):
         return self.convs[index]
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
+        from picochat.evals.everyday import passes
         return passes(conversation, completion)
