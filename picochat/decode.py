@@ -89,6 +89,26 @@ def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
+def _mkldnn_linear_relu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # ReLU as oneDNN's post-op
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "relu", [], "")
+
+
+def _mkldnn_linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, None, "add")
+
+
+def _mkldnn_linear_then_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return residual + _mkldnn_linear(x, w)
+
+
+def _linear_relu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.relu(F.linear(x, w))
+
+
+def _linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return residual + F.linear(x, w)
+
+
 class DecodeWeights:
     """The model's weights arranged for `forward`, in `dtype`: per layer (w_qkv, w_o, w_fc,
     w_proj), the normalized embedding table, the head, fp32 RoPE tables as (T, D) with the halves'
@@ -119,12 +139,16 @@ class DecodeWeights:
         self.backout = (c.n_layer // 2, cast(model.backout_lambda)) if c.backout else None
         self.versions = weight_versions(model)
         self.prepared = getattr(model, "prepared", False)
-        self.linear = F.linear
+        self.linear, self.linear_relu, self.linear_add = F.linear, _linear_relu, _linear_add
         if packed and packed_linear(wte):
             self.layers = [tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer)
                            for layer in self.layers]
             self.lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head, 1)
-            self.linear = _mkldnn_linear
+            # One oneDNN call each for matmul + ReLU and matmul + residual add: bitwise the same as
+            # the two calls in fp32; in bf16 the fused add rounds once instead of twice, so bf16
+            # keeps the separate add (the same tokens as before).
+            self.linear, self.linear_relu = _mkldnn_linear, _mkldnn_linear_relu
+            self.linear_add = _mkldnn_linear_add if dtype == torch.float32 else _mkldnn_linear_then_add
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a step reads (the compiled step marks them static for CUDA graphs)."""
@@ -176,7 +200,7 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
     B, T = ids.shape
     n_layer, T_max = k_cache.size(0), k_cache.size(3)
     H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
-    linear, cdtype = w.linear, k_cache.dtype
+    linear, linear_relu, linear_add, cdtype = w.linear, w.linear_relu, w.linear_add, k_cache.dtype
     P = pos.unsqueeze(1) if T == 1 else pos.unsqueeze(1) + torch.arange(T, device=ids.device)  # (B, T)
     flat = P.view(-1)
     cos, sin = w.cos2[flat].unsqueeze(1), w.sin2[flat].unsqueeze(1)  # (B·T, 1, D)
@@ -208,7 +232,7 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
             qkv = qkv.float()
         qkv = qkv.view(B * T, -1, D)  # (B·T, H + 2·H_kv, D): q heads, k heads, v heads
         qk = qkv[:, :H + Hkv]
-        swapped = qk.unflatten(2, (2, D // 2)).flip(2).flatten(2)
+        swapped = qk.roll(D // 2, -1)  # the two halves of each head swapped
         qk = F.rms_norm(torch.addcmul(qk * cos, swapped, sin), (D,), eps=RMS_EPS)  # RoPE, then QK-norm
         if w.qk_scale != 1.0:
             qk = qk * w.qk_scale
@@ -228,8 +252,8 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
         y = y.transpose(1, 2).reshape(B * T, -1)
         if y.dtype != w.dtype:
             y = y.to(w.dtype)
-        x = x + linear(y, w_o)
-        x = x + linear(F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc)).square_(), w_proj)
+        x = linear_add(y, w_o, x)
+        x = linear_add(linear_relu(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc).square_(), w_proj, x)
         if w.backout is not None and i == w.backout[0]:
             mid = x
     if T > 1:  # only the last (or `last`) position of each row goes through the head
