@@ -191,12 +191,9 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
     without it every row must start at end - T (a prefill from position 0 uses the causal kernel).
     Returns fp32 softcapped logits (B, V) of each row's last new token (or of position `last` (B,)
     of the T, for a right-padded prefill). Static shapes for fixed (B, T, end): what the compiled /
-    CUDA-graph path captures.
-
-    RoPE and QK-norm run in fp32, the matmuls in w.dtype, attention in the cache's dtype. On a CPU
-    a step is mostly its ~25 Python-level torch calls per layer (a few µs each), so this counts
-    calls: the rows of all T tokens are one (B·T, d) batch, positions, cache slots and masks are
-    built once per call, not per layer, and casts that would be no-ops are skipped."""
+    CUDA-graph path captures. RoPE and QK-norm run in fp32, the matmuls in w.dtype, attention in
+    the cache's dtype. A CPU step is mostly its ~25 torch calls per layer, so positions, cache slots
+    and masks are built once per call, and no-op casts are skipped."""
     B, T = ids.shape
     n_layer, T_max = k_cache.size(0), k_cache.size(3)
     H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
