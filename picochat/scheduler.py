@@ -80,6 +80,8 @@ class Job:
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k
     top_p: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= count · frequency + (count > 0) · presence,
+    presence_penalty: float = 0.0   # counted over the tokens this choice has sampled (not tool output)
     seed: int | None = None  # None: a random seed; choice i uses seed + i
     stop: list[str] = field(default_factory=list)
     timeout: float | None = None  # seconds from submission, then finish_reason "length"
@@ -119,6 +121,7 @@ class Row:
     finished: bool = False
     ids: list[int] = field(default_factory=list)  # with job.keep_tokens: every token generated
     sampled: list[bool] = field(default_factory=list)  # and whether it was sampled (not forced)
+    counts: torch.Tensor | None = None  # with a penalty: how often each token was sampled (V,)
 
 
 class Scheduler:
@@ -297,6 +300,14 @@ class Scheduler:
 
     def sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
         jobs = [row.job for row in rows]
+        penalized = [i for i, job in enumerate(jobs) if job.frequency_penalty or job.presence_penalty]
+        if penalized:
+            logits = logits.clone()  # (the model's own logits may be an inference-mode tensor)
+            for i in penalized:
+                row = rows[i]
+                if row.counts is None:
+                    row.counts = torch.zeros(logits.size(-1), device=logits.device)
+                logits[i] -= row.counts * row.job.frequency_penalty + (row.counts > 0) * row.job.presence_penalty
         if all(job.temperature == 0 for job in jobs):  # greedy rows draw nothing
             sampled = logits.argmax(dim=-1).tolist()
         else:
@@ -312,6 +323,8 @@ class Scheduler:
                 row.sampled.append(not forced)
             if row.job.on_token is not None:
                 row.job.on_token(row.index, token, not forced)
+            if row.counts is not None and not forced:
+                row.counts[token] += 1
             self.advance(row, token)
 
     def advance(self, row: Row, token: int) -> None:
@@ -496,7 +509,8 @@ def run_to_completion(scheduler: Scheduler, jobs: list[Job],
 
 def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+             seed: int = 42, frequency_penalty: float = 0.0, presence_penalty: float = 0.0
+             ) -> Iterator[tuple[list[int], list[int]]]:
     """Yield (token_column, mask_column) per step for `num_samples` continuations of `tokens`: the
     prompt is prefilled once and shared by every row; row i samples with its own generator seeded
     seed + i (as a server request's choices do); mask 0 marks a token forced in (a tool's output).
@@ -535,6 +549,7 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
 
     scheduler.submit(Job(list(tokens), emit, n=num_samples, max_tokens=steps, temperature=temperature,
                          top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed,
+                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                          on_token=lambda i, token, sampled: queued[i].append((token, int(sampled)))))
     last = [0] * num_samples
     while True:

@@ -105,7 +105,8 @@ def tok():
 
 
 class SayingEngine:
-    """Stands in for picochat.engine.Engine in Chat: every reply is `tokens`, then <|assistant_end|>."""
+    """Stands in for picochat.engine.Engine in Chat (with the fixture below standing in for
+    scheduler.generate): every reply is `tokens`, then <|assistant_end|>."""
 
     def __init__(self, tok, tokens: list[int]):
         self.tokenizer, self.tokens = tok, tokens
@@ -119,11 +120,9 @@ class SayingEngine:
 
 @pytest.fixture(autouse=True)
 def chat_samples_from_the_stand_in(monkeypatch):
-    """Wherever Chat samples from (engine.generate, or a module-level generate(engine, ...)), the
-    stand-in engine's tokens come out."""
+    """Chat samples through scheduler.generate(engine, ...): the stand-in engine's tokens come out."""
     import picochat.stages.chat as chat_stage
-    if hasattr(chat_stage, "generate"):
-        monkeypatch.setattr(chat_stage, "generate", lambda engine, prompt, **settings: engine.generate(prompt))
+    monkeypatch.setattr(chat_stage, "generate", lambda engine, prompt, **settings: engine.generate(prompt))
 
 
 def tool_reply(tok) -> list[int]:
@@ -134,7 +133,8 @@ def tool_reply(tok) -> list[int]:
 
 
 def ask(tok, tokens, plain=False) -> Chat:
-    chat = Chat(SayingEngine(tok, tokens), Namespace(max_tokens=64, temperature=0.0, top_k=50, seed=42, plain=plain))
+    chat = Chat(SayingEngine(tok, tokens), Namespace(max_tokens=64, temperature=0.0, top_k=50, seed=42, plain=plain,
+                                                       frequency_penalty=0.0, presence_penalty=0.0))
     chat.reply("What is 12 times 7?")
     return chat
 

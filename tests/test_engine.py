@@ -168,6 +168,20 @@ def test_max_tokens_and_the_rotary_table_bound_the_reply(tok):
         list(generate(engine, [tok.bos_id] * 161))
 
 
+def test_penalties_steer_a_reply_away_from_the_tokens_it_sampled(tok):
+    """OpenAI's frequency and presence penalties: with every logit equal, greedy decoding repeats
+    the first token for ever; with either penalty each sampled token is pushed below the others,
+    so the reply never repeats one (until every token was used)."""
+    engine = UniformEngine(tiny_config(tok), tok)
+    run = lambda **kw: generate_batch(engine, chat_prompt(tok), max_tokens=12, temperature=0.0, **kw)[0][0]  # noqa: E731
+    prompt = chat_prompt(tok)
+    assert len(set(run()[len(prompt):])) == 1
+    for kw in (dict(frequency_penalty=0.5), dict(presence_penalty=0.5)):
+        reply = run(**kw)[len(prompt):]
+        assert len(reply) == 12 and len(set(reply)) == 12, kw
+    assert len(set(run(frequency_penalty=-0.5)[len(prompt):])) == 1  # negative: repeat all the more
+
+
 # -----------------------------------------------------------------------------
 # Tool use
 
@@ -225,7 +239,8 @@ def test_stream_decoder_never_emits_half_a_character(tok):
 
 
 def chat_args(**overrides):
-    args = dict(max_tokens=64, temperature=0.0, top_k=50, seed=42, plain=True)
+    args = dict(max_tokens=64, temperature=0.0, top_k=50, seed=42, plain=True, frequency_penalty=0.0,
+                presence_penalty=0.0)
     return Namespace(**(args | overrides))
 
 

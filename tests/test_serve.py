@@ -303,6 +303,7 @@ LONG = "x" * 8001
     (ask("hi", temperature=2.5), "temperature", "[0.0, 2.0], got 2.5"),
     (ask("hi", top_k=201), "top_k", "[1, 200], got 201"),
     (ask("hi", top_p=0), "top_p", "(0.0, 1.0], got 0"),
+    (ask("hi", frequency_penalty=2.5), "frequency_penalty", "[-2.0, 2.0], got 2.5"),
     (ask("hi", max_tokens=0), "max_tokens", "[1, 4096], got 0"),
     (ask("hi", n=9), "n", "[1, 8], got 9"),
     (ask("hi", max_tokens=4000), "max_tokens", "exceeds the model's context of 256 tokens: ask for at most"),

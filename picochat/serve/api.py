@@ -7,7 +7,8 @@ Limits, each a 400 naming the limit and the value seen: at most 500 messages, 8,
 message and 32,000 in all, no empty message; roles user and assistant, alternating, starting and
 ending with user, and one optional leading system message (prepended to the first user message:
 the model has no system role); temperature in [0, 2], top_k in [1, 200] (0: no top-k),
-top_p in (0, 1], max_tokens in [1, 4096], n in [1, 8], at most 4 stop strings; the prompt plus
+top_p in (0, 1], frequency_penalty and presence_penalty in [-2, 2] (OpenAI's meaning, counted over
+the tokens the reply sampled), max_tokens in [1, 4096], n in [1, 8], at most 4 stop strings; the prompt plus
 max_tokens must fit the model's context.
 
 Tool calls are structure, never text (docs/SERVING.md#tool-calls): a reply's tool blocks, opened
@@ -36,6 +37,7 @@ MAX_MESSAGE_CHARS = 8_000
 MAX_TOTAL_CHARS = 32_000
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 200
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty, as OpenAI bounds them
 MAX_TOKENS = 4096
 MAX_N = 8
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -73,6 +75,8 @@ class Defaults:
     temperature: float = 0.8
     top_k: int = 50
     max_tokens: int = 512
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass
@@ -83,6 +87,8 @@ class ChatRequest:
     temperature: float = 0.8
     top_k: int = 50
     top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     max_tokens: int | None = None  # None: the server's default, cut to what the context has left
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -237,6 +243,10 @@ def parse_chat_request(body, defaults: Defaults) -> ChatRequest:
         temperature=_number(body, "temperature", defaults.temperature, 0.0, MAX_TEMPERATURE, integer=False),
         top_k=parse_top_k(body, defaults.top_k),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, integer=False, low_open=True),
+        frequency_penalty=_number(body, "frequency_penalty", defaults.frequency_penalty, -MAX_PENALTY, MAX_PENALTY,
+                                  integer=False),
+        presence_penalty=_number(body, "presence_penalty", defaults.presence_penalty, -MAX_PENALTY, MAX_PENALTY,
+                                 integer=False),
         max_tokens=_number(body, "max_tokens", None, 1, MAX_TOKENS, integer=True),
         seed=None if seed is None else seed % 2**63,
         stop=parse_stop(body.get("stop")),

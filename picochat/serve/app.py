@@ -543,7 +543,7 @@ def create_app(pool: EnginePool, tokenizer, model_name: str, context_len: int, d
         loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(prompt, emit=lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d), n=chat.n,
                   max_tokens=max_tokens, temperature=chat.temperature, top_k=chat.top_k, top_p=chat.top_p,
-                  seed=chat.seed, stop=chat.stop, timeout=request_timeout)
+                  frequency_penalty=chat.frequency_penalty, presence_penalty=chat.presence_penalty, seed=chat.seed, stop=chat.stop, timeout=request_timeout)
         try:
             pool.submit(job)
         except QueueFull:

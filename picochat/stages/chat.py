@@ -48,6 +48,10 @@ def build_parser() -> Parser:
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42, help="sampling seed; reply i uses seed + i")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times a token's count in the reply so far from its logit (OpenAI's; -2..2)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token the reply has used (OpenAI's; -2..2)")
     add_device_args(p)
     p.add_argument("--plain", action="store_true", help="no ANSI colours, even on a terminal")
     return p
@@ -58,6 +62,9 @@ def main(argv=None):
     if args.temperature < 0 or args.max_tokens < 1:
         raise PicochatError(f"need --temperature >= 0 and --max-tokens >= 1, "
                             f"got {args.temperature} and {args.max_tokens}")
+    if not (abs(args.frequency_penalty) <= 2 and abs(args.presence_penalty) <= 2):
+        raise PicochatError(f"--frequency-penalty and --presence-penalty must be in [-2, 2], "
+                            f"got {args.frequency_penalty} and {args.presence_penalty}")
     device = resolve_device(args.device, dist_info())
     tokenizer = get_tokenizer()
     model, meta = load_model(args.source, args.model_tag or None, device,
@@ -131,7 +138,9 @@ class Chat:
         reply_tokens, ended = [], False
         columns = generate(self.engine, prompt, max_tokens=min(self.args.max_tokens, context - len(prompt)),
                            temperature=self.args.temperature, top_k=self.args.top_k or None,
-                           seed=self.args.seed + self.turns)
+                           seed=self.args.seed + self.turns,
+                           frequency_penalty=self.args.frequency_penalty,
+                           presence_penalty=self.args.presence_penalty)
         try:
             for token_column, _ in columns:
                 token = token_column[0]

@@ -31,7 +31,7 @@ from picochat.checkpoint import load_model, resolve_model_dir
 from picochat.cli import Parser, add_device_args, positive_int
 from picochat.common import TRAINING_STAGES, PicochatError, color_enabled, dist_info, resolve_device, resolve_dtype
 from picochat.engine import Engine
-from picochat.serve.api import MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
+from picochat.serve.api import MAX_PENALTY, MAX_TEMPERATURE, MAX_TOKENS, MAX_TOP_K, Defaults
 from picochat.serve.app import (BODY_TIMEOUT_S, FD_RESERVE, HEADER_TIMEOUT_S, LOOPBACK_NAMES, MAX_CLIENT_CONNECTIONS,
                                 MAX_CONNECTIONS, create_app, serve_config)
 from picochat.scheduler import EnginePool, Scheduler
@@ -66,6 +66,8 @@ def build_parser() -> Parser:
     p.add_argument("--temperature", type=float, default=0.8, help="when a request gives none (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="when a request gives none (0: no top-k)")
     p.add_argument("--max-tokens", type=int, default=512, help="when a request gives none (cut to the context)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="when a request gives none (-2..2)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="when a request gives none (-2..2)")
     p.add_argument("--num-gpus", type=int, default=0, help="with --device cuda: engines on GPUs 0..n-1 (0: all)")
     add_device_args(p, auto_dtype="float32 on CPUs, so a reply never depends on the batch; bf16 on GPUs")
     return p
@@ -160,6 +162,10 @@ def check_args(args) -> None:
         raise PicochatError(f"--temperature must be in [0, {MAX_TEMPERATURE}], got {args.temperature}")
     if not 0 <= args.top_k <= MAX_TOP_K:
         raise PicochatError(f"--top-k must be in [0, {MAX_TOP_K}], got {args.top_k}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -MAX_PENALTY <= getattr(args, name) <= MAX_PENALTY:
+            raise PicochatError(f"--{name.replace('_', '-')} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], "
+                                f"got {getattr(args, name)}")
     if not 1 <= args.max_tokens <= MAX_TOKENS:
         raise PicochatError(f"--max-tokens must be in [1, {MAX_TOKENS}], got {args.max_tokens}")
     if not 0 < args.port < 65536:
@@ -221,7 +227,8 @@ def main(argv=None):
         schedulers.append(Scheduler(Engine(model, tokenizer), args.max_batch_size, args.max_queue))
     config = schedulers[0].engine.model.config
     app = create_app(EnginePool(schedulers), tokenizer, model_name=tag, context_len=config.sequence_len,
-                     defaults=Defaults(args.temperature, args.top_k, args.max_tokens),
+                     defaults=Defaults(args.temperature, args.top_k, args.max_tokens,
+                                       args.frequency_penalty, args.presence_penalty),
                      api_key=args.api_key or None, request_timeout=args.request_timeout,
                      allowed_hosts=LOOPBACK_NAMES if is_loopback(args.host) else None,
                      body_timeout=args.body_timeout)
