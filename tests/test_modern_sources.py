@@ -245,6 +245,9 @@ def test_no_held_out_title_conversation_or_everyday_prompt_is_in_a_demo_training
     picochat.tasks.spelling.split_words.cache_clear()
     monkeypatch.setattr(mixtures, "MID_SPELLING_BEE", 50)
     monkeypatch.setattr(mixtures, "SFT_SPELLING_BEE", 50)
+    from picochat.search import INDEX_ENV, build_index, index_path
+    monkeypatch.delenv(INDEX_ENV, raising=False)  # Facts searches the demo's index, built here from the fixture
+    build_index(index_path("demo"), [(t, s) for t, _, s in sources.wiki_summaries()], source="the fixture wheel")
     try:
         held_out_text = [sources.clean_prose(e)[:30] for t, _, e in fx.WIKI if t in fx.HELD_OUT_TITLES]
         held_out_text += ["I like cats a lot", "Sorry, hi!"]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 # Sizes of the demo mixtures' general conversation and SpellingBee (docs/DATA.md has the token shares).
 DEMO_CHATS, SFT_CHATS = 2500, 1000    # ChitChat windows: midtraining's, then SFT's, disjoint
-DEMO_QA, SFT_QA = 7000, 2000          # EncyclopediaQA questions, the same way (were 2,500 and 1,000)
+DEMO_QA, SFT_QA = 3000, 500           # EncyclopediaQA questions, the same way (were 7,000 and 2,000)
+# Facts questions (answered with the search tool; ~13% of them are left out, docs/TOOLS.md): they took
+# most of EncyclopediaQA's share, since a small model answering from memory gets the facts wrong.
+DEMO_FACTS, SFT_FACTS = 4000, 1700
 MID_SPELLING_BEE, SFT_SPELLING_BEE = 6_000, 1_700  # mid's was 10,000: 57% of its tokens, now 39%
 
 
@@ -31,6 +34,7 @@ def mid_mixture(kind: str):
     # SpellingBee grows with the mixture so its share of the tokens stays about what it was.
     from picochat.tasks.arithmetic import Arithmetic
     from picochat.tasks.encyclopedia import EncyclopediaQA
+    from picochat.tasks.facts import Facts
     from picochat.tasks.smalltalk import Chatterbot, ChitChat
     train = TaskMixture([SpellingBee(size=MID_SPELLING_BEE, split="train"), SimpleSpelling(size=2000, split="train"),
                          Arithmetic(size=2000, split="train"), IdentityConversations(), IdentityConversations(),
@@ -38,7 +42,7 @@ def mid_mixture(kind: str):
                          ARC(subset="ARC-Easy", split="validation", source="offline"),
                          ARC(subset="ARC-Challenge", split="validation", source="offline"),
                          ChitChat(split="train", stop=DEMO_CHATS), Chatterbot(),
-                         EncyclopediaQA(split="train", stop=DEMO_QA)])
+                         EncyclopediaQA(split="train", stop=DEMO_QA), Facts(split="train", count=DEMO_FACTS)])
     val = TaskMixture([SpellingBee(size=200, split="test"), Arithmetic(size=200, split="test"),
                        ChitChat(split="test", stop=200), EncyclopediaQA(split="test", stop=200)])
     return train, val
@@ -59,6 +63,7 @@ def sft_mixture(kind: str):
         return train, SmolTalk(split="test")
     from picochat.tasks.arithmetic import Arithmetic
     from picochat.tasks.encyclopedia import EncyclopediaQA
+    from picochat.tasks.facts import Facts
     from picochat.tasks.smalltalk import Chatterbot, ChitChat
     # Conversations midtraining did not see (the slices after its own), and every other chatterbot exchange.
     # No MMLU: it repeated midtraining's 1,531 questions and was 27% of SFT's tokens.
@@ -68,7 +73,8 @@ def sft_mixture(kind: str):
                          SimpleSpelling(size=300, split="train"), SpellingBee(size=SFT_SPELLING_BEE, split="train"),
                          Arithmetic(size=300, split="train"),
                          ChitChat(split="train", start=DEMO_CHATS, stop=DEMO_CHATS + SFT_CHATS),
-                         Chatterbot(step=2), EncyclopediaQA(split="train", start=DEMO_QA, stop=DEMO_QA + SFT_QA)])
+                         Chatterbot(step=2), EncyclopediaQA(split="train", start=DEMO_QA, stop=DEMO_QA + SFT_QA),
+                         Facts(split="train", first=DEMO_FACTS, count=SFT_FACTS)])
     val = TaskMixture([SpellingBee(size=200, split="test"), Arithmetic(size=200, split="test"),
                        ChitChat(split="test", stop=200), EncyclopediaQA(split="test", stop=200)])
     return train, val
