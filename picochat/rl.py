@@ -5,7 +5,11 @@ shared training loop: on-policy rollouts, rewards and advantages, the policy-gra
 For each prompt, k completions are sampled at temperature 1 from the current model, with the Python
 tool running during sampling (the continuous-batching scheduler decodes every prompt's samples
 together). The task's own checker gives each completion a reward; its advantage is the reward minus
-the mean reward of the prompt's k samples (no std normalization, no KL term, no reference model).
+the mean reward of the prompt's k samples (no KL term, no reference model). Two variants, off by
+default until measured on the demo (docs/LOG.md): advantages divided by the std of the prompt's
+rewards (GRPO's, `std_normalize`), and prompts whose samples all scored the same left out of the
+step (`uniform`; DAPO's dynamic sampling without the refill): they have no signal, and their tokens
+would only dilute the token-count normalization below.
 The loss is -Σ advantage · log p(token) over the sampled tokens only (the prompt and the tool output
 forced into the stream are not the policy's choices), divided by the number of sampled tokens.
 
@@ -56,16 +60,23 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], seeds: list[i
              for c in choices] for prompt, choices in zip(prompts, results)]
 
 
-def score(task, conversation: dict, group: list[Rollout]) -> None:
-    """Rewards from the task's checker; advantages against the mean of the prompt's samples (the
-    failed ones left out: they get neither a reward nor an advantage)."""
+def score(task, conversation: dict, group: list[Rollout], std_normalize: bool = False) -> None:
+    """Rewards from the task's checker; advantages against the mean of the prompt's samples, divided
+    by their (population) std with std_normalize where it is not 0. The failed samples are left out:
+    they get neither a reward nor an advantage."""
     ok = [r for r in group if not r.failed]
     for r in ok:
         r.reward = float(task.reward(conversation, r.text))
         r.correct = bool(task.evaluate(conversation, r.text))
     mean = sum(r.reward for r in ok) / max(1, len(ok))
+    std = (sum((r.reward - mean) ** 2 for r in ok) / max(1, len(ok))) ** 0.5
     for r in ok:
-        r.advantage = r.reward - mean
+        r.advantage = (r.reward - mean) / (std if std_normalize and std > 0 else 1.0)
+
+
+def uniform(group: list[Rollout]) -> bool:
+    """Every scored sample of the prompt got the same reward: every advantage is 0, nothing to learn."""
+    return len({r.reward for r in group if not r.failed}) <= 1
 
 
 def training_rows(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

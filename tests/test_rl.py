@@ -61,6 +61,68 @@ def test_the_policy_gradient_loss_is_the_hand_computed_sum_over_sampled_tokens_o
     assert model.lm_head.weight.grad.abs().sum() > 0
 
 
+class YesIsRight:  # reward 1 for "yes"
+    def reward(self, conversation, text):
+        return float(text == "yes")
+
+    def evaluate(self, conversation, text):
+        return text == "yes"
+
+
+def group_of(*texts, failed=()):
+    from picochat.rl import Rollout
+    return [Rollout([1, 2], [3 + i, 4], [True, True], t, failed=i in failed) for i, t in enumerate(texts)]
+
+
+def test_std_normalization_divides_the_advantages_by_the_groups_reward_std():
+    from picochat.rl import score
+    group = group_of("yes", "no", "no", "no")
+    score(YesIsRight(), {}, group)
+    assert [r.advantage for r in group] == [0.75, -0.25, -0.25, -0.25]
+    score(YesIsRight(), {}, group, std_normalize=True)
+    std = (0.75 * 0.25) ** 0.5  # the population std of 1, 0, 0, 0
+    assert [r.advantage for r in group] == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std])
+    same = group_of("no", "no")
+    score(YesIsRight(), {}, same, std_normalize=True)  # std 0: the advantages stay 0, not nan
+    assert [r.advantage for r in same] == [0.0, 0.0]
+
+
+def test_a_group_is_uniform_when_its_scored_samples_got_one_reward():
+    from picochat.rl import score, uniform
+    for texts, failed, expected in ((("no", "no"), (), True), (("yes", "no"), (), False),
+                                    (("yes", "no"), (1,), True), (("yes", "yes", "yes"), (), True)):
+        group = group_of(*texts, failed=failed)
+        score(YesIsRight(), {}, group)
+        assert uniform(group) == expected, (texts, failed)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_skip_uniform_groups_trains_only_on_groups_with_signal_and_still_reports_every_reward(skip):
+    from argparse import Namespace
+
+    from picochat.rl import score
+    from picochat.stages.rl import PolicyGradient
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(1, 1)
+
+    mixed, flat = group_of("yes", "no"), group_of("no", "no", "no")
+    for group in (mixed, flat):
+        score(YesIsRight(), {}, group)
+    args = Namespace(prompts_per_step=2, num_samples=2, seed=0, device_batch_size=8, skip_uniform_groups=skip,
+                     std_normalize=False)
+    recipe = PolicyGradient(args, Model(), Namespace(bos_id=0), [([{}, {}], 0), ([{}, {}], 1)], {}, steps=1)
+    recipe.sample = lambda tasks, conversations, seeds, k: [mixed, flat]
+    data = recipe.next_step()
+    inputs, targets, advantages = data.micro_batches[0]
+    assert inputs.shape[0] == (2 if skip else 5)  # the rows trained on
+    assert data.count == (4 if skip else 10)  # their sampled tokens: the loss is divided by these
+    assert data.sums["samples"] == 5 and data.sums["reward"] == 1.0  # every sample's reward, skipped or not
+    assert data.sums["groups"] == 2 and data.sums["uniform_groups"] == 1
+
+
 @pytest.fixture(scope="module")
 def rl_home(tiny_home):
     picochat(tiny_home, "base_train", *BASE, "--model-tag", "rlbase")

@@ -1,13 +1,16 @@
 """
-Reinforcement learning on tasks with a checker (GSM8K; SpellingBee and Arithmetic offline), on the
-shared training loop (picochat/loop.py) with the pieces in picochat/rl.py.
+Reinforcement learning on tasks with a checker (GSM8K; SpellingBee, Arithmetic and Facts offline), on
+the shared training loop (picochat/loop.py) with the pieces in picochat/rl.py.
 
     picochat rl --task SpellingBee,Arithmetic --source-tag demo     # the offline demo
+    picochat rl --task SpellingBee,Arithmetic,Facts --source-tag demo --skip-uniform-groups --std-normalize
     torchrun --nproc_per_node=8 -m picochat rl                      # GSM8K, the d20 recipe
 
 Each step takes --prompts-per-step training problems (split over the processes), samples
---num-samples completions of each at temperature 1 with the Python tool, rewards them with the task's
-checker and takes one policy-gradient step (the advantage is the reward minus the prompt's mean).
+--num-samples completions of each at temperature 1 with the tools (Facts: the search tool), rewards
+them with the task's checker and takes one policy-gradient step (the advantage is the reward minus
+the prompt's mean; with --std-normalize divided by the prompt's std; --skip-uniform-groups leaves
+out the prompts whose samples all got the same reward).
 Every --eval-every steps: pass@1..k on the task's test problems, into metrics.jsonl. The LR falls
 linearly to 0. Resumable like every stage (--save-every, --resume): the sampling seeds follow the
 step, so a resumed run draws the same completions.
@@ -23,7 +26,7 @@ from picochat.checkpoint import load_model
 from picochat.cli import Parser, add_device_args, add_source_args, check_tags
 from picochat.common import PicochatError, dist_info, print0, resolve_dtype, setup_device, shutdown_distributed
 from picochat.loop import LoopSettings, Recipe, StepData, run_loop
-from picochat.rl import pass_at_k, policy_gradient_loss, sample_completions, score, training_rows
+from picochat.rl import pass_at_k, policy_gradient_loss, sample_completions, score, training_rows, uniform
 from picochat.training import lr_multiplier_by_progress
 
 
@@ -42,8 +45,14 @@ def _arithmetic(split):
     return Arithmetic(size=5000 if split == "train" else 256, split=split)
 
 
+def _facts(split):
+    # train: the questions alone, keys derived at run time by the test's rule; test: the frozen file
+    from picochat.tasks.facts import Facts
+    return Facts(split="train", count=5000, questions_only=True) if split == "train" else Facts(split="test")
+
+
 # name -> task of a split ("train" or "test"); a test can add its own
-TASKS = {"GSM8K": _gsm8k, "SpellingBee": _spelling, "Arithmetic": _arithmetic}
+TASKS = {"GSM8K": _gsm8k, "SpellingBee": _spelling, "Arithmetic": _arithmetic, "Facts": _facts}
 
 
 def build_parser() -> Parser:
@@ -53,6 +62,10 @@ def build_parser() -> Parser:
     add_source_args(p, "rl", "sft")
     p.add_argument("--prompts-per-step", type=int, default=16, help="training problems per step, all processes")
     p.add_argument("--num-samples", type=int, default=16, help="completions sampled per problem")
+    p.add_argument("--skip-uniform-groups", action="store_true",
+                   help="leave out of the step the problems whose samples all got the same reward (no signal)")
+    p.add_argument("--std-normalize", action="store_true",
+                   help="divide each problem's advantages by the std of its samples' rewards (GRPO)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     p.add_argument("--top-k", type=int, default=50, help="top-k of the rollouts (0: off)")
@@ -122,6 +135,8 @@ def train(args, names, info, device):
         ("task", f"{', '.join(names)}: {len(problems):,} training problems"),
         ("per step", f"{args.prompts_per_step} problems × {args.num_samples} samples "
                      f"({args.prompts_per_step // W} problems per process), temperature {args.temperature:g}"),
+        ("advantage", "reward - the problem's mean" + (", / their std" if args.std_normalize else "")
+                      + ("; problems whose samples all score the same: skipped" if args.skip_uniform_groups else "")),
         ("horizon", f"{steps} steps"),
         ("evaluation", f"pass@1..{args.eval_samples} on {args.eval_problems} test problems "
                        + (f"every {args.eval_every} steps" if args.eval_every > 0 else "at the end")),
@@ -133,7 +148,9 @@ def train(args, names, info, device):
             "user_config": vars(args) | {"model_tag": model_tag}, "compute_dtype": str(dtype).replace("torch.", ""),
             "world_size": W, "max_seq_len": model.config.sequence_len, "num_iterations": steps,
             "rollout": {"tasks": names, "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
-                        "device_batch_size": args.device_batch_size, "seed": args.seed},
+                        "device_batch_size": args.device_batch_size, "seed": args.seed,
+                        # only when on, so a run saved before these flags existed still resumes
+                        **{flag: True for flag in ("skip_uniform_groups", "std_normalize") if getattr(args, flag)}},
             "source": {"stage": args.source, "tag": source_meta["model_tag"], "step": source_meta["step"]}}
     return run_loop(recipe, model, optimizer, LoopSettings.from_args(args), meta,
                     must_match=("model_config", "world_size", "rollout"))
@@ -178,7 +195,7 @@ class PolicyGradient(Recipe):
                                      k, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                      max_rows=a.rollout_batch)
         for i, group in zip(fits, sampled):
-            score(tasks[i], conversations[i], group)
+            score(tasks[i], conversations[i], group, std_normalize=a.std_normalize)
             groups[i] = group
         failed = sum(r.failed for group in sampled for r in group)
         if failed:
@@ -196,7 +213,10 @@ class PolicyGradient(Recipe):
         self.model.eval()
         groups = self.sample([task for task, _ in picked], conversations, seeds, a.num_samples)
         self.model.train()
-        rollouts = [r for group in groups if group for r in group if not r.failed]
+        scored = [group for group in groups if group]
+        learned = [group for group in scored if not (a.skip_uniform_groups and uniform(group))]
+        rollouts = [r for group in learned for r in group if not r.failed]
+        every = [r for group in scored for r in group if not r.failed]  # the step's rewards, skipped or not
         micro, count = [], 0
         for i in range(0, max(1, len(rollouts)), a.device_batch_size):  # at least one (maybe empty) batch
             inputs, targets, advantages, c = training_rows(rollouts[i:i + a.device_batch_size],
@@ -205,9 +225,10 @@ class PolicyGradient(Recipe):
             micro.append((inputs.to(device), targets.to(device), advantages.to(device)))
             count += c
         return StepData(micro, count=float(count), sums={
-            "reward": sum(r.reward for r in rollouts), "samples": float(len(rollouts)),
-            "correct": float(sum(r.correct for r in rollouts)),
-            "generated_tokens": float(sum(len(r.tokens) for r in rollouts)), "sampled_tokens": float(count)})
+            "reward": sum(r.reward for r in every), "samples": float(len(every)),
+            "correct": float(sum(r.correct for r in every)),
+            "generated_tokens": float(sum(len(r.tokens) for r in every)), "sampled_tokens": float(count),
+            "groups": float(len(scored)), "uniform_groups": float(sum(uniform(g) for g in scored))})
 
     def micro_loss(self, batch):
         return policy_gradient_loss(self.model, *batch)
@@ -234,7 +255,8 @@ class PolicyGradient(Recipe):
     def step_record(self, sums, dt) -> dict:
         n = max(1.0, sums["samples"])
         return {"reward": sums["reward"] / n, "correct": sums["correct"] / n,
-                "mean_tokens": sums["generated_tokens"] / n, "sampled_tokens": int(sums["sampled_tokens"])}
+                "mean_tokens": sums["generated_tokens"] / n, "sampled_tokens": int(sums["sampled_tokens"]),
+                "uniform_groups": sums["uniform_groups"] / max(1.0, sums["groups"])}
 
     # --- evaluation: pass@k on the test problems, the same seeds every time -----------------------
     def evaluate(self, step) -> dict:
