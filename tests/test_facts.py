@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -155,7 +156,7 @@ def test_questions_about_what_the_index_lacks_say_nothing_was_found(index, monke
     # a made-up person with a real first name: results about someone else, still nothing about them
     made, page = task.conversation("Who was Thomas Zorvel?", "Thomas Zorvel", random.Random(0))
     assert page is None and "Thomas Edison" in parts_of(made)["python_output"]
-    assert "nothing about Thomas Zorvel" in parts_of(made)["text"] or "anything about Thomas Zorvel" in parts_of(made)["text"]
+    assert re.search(r"(nothing|anything) about Thomas Zorvel", parts_of(made)["text"])
 
 
 def test_no_held_out_page_is_in_any_training_conversation(index, monkeypatch):
@@ -188,7 +189,8 @@ def test_the_frozen_key_file_holds_256_or_more_held_out_titles_each_with_a_key(m
         assert held_out(q["title"]) and q["question"].strip()
         assert 2 <= len(q["keys"]) <= facts.KEY_WORDS and all(k.isalpha() and k.islower() for k in q["keys"])
     task = Facts(split="test")
-    assert len(task) == len(questions) and task[0]["messages"] == [{"role": "user", "content": questions[0]["question"]}]
+    assert len(task) == len(questions)
+    assert task[0]["messages"] == [{"role": "user", "content": questions[0]["question"]}]
     assert "Frozen" in json.loads(facts.KEYS_FILE.read_text())["about"]
 
 
