@@ -171,6 +171,14 @@ def test_no_held_out_page_is_in_any_training_conversation(index, monkeypatch):
     assert len(Facts(split="train", first=3, count=5)) <= 5  # a slice searches only its own candidates
 
 
+def test_a_title_whose_own_page_the_search_misses_is_left_out_not_answered_nothing_found(index, monkeypatch):
+    search = facts.search
+    monkeypatch.setattr(facts, "search", lambda path, query, k: [h for h in search(path, query, k)
+                                                                 if h.title != "Hat"])
+    task = Facts(split="train")
+    assert "Hat" not in {ex["title"] for ex in task} and all(ex["title"] is None for ex in task if ex["kind"] == "absent")
+
+
 def test_without_an_index_the_task_says_how_to_build_it(home, monkeypatch):
     monkeypatch.setattr(facts, "wiki_summaries", lambda: ROWS)
     monkeypatch.delenv(INDEX_ENV, raising=False)

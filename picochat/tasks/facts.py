@@ -17,13 +17,15 @@ A training conversation, from a train title's Wikipedia summary (held_out(title)
   "What is Mercury?"), as far as the output shows it (the tool cuts each of its 3 lines to ~166
   characters), ended at the first clause end after the verb where it holds the page's key fact
   (below; else before a preposition or 'and'), without parentheses (dates, pronunciations). A page
-  whose line is cut before that gives no conversation (6% of them). When no page names X, the
-  answer says so: "I couldn't find anything about X."
+  whose line is cut before that gives no conversation (5% of them), and so does a title whose own
+  page is not in the top 3 (2%: "China" finds History of China, Economy of China, ...), since
+  "I couldn't find anything about China" would teach a falsehood.
 - One question in ten is about something the encyclopedia does not have: a made-up word ("What is
   a zorvane?", usually "No results."), or a made-up person with a real first name ("Who was Maria
-  Velkon?", whose results are about other people). Both are answered "I couldn't find anything ...".
+  Velkon?", whose results are about other people). Both are answered "I couldn't find anything
+  about X.", as is any question whose results name no page X.
 - No held-out page reaches training: a question whose results include a held-out page is left out
-  (9% of them), so the test titles are in the index but in no training conversation.
+  (8% of them), so the test titles are in the index but in no training conversation.
 
 The test split is the frozen file picochat/tasks/data/facts_keys.json: the held-out titles whose
 first sentence yields a key (below) and whose name no other page shares, each with its question and
@@ -348,11 +350,10 @@ class Facts(Task):
                 {"messages": [{"role": "user", "content": question}], "kind": "title", "title": title,
                  "keys": self.keyed[title]}
         made = self.conversation(question, subject, rng)
-        if made is None:
-            return None
+        if made is None or made[1] is None:  # its page ranks below 3 others ('China': History of China...):
+            return None                      # "I couldn't find anything about China" would teach a falsehood
         conversation, page = made
-        keys = derive_keys(page.title, page.text) if page is not None else []
-        return {**conversation, "kind": "title" if page is not None else "absent", "title": title, "keys": keys}
+        return {**conversation, "kind": "title", "title": title, "keys": derive_keys(page.title, page.text)}
 
     def absent_example(self, index: int) -> dict | None:
         rng = random.Random(f"Facts/absent/{index}")

@@ -9,8 +9,8 @@ DEMO_CHATS, SFT_CHATS = 2500, 1000    # ChitChat windows: midtraining's, then SF
 DEMO_QA, SFT_QA = 2000, 500           # EncyclopediaQA questions, the same way (were 7,000 and 2,000)
 # Facts questions, answered with the search tool (candidates; ~13% are left out, docs/TOOLS.md): they
 # took most of EncyclopediaQA's tokens, since a small model answering from memory gets facts wrong.
-# 2,597 and 870 conversations of ~200 tokens (the tool's output included); with EncyclopediaQA's
-# 2,000 and 500 that is 0.73M and 0.23M tokens, where EncyclopediaQA alone had 0.75M and 0.21M.
+# 2,539 and 855 conversations of ~200 tokens (the tool's output included); with EncyclopediaQA's
+# 2,000 and 500 that is 0.72M and 0.22M tokens, where EncyclopediaQA alone had 0.75M and 0.21M.
 DEMO_FACTS, SFT_FACTS = 3000, 1000
 MID_SPELLING_BEE, SFT_SPELLING_BEE = 6_000, 1_700  # mid's was 10,000: 57% of its tokens, now 39%
 
