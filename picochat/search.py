@@ -142,9 +142,20 @@ def match_expression(query: str) -> str:
     return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
 
 
+def title_of_query(query: str) -> str:
+    """What a page titled exactly as asked would be called: 'the Volcano.' -> 'volcano'."""
+    words = re.findall(r"\w+", query.lower())
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
 def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME_LIMIT_S) -> list[Hit]:
     """The `k` best pages of the index at `path` for `query`, best first ([] when no page has any
-    of its words). A missing or broken index, or a query past `time_limit_s`, is a PicochatError."""
+    of its words): a page titled exactly as asked first ('China' finds China before History of
+    China, which BM25 ranks higher for repeating the word; 'taxonomy' finds Taxonomy (biology)),
+    then by BM25 with title words weighted.
+    A missing or broken index, or a query past `time_limit_s`, is a PicochatError."""
     path = Path(path)
     match = match_expression(query)
     db = _open(path)
@@ -153,8 +164,9 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
     try:
         if not match:
             return []
-        rows = db.execute(f"SELECT title, body FROM pages WHERE pages MATCH ? "
-                          f"ORDER BY bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?", (match, k)).fetchall()
+        rows = db.execute(f"SELECT title, body FROM pages WHERE pages MATCH ?1 "
+                          f"ORDER BY lower(title) = ?2 OR lower(title) LIKE ?2 || ' (%' DESC, "
+                          f"bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?3", (match, title_of_query(query), k)).fetchall()
     except sqlite3.DatabaseError as e:
         if time.monotonic() > deadline:
             raise PicochatError(f"the search took longer than {time_limit_s:g} s; try fewer or rarer words") from None

@@ -49,6 +49,18 @@ def test_the_search_tool_answers_with_the_page_the_words_are_about(tiny_index):
     assert run_tool("search('strawberry')") == "Strawberry: " + PAGES[4][1]
 
 
+def test_a_page_titled_as_asked_comes_first(home):
+    """BM25 favours a page that repeats the word; a person asking about China means China."""
+    path = index_path("countries")
+    build_index(path, [("History of China", "China's history: China, China and China again."),
+                       ("China", "China is a country in East Asia."),
+                       ("Taxonomy (biology)", "Taxonomy is the science of naming organisms."),
+                       ("Domain (taxonomy)", "A domain is the highest taxonomic rank; taxonomy, taxonomy.")],
+                source="countries")
+    assert [hit.title for hit in search(path, "the China?")][:2] == ["China", "History of China"]
+    assert search(path, "taxonomy")[0].title == "Taxonomy (biology)"
+
+
 def test_bm25_puts_more_and_rarer_words_and_title_matches_first(tiny_index):
     assert titles(search(tiny_index, "capital of France")) == ["France", "Paris", "Mauna Loa"]  # "of" alone last
     assert titles(search(tiny_index, "Paris"))[0] == "Paris"  # in the title and the text, above France's mention
