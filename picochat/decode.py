@@ -20,6 +20,7 @@ model's own training forward over the whole sequence (engine.reference_generate)
 """
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 
@@ -170,7 +171,8 @@ def decode_weights(model, packed: bool = True) -> DecodeWeights:
     changed in place (an optimizer step, load_state_dict: an engine over a model that is still
     being trained, as in RL, never decodes stale weights). Weights built from a model prepared for
     inference (GPT.prepare_for_inference: frozen) are not checked again."""
-    entry = _WEIGHTS.get(model)
+    packed = packed and packed_linear(model.lm_head.weight.new_empty(0, dtype=model.compute_dtype))
+    entry = _WEIGHTS.get(model)  # (packing does not apply on GPUs: there the two layouts are one)
     w = entry[1] if entry is not None and entry[0] == packed else None
     if w is None or w.dtype != model.compute_dtype or not (w.prepared or w.versions == weight_versions(model)):
         w = DecodeWeights(model, model.compute_dtype, packed)
@@ -266,7 +268,7 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
 # --- Compiled: static shapes in power-of-two buckets ----------------------------------------
 
 
-def _bucket(n: int, cap: int, floor: int = 1) -> int:
+def bucket(n: int, cap: int, floor: int = 1) -> int:
     """The next power of two >= n (at least floor), capped at cap."""
     b = floor
     while b < n:
@@ -275,17 +277,27 @@ def _bucket(n: int, cap: int, floor: int = 1) -> int:
 
 
 def _buckets(cap: int, floor: int = 1) -> int:
-    """How many values _bucket(n, cap, floor) takes for n in 1..cap."""
-    return len({_bucket(n, cap, floor) for n in range(1, cap + 1)})
+    """How many values bucket(n, cap, floor) takes for n in 1..cap."""
+    count, b = 1, floor
+    while b < cap:
+        b, count = 2 * b, count + 1
+    return count
 
 
-def _recompile_limit_at_least(n: int):
-    """torch.compile keeps at most `recompile_limit` graphs per function (8 by default) and runs
-    the function eagerly past that; a compiled step keeps one graph per bucket, so the limit is
-    raised to the number of buckets for the duration of the call."""
+_GRAPHS = {"allowed": 0}  # graphs promised by every compiled step and prefill of this process
+_GRAPHS_LOCK = threading.Lock()
+
+
+def _allow_graphs(n: int) -> None:
+    """torch.compile keeps at most `recompile_limit` graphs per function (8 by default), counted
+    over every caller of that function in the process, and past it runs eagerly (or, fullgraph,
+    raises). Each new cache shape a compiled step or prefill meets promises its buckets' graphs;
+    the limit is raised to the process's total, once, never lowered (threads may compile at once)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    return config.patch(**{name: max(getattr(config, name), n)})
+    with _GRAPHS_LOCK:
+        _GRAPHS["allowed"] += n
+        setattr(config, name, max(getattr(config, name), 8 + _GRAPHS["allowed"]))
 
 
 def _step(w, ids, pos, k_cache, v_cache, tokens, end):  # one frame of its own: its own graph budget
@@ -301,9 +313,10 @@ class CompiledDecode:
     (the padding rows write into free cache rows at position 0, which a later load_row overwrites),
     attention over a power-of-two prefix (>= min_len) of the cache with a per-row mask. So a cache
     of R rows and L positions needs at most log2(R)+1 by log2(L/min_len)+1 graphs, and the compiler's
-    graph limit is raised to that. On CUDA mode "reduce-overhead" captures each bucket as a CUDA
-    graph (inputs are copied into static buffers; the cache and weights are marked static). A
-    failure to compile falls back to the eager step, once and for good (`self.failed`).
+    graph limit is raised by that for each cache shape met (`_allow_graphs`). On CUDA mode
+    "reduce-overhead" captures each bucket as a CUDA graph (inputs are copied into static buffers;
+    the cache and weights are marked static). A failure to compile falls back to the eager step,
+    once and for good (`self.failed`).
 
         compiled = CompiledDecode(mode="reduce-overhead")          # CUDA (the Engine's default)
         compiled = CompiledDecode(backend="aot_eager")             # CPU tests
@@ -316,6 +329,7 @@ class CompiledDecode:
         # id -> weak reference: the reference tells a live tensor from a new one that reuses a freed
         # one's id. (A WeakSet would compare tensors with ==, which raises for a tensor.)
         self._static: dict[int, weakref.ref] = {}
+        self._shapes: set[tuple[int, int]] = set()  # the (rows, length) cache shapes met so far
 
     def _mark_static(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -329,13 +343,15 @@ class CompiledDecode:
         pos = torch.tensor(lengths, device=ids.device)
         if self.failed is None:
             try:
-                Bb, Lb = _bucket(B, max_rows), _bucket(end, cache.max_len, self.min_len)
+                Bb, Lb = bucket(B, max_rows), bucket(end, cache.max_len, self.min_len)
                 if Bb > B:
                     ids = torch.cat([ids, ids.new_zeros(Bb - B, 1)])
                     pos = torch.cat([pos, pos.new_zeros(Bb - B)])
                 self._mark_static(cache.k, cache.v, cache.tokens, *w.tensors())
-                with _recompile_limit_at_least(_buckets(max_rows) * _buckets(cache.max_len, min(self.min_len, cache.max_len))):
-                    return self.fn(w, ids, pos, cache.k, cache.v, cache.tokens, Lb)[:B].clone()
+                if (max_rows, cache.max_len) not in self._shapes:
+                    self._shapes.add((max_rows, cache.max_len))
+                    _allow_graphs(_buckets(max_rows) * _buckets(cache.max_len, min(self.min_len, cache.max_len)))
+                return self.fn(w, ids, pos, cache.k, cache.v, cache.tokens, Lb)[:B].clone()
             except Exception as e:  # no compiler on this machine, an unsupported op: stay eager
                 self.failed = e
                 ids, pos = ids[:B], pos[:B]
@@ -355,6 +371,7 @@ class CompiledPrefill:
         self.fn = torch.compile(_prefill, backend=backend, mode=mode, dynamic=False)
         self.min_len = min_len
         self.failed: Exception | None = None
+        self._limits: set[int] = set()  # the contexts met so far
 
     def __call__(self, w: DecodeWeights, tokens: list[int], config: GPTConfig, device, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, Cache] | None:
@@ -362,13 +379,15 @@ class CompiledPrefill:
         n, limit = len(tokens), config.sequence_len
         if self.failed is not None or not 0 < n <= limit:
             return None
-        length = _bucket(n, limit, min(self.min_len, limit))
+        length = bucket(n, limit, min(self.min_len, limit))
         cache = Cache(config, 1, length, device, dtype)
         ids = torch.tensor([tokens + [0] * (length - n)], dtype=torch.long, device=device)
+        if limit not in self._limits:
+            self._limits.add(limit)
+            _allow_graphs(_buckets(limit, min(self.min_len, limit)))
         try:
-            with _recompile_limit_at_least(_buckets(limit, min(self.min_len, limit))):
-                logits = self.fn(w, ids, torch.zeros(1, dtype=torch.long, device=device), cache.k, cache.v,
-                                 cache.tokens, length, torch.tensor([n - 1], device=device))
+            logits = self.fn(w, ids, torch.zeros(1, dtype=torch.long, device=device), cache.k, cache.v,
+                             cache.tokens, length, torch.tensor([n - 1], device=device))
         except Exception as e:  # no compiler here, an unsupported op: eager from now on
             self.failed = e
             return None

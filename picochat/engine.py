@@ -173,7 +173,8 @@ class Engine:
         else:
             masked = masked or min(lengths) != max(lengths)
             pos = torch.tensor(lengths, device=ids.device)
-            logits = forward(decode_weights(model), ids, pos, cache.k, cache.v, cache.tokens, end, masked)
+            weights = decode_weights(model, packed=self.compiled is None)  # the compiled step's layout, if any
+            logits = forward(weights, ids, pos, cache.k, cache.v, cache.tokens, end, masked)
         cache.lengths[:B] = [n + T for n in lengths]
         return logits
 

@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from picochat.decode import bucket
 from picochat.engine import Engine, RowState, StreamDecoder, sample_rows
 
 
@@ -89,6 +90,7 @@ class Job:
     keep_tokens: bool = False  # report each choice's tokens when it finishes (RL trains on them)
     on_token: Callable[[int, int, bool], None] | None = None  # (choice, token, sampled) for every
                                                               # token, the end token included
+    stream_text: bool = True  # False: no text Deltas (and no stop strings), for on_token's readers
 
     def __post_init__(self):
         self.submitted = time.monotonic()
@@ -343,12 +345,14 @@ class Scheduler:
         elif code is not None:
             row.tool = self.tools.submit(engine.run_tool, code)
             row.tool.add_done_callback(lambda _: self.wakeup.set())
-        if token in self.special_names:  # structure, not text
+        if not job.stream_text:
+            pass
+        elif token in self.special_names:  # structure, not text
             row.text += row.stream.flush()  # a character cut short by the special token ends here
             row.marks.append((len(row.text), self.special_names[token]))
         else:
             row.text += row.stream.feed(token)
-        if self.emit_text(row):
+        if job.stream_text and self.emit_text(row):
             return self.finish(row, "stop", flush=False)
         # The last token sampled is never fed back: the cache needs prompt + max_tokens - 1 rows.
         if row.tokens >= job.max_tokens or len(job.prompt) + row.tokens >= self.max_len + 1:
@@ -391,7 +395,7 @@ class Scheduler:
         if row.finished:
             return
         row.finished = True
-        if flush:  # the rest of the text, held-back stop-string prefixes and partial characters
+        if flush and row.job.stream_text:  # the rest of the text, held-back stop-string prefixes and partial characters
             row.text += row.stream.flush()
             self.send(row, len(row.text))
         keep = row.job.keep_tokens
@@ -538,8 +542,11 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
     steps = min(max_tokens, limit - prompt_len + 1)
     if steps <= 0:
         return
-    scheduler = Scheduler(engine, max_rows=num_samples, max_queue=1, tool_workers=0,
-                          max_len=prompt_len + steps - 1, masked=False, raise_errors=True)
+    rows, length = num_samples, prompt_len + steps - 1
+    if engine.compiled is not None:  # static shapes: a few cache sizes, not one per prompt length
+        rows, length = bucket(rows, 1 << 20), bucket(length, limit, 64)
+    scheduler = Scheduler(engine, max_rows=rows, max_queue=1, tool_workers=0, max_len=length, masked=False,
+                          raise_errors=True)
     queued: list[deque] = [deque() for _ in range(num_samples)]
     ended = [False] * num_samples
 
@@ -549,7 +556,7 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
 
     scheduler.submit(Job(list(tokens), emit, n=num_samples, max_tokens=steps, temperature=temperature,
                          top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed,
-                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stream_text=False,
                          on_token=lambda i, token, sampled: queued[i].append((token, int(sampled)))))
     last = [0] * num_samples
     while True:

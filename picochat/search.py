@@ -132,7 +132,9 @@ def index_about(path: Path) -> dict[str, str] | None:
 def _open(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise PicochatError(f"no search index at {path}; build it with `{build_command(path)}`")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # as_uri escapes '?', '#', '%'
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # as_uri escapes '?', '#', '%'
+    db.create_function("title_key", 1, title_key, deterministic=True)
+    return db
 
 
 def match_expression(query: str) -> str:
@@ -142,9 +144,11 @@ def match_expression(query: str) -> str:
     return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
 
 
-def title_of_query(query: str) -> str:
-    """What a page titled exactly as asked would be called: 'the Volcano.' -> 'volcano'."""
-    words = re.findall(r"\w+", query.lower())
+def title_key(text: str) -> str:
+    """A title or a query as the exact-title rule compares them: its words, case-folded (any
+    script), without a leading article or a trailing '(...)': 'The Beatles', 'the beatles?' and
+    'Beatles (band)' are all 'beatles'."""
+    words = re.findall(r"\w+", re.sub(r"\s*\([^)]*\)\s*$", "", text).casefold())
     if words and words[0] in ("a", "an", "the"):
         words = words[1:]
     return " ".join(words)
@@ -153,7 +157,8 @@ def title_of_query(query: str) -> str:
 def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME_LIMIT_S) -> list[Hit]:
     """The `k` best pages of the index at `path` for `query`, best first ([] when no page has any
     of its words): a page titled exactly as asked first ('China' finds China before History of
-    China, which BM25 ranks higher for repeating the word; 'taxonomy' finds Taxonomy (biology)),
+    China, which BM25 ranks higher for repeating the word; 'taxonomy' finds Taxonomy (biology), 'the
+    beatles' The Beatles: `title_key`),
     then by BM25 with title words weighted.
     A missing or broken index, or a query past `time_limit_s`, is a PicochatError."""
     path = Path(path)
@@ -165,8 +170,8 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
         if not match:
             return []
         rows = db.execute(f"SELECT title, body FROM pages WHERE pages MATCH ?1 "
-                          f"ORDER BY lower(title) = ?2 OR lower(title) LIKE ?2 || ' (%' DESC, "
-                          f"bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?3", (match, title_of_query(query), k)).fetchall()
+                          f"ORDER BY title_key(title) = ?2 DESC, bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?3",
+                          (match, title_key(query), k)).fetchall()
     except sqlite3.DatabaseError as e:
         if time.monotonic() > deadline:
             raise PicochatError(f"the search took longer than {time_limit_s:g} s; try fewer or rarer words") from None

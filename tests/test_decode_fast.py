@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+
+import picochat.decode
 from pathlib import Path
 
 import pytest
@@ -221,7 +223,7 @@ def test_a_compiled_prefill_pads_the_prompt_but_returns_the_eager_logits_and_cac
     assert prefill(w, list(range(65)), model.config, "cpu", torch.float32) is None  # past the context: eager's error
 
 
-def test_the_compiled_step_keeps_a_graph_per_bucket_past_the_compilers_limit():
+def test_the_compiled_step_keeps_a_graph_per_bucket_past_the_compilers_limit(monkeypatch):
     """A cache of 2 rows x 128 positions with 8-position buckets has 2 x 5 = 10 step buckets, more
     than torch.compile's default limit of 8 graphs per function: every one must still run
     compiled (no fallback to eager), and give the eager tokens."""
@@ -233,6 +235,8 @@ def test_the_compiled_step_keeps_a_graph_per_bucket_past_the_compilers_limit():
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, as in a fresh process
+    monkeypatch.setitem(picochat.decode._GRAPHS, "allowed", 0)
     limit = torch._dynamo.config.recompile_limit
     eager, compiled = Engine(model, Tok()), Engine(model, Tok())
     compiled.compiled = CompiledDecode(backend=counting, min_len=8)

@@ -55,10 +55,15 @@ def test_a_page_titled_as_asked_comes_first(home):
     build_index(path, [("History of China", "China's history: China, China and China again."),
                        ("China", "China is a country in East Asia."),
                        ("Taxonomy (biology)", "Taxonomy is the science of naming organisms."),
-                       ("Domain (taxonomy)", "A domain is the highest taxonomic rank; taxonomy, taxonomy.")],
+                       ("Domain (taxonomy)", "A domain is the highest taxonomic rank; taxonomy, taxonomy."),
+                       ("History of the Beatles", "The Beatles, the Beatles and the Beatles again."),
+                       ("The Beatles", "The Beatles were a rock band."),
+                       ("History of Ørsted", "Ørsted, Ørsted, Ørsted."), ("Ørsted", "Ørsted is a company.")],
                 source="countries")
     assert [hit.title for hit in search(path, "the China?")][:2] == ["China", "History of China"]
     assert search(path, "taxonomy")[0].title == "Taxonomy (biology)"
+    assert search(path, "the Beatles")[0].title == "The Beatles" and search(path, "beatles")[0].title == "The Beatles"
+    assert search(path, "ørsted")[0].title == "Ørsted"  # case-folded in any script
 
 
 def test_bm25_puts_more_and_rarer_words_and_title_matches_first(tiny_index):
