@@ -90,24 +90,6 @@ def _mkldnn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def _mkldnn_linear_relu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # ReLU as oneDNN's post-op
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "relu", [], "")
-
-
-def _mkldnn_linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, None, "add")
-
-
-def _mkldnn_linear_then_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return residual + _mkldnn_linear(x, w)
-
-
-def _linear_relu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.relu(F.linear(x, w))
-
-
-def _linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return residual + F.linear(x, w)
 
 
 class DecodeWeights:
@@ -140,16 +122,14 @@ class DecodeWeights:
         self.backout = (c.n_layer // 2, cast(model.backout_lambda)) if c.backout else None
         self.versions = weight_versions(model)
         self.prepared = getattr(model, "prepared", False)
-        self.linear, self.linear_relu, self.linear_add = F.linear, _linear_relu, _linear_add
+        self.linear = F.linear
         if packed and packed_linear(wte):
             self.layers = [tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in layer)
                            for layer in self.layers]
             self.lm_head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head, 1)
-            # One oneDNN call each for matmul + ReLU and matmul + residual add: bitwise the same as
-            # the two calls in fp32; in bf16 the fused add rounds once instead of twice, so bf16
-            # keeps the separate add (the same tokens as before).
-            self.linear, self.linear_relu = _mkldnn_linear, _mkldnn_linear_relu
-            self.linear_add = _mkldnn_linear_add if dtype == torch.float32 else _mkldnn_linear_then_add
+            # (oneDNN's fused matmul + ReLU and matmul + add post-ops measured slower than the two
+            # calls here: d4, 8 rows, 60 vs 53 µs per matmul; docs/LOG.md)
+            self.linear = _mkldnn_linear
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a step reads (the compiled step marks them static for CUDA graphs)."""
@@ -199,7 +179,7 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
     B, T = ids.shape
     n_layer, T_max = k_cache.size(0), k_cache.size(3)
     H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
-    linear, linear_relu, linear_add, cdtype = w.linear, w.linear_relu, w.linear_add, k_cache.dtype
+    linear, cdtype = w.linear, k_cache.dtype
     P = pos.unsqueeze(1) if T == 1 else pos.unsqueeze(1) + torch.arange(T, device=ids.device)  # (B, T)
     flat = P.view(-1)
     cos, sin = w.cos2[flat].unsqueeze(1), w.sin2[flat].unsqueeze(1)  # (B·T, 1, D)
@@ -244,15 +224,17 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
             qk, v = qk.to(cdtype), v.to(cdtype)
         k_rows[i].index_copy_(0, slots, qk[:, H:].reshape(-1, D))
         v_rows[i].index_copy_(0, slots, v.reshape(-1, D))
-        q = qk[:, :H].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        # (B, H, T, D); for one token per row the plain unsqueeze: SDPA's CPU kernel is ~1.6x slower
+        # on the transposed view's strides (d4, 8 rows: 162 vs 98 µs per layer)
+        q = qk[:, :H].unsqueeze(2) if T == 1 else qk[:, :H].view(B, T, H, D).transpose(1, 2)
         mask = masks.get(w.windows[i])
         y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, is_causal=causal and mask is None,
                                            enable_gqa=H != Hkv)
         y = y.transpose(1, 2).reshape(B * T, -1)
         if y.dtype != w.dtype:
             y = y.to(w.dtype)
-        x = linear_add(y, w_o, x)
-        x = linear_add(linear_relu(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc).square_(), w_proj, x)
+        x = x + linear(y, w_o)
+        x = x + linear(F.relu(linear(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), w_fc)).square_(), w_proj)
         if w.backout is not None and i == w.backout[0]:
             mid = x
     if T > 1:  # only the last (or `last`) position of each row goes through the head

@@ -558,6 +558,7 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
                          top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed,
                          frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stream_text=False,
                          on_token=lambda i, token, sampled: queued[i].append((token, int(sampled)))))
+    scheduler.admit()  # the prefill and every row's first token, yielded before the first decode step
     last = [0] * num_samples
     while True:
         while any(not q and not done for q, done in zip(queued, ended)):
