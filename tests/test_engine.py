@@ -258,6 +258,16 @@ def test_chat_shows_tool_calls_and_keeps_well_formed_history(tok, capsys):
     assert chat.history == [tok.bos_id]
 
 
+def test_chat_shows_the_answer_of_a_tool_a_user_added(tok, capsys, monkeypatch):
+    import picochat.toolbox as toolbox
+    from serve_fixtures import tool_calling_engine  # a model that calls a tool by a plan
+    monkeypatch.setattr(toolbox, "TOOLS", dict(toolbox.TOOLS))
+    toolbox.add_tool(toolbox.Tool("shout", "the text in capitals", str.upper))
+    engine = tool_calling_engine(random_model(config=tiny_config(tok, sequence_len=64)), tok, 'shout("ok")', " ok", None)
+    Chat(engine, chat_args()).reply("Shout ok.")  # tool None: the engine's default, the registry
+    assert '[python] shout("ok")\n\n[output] OK\n ok' in capsys.readouterr().out
+
+
 def test_chat_closes_a_cut_reply_with_assistant_end(tok, capsys):
     word = tok.encode(" ok")[0]
     chat = Chat(ScriptedEngine(tiny_config(tok), tok, {}, default=word), chat_args(max_tokens=3))

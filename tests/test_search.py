@@ -75,14 +75,17 @@ def test_bm25_puts_more_and_rarer_words_and_title_matches_first(tiny_index):
 
 @pytest.mark.parametrize("query", ['a" OR "b', "NEAR(", "*", "volcano*", "title:volcano", '"', "(", ")",
                                    "NOT volcano", "AND", "^volcano", "volcano + -", "{title}: x", "", "   ",
-                                   "x" * 5000, "word " * 500])
+                                   "x" * 5000, "word " * 500, '"); DROP TABLE pages; --', "volcano\x00",
+                                   "\x00", "volcano " * 200_000])
 def test_fts_syntax_in_a_query_is_only_words(query, tiny_index):
+    before = tiny_index.read_bytes()
     hits = search(tiny_index, query)
     assert all(isinstance(hit, Hit) for hit in hits)
     answer = run_tool(f"search({query!r})")
     assert isinstance(answer, str) and not answer.startswith("Error") and len(answer) <= TOOL_OUTPUT_CHARS
     if "volcano" in query:
         assert titles(hits)[0] == "Volcano"
+    assert tiny_index.read_bytes() == before  # (the 1.4 MB query and the DROP TABLE too)
 
 
 def test_match_expression_quotes_every_word():

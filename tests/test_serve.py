@@ -625,3 +625,19 @@ def test_picochat_serve_process_answers_the_openai_client(tiny_home, tiny):
         plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=8, temperature=0)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+
+
+def test_a_tool_a_user_adds_is_called_mid_reply_and_its_answer_comes_back_as_a_tool_part(tiny, monkeypatch):
+    """A tool added to the registry in a few lines (docs/TOOLS.md) is what the engine's default
+    dispatcher runs for `name("...")` mid-generation; its answer is forced into the row and reaches
+    the API (and so the web page's transcript, which draws the parts) as the tool's output part."""
+    import picochat.toolbox as toolbox
+    monkeypatch.setattr(toolbox, "TOOLS", dict(toolbox.TOOLS))
+    toolbox.add_tool(toolbox.Tool("shout", "the text in capitals", str.upper))
+    model, tok = tiny
+    engine = tool_calling_engine(model, tok, 'shout("volcano")', "Done.", None)  # None: the registry
+    with serving(model, tok, engine=engine) as (url, _), httpx.Client(timeout=60) as client:
+        reply = client.post(url + "/v1/chat/completions", json=ask("Shout volcano.", temperature=0)).json()
+    assert reply["choices"][0]["message"]["parts"] == [
+        {"type": "python", "text": 'shout("volcano")'}, {"type": "python_output", "text": "VOLCANO"},
+        {"type": "text", "text": "Done."}]
