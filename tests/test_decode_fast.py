@@ -235,16 +235,18 @@ def test_the_compiled_step_keeps_a_graph_per_bucket_past_the_compilers_limit(mon
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, as in a fresh process
     monkeypatch.setitem(picochat.decode._GRAPHS, "allowed", 0)
-    limit = torch._dynamo.config.recompile_limit
-    eager, compiled = Engine(model, Tok()), Engine(model, Tok())
-    compiled.compiled = CompiledDecode(backend=counting, min_len=8)
-    for rows in (1, 2):
-        ps = prompts(rows, seed=rows)
-        jobs = lambda: [job(p, temperature=0.0, max_tokens=110) for p in ps]  # noqa: E731
-        got = run_jobs(Scheduler(compiled, max_rows=2, max_len=128), jobs())
-        assert got == run_jobs(Scheduler(eager, max_rows=2, max_len=128), jobs())
+    # torch's default limit, as in a fresh process (config.patch restores the setting after; a
+    # monkeypatch of the config module deletes the setting on undo)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        limit = torch._dynamo.config.recompile_limit
+        eager, compiled = Engine(model, Tok()), Engine(model, Tok())
+        compiled.compiled = CompiledDecode(backend=counting, min_len=8)
+        for rows in (1, 2):
+            ps = prompts(rows, seed=rows)
+            jobs = lambda: [job(p, temperature=0.0, max_tokens=110) for p in ps]  # noqa: E731
+            got = run_jobs(Scheduler(compiled, max_rows=2, max_len=128), jobs())
+            assert got == run_jobs(Scheduler(eager, max_rows=2, max_len=128), jobs())
     assert compiled.compiled.failed is None
     assert len(graphs) == 10 > limit
 
