@@ -244,7 +244,7 @@ def test_the_compiled_step_keeps_a_graph_per_bucket_past_the_compilers_limit(mon
         compiled.compiled = CompiledDecode(backend=counting, min_len=8)
         for rows in (1, 2):
             ps = prompts(rows, seed=rows)
-            jobs = lambda: [job(p, temperature=0.0, max_tokens=110) for p in ps]  # noqa: E731
+            jobs = lambda: [job(p, temperature=0.0, max_tokens=70) for p in ps]  # noqa: E731 (past 64: 5 lengths)
             got = run_jobs(Scheduler(compiled, max_rows=2, max_len=128), jobs())
             assert got == run_jobs(Scheduler(eager, max_rows=2, max_len=128), jobs())
     assert compiled.compiled.failed is None
