@@ -68,20 +68,6 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     return torch.where(sampling.to(logits.device), order.gather(1, picks).squeeze(1), greedy)
 
 
-def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B,), every row with the same settings (see sample_rows;
-    top_k None and top_p None keep every token)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    rows = logits.size(0)
-    return sample_rows(logits, torch.full((rows,), float(temperature)),
-                       torch.full((rows,), top_k or 0), torch.full((rows,), 1.0 if top_p is None else top_p),
-                       generator)
-
-
 # -----------------------------------------------------------------------------
 # The engine
 

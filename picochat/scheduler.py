@@ -345,15 +345,14 @@ class Scheduler:
         elif code is not None:
             row.tool = self.tools.submit(engine.run_tool, code)
             row.tool.add_done_callback(lambda _: self.wakeup.set())
-        if not job.stream_text:
-            pass
-        elif token in self.special_names:  # structure, not text
-            row.text += row.stream.flush()  # a character cut short by the special token ends here
-            row.marks.append((len(row.text), self.special_names[token]))
-        else:
-            row.text += row.stream.feed(token)
-        if job.stream_text and self.emit_text(row):
-            return self.finish(row, "stop", flush=False)
+        if job.stream_text:
+            if token in self.special_names:  # structure, not text
+                row.text += row.stream.flush()  # a character cut short by the special token ends here
+                row.marks.append((len(row.text), self.special_names[token]))
+            else:
+                row.text += row.stream.feed(token)
+            if self.emit_text(row):
+                return self.finish(row, "stop", flush=False)
         # The last token sampled is never fed back: the cache needs prompt + max_tokens - 1 rows.
         if row.tokens >= job.max_tokens or len(job.prompt) + row.tokens >= self.max_len + 1:
             self.finish(row, "length")
