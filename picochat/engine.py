@@ -13,7 +13,7 @@ between are decoded and passed to the tools (picochat.toolbox.run_tool, unless a
 answer is forced into that row as <|output_start|> result <|output_end|> over the following steps,
 and the model carries on from there. A row ends at <|assistant_end|> or <|bos|>.
 
-`sample_rows` samples every row with its own temperature / top-k / top-p / generator;
+`sample_rows` samples every row with its own temperature / top-k / top-p / random number;
 `StreamDecoder` turns a stream of token ids into text without ever printing half a character;
 `reference_generate` is the slow, obvious greedy loop the fast path is tested and timed against.
 """
@@ -35,11 +35,12 @@ from picochat.decode import Cache, CompiledDecode, CompiledPrefill, decode_weigh
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                top_p: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+                top_p: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B,), each row with its own settings, (B,) tensors:
     temperature (0: greedy, argmax), top_k (keep the k likeliest; 0: all) and top_p (then keep the
-    smallest set of those whose probability reaches p; 1: all). `generator` is one generator for
-    every row, or one per row, so a row's draws do not depend on the other rows (serving)."""
+    smallest set of those whose probability reaches p; 1: all). `draws`: one uniform number in
+    [0, 1) per row, from whichever generator the caller keeps for that row (the Scheduler keeps
+    one per choice, or one per request), so the sample is a plain function of them."""
     vocab = logits.size(-1)
     greedy = logits.argmax(dim=-1)
     sampling = temperature > 0
@@ -57,14 +58,10 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     # Nucleus: drop a token when the tokens ranked above it already reach top_p; the first stays.
     drop = (probs.cumsum(dim=-1) - probs) >= top_p.to(logits.device).unsqueeze(1)
     probs = F.softmax(candidates.masked_fill(drop, float("-inf")), dim=-1)
-    # Inverse CDF with one uniform per row: a row's draw depends only on its own generator and
+    # Inverse CDF with one uniform per row: a row's draw depends only on its own number and
     # distribution, not on how many candidates the widest row in the batch needed.
-    if isinstance(generator, torch.Generator):
-        u = torch.rand(probs.size(0), generator=generator, device=generator.device)
-    else:
-        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator])
     cdf = probs.cumsum(dim=-1)
-    picks = torch.searchsorted(cdf, u.to(cdf.device).unsqueeze(1) * cdf[:, -1:]).clamp_(max=k_max - 1)
+    picks = torch.searchsorted(cdf, draws.to(cdf.device).unsqueeze(1) * cdf[:, -1:]).clamp_(max=k_max - 1)
     return torch.where(sampling.to(logits.device), order.gather(1, picks).squeeze(1), greedy)
 
 

@@ -84,6 +84,8 @@ class Job:
     frequency_penalty: float = 0.0  # OpenAI's: logit -= count · frequency + (count > 0) · presence,
     presence_penalty: float = 0.0   # counted over the tokens this choice has sampled (not tool output)
     seed: int | None = None  # None: a random seed; choice i uses seed + i
+    shared_generator: bool = False  # True: one generator (seed) for all n choices, drawing n numbers
+                                    # per step, ended choices' too (generate's draws since the seed)
     stop: list[str] = field(default_factory=list)
     timeout: float | None = None  # seconds from submission, then finish_reason "length"
     cancelled: bool = False  # set by the consumer when its client went away
@@ -272,9 +274,10 @@ class Scheduler:
         """Run the prompt alone, copy it into one free row per choice, sample the first tokens."""
         logits, prefill = self.engine.prefill(job.prompt)
         new = []
+        shared = torch.Generator(device=self.device).manual_seed(job.seed) if job.shared_generator else None
         for i in range(job.n):
             self.cache.load_row(len(self.rows), prefill)
-            generator = torch.Generator(device=self.device).manual_seed(job.seed + i)
+            generator = shared if shared is not None else torch.Generator(device=self.device).manual_seed(job.seed + i)
             row = Row(job, i, generator, StreamDecoder(self.engine.tokenizer))
             self.rows.append(row)
             new.append(row)
@@ -315,7 +318,7 @@ class Scheduler:
         else:
             sampled = sample_rows(logits, torch.tensor([j.temperature for j in jobs]),
                                   torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
-                                  [row.generator for row in rows]).tolist()
+                                  self.draws(rows)).tolist()
         for row, token in zip(rows, sampled):
             forced = bool(row.state.forced)
             if forced:  # the tool's output overrides what was sampled
@@ -328,6 +331,22 @@ class Scheduler:
             if row.counts is not None and not forced:
                 row.counts[token] += 1
             self.advance(row, token)
+
+    @staticmethod
+    def draws(rows: list[Row]) -> torch.Tensor:
+        """One uniform number per row: from the row's own generator, or, for a job with a shared
+        generator, the row's place among the job's n numbers drawn once for this step."""
+        shared: dict[int, torch.Tensor] = {}
+        out = []
+        for row in rows:
+            g = row.generator
+            if row.job.shared_generator:
+                if id(g) not in shared:
+                    shared[id(g)] = torch.rand(row.job.n, generator=g, device=g.device)
+                out.append(shared[id(g)][row.index:row.index + 1])
+            else:
+                out.append(torch.rand(1, generator=g, device=g.device))
+        return torch.cat(out)
 
     def advance(self, row: Row, token: int) -> None:
         """Record one new token of a row: tool state, text, and whether the row is done."""
@@ -515,8 +534,10 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
              seed: int = 42, frequency_penalty: float = 0.0, presence_penalty: float = 0.0
              ) -> Iterator[tuple[list[int], list[int]]]:
     """Yield (token_column, mask_column) per step for `num_samples` continuations of `tokens`: the
-    prompt is prefilled once and shared by every row; row i samples with its own generator seeded
-    seed + i (as a server request's choices do); mask 0 marks a token forced in (a tool's output).
+    prompt is prefilled once and shared by every row; the rows sample with one generator seeded
+    `seed`, n numbers per step (so a seed gives the samples it always gave, here and in nanochat's
+    engine; a server request's choices have a generator each); mask 0 marks a forced token (a
+    tool's output).
 
     Stops after max_tokens steps (default: until prompt + reply fill the model's sequence_len), or
     once every row has ended; a row that ended repeats its end token (mask 0) in later columns.
@@ -554,7 +575,7 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
             ended[delta.index] = True
 
     scheduler.submit(Job(list(tokens), emit, n=num_samples, max_tokens=steps, temperature=temperature,
-                         top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed,
+                         top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed, shared_generator=True,
                          frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stream_text=False,
                          on_token=lambda i, token, sampled: queued[i].append((token, int(sampled)))))
     scheduler.admit()  # the prefill and every row's first token, yielded before the first decode step

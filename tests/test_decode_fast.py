@@ -316,8 +316,7 @@ def golden_outputs(recipe):
 @RECIPES
 def test_outputs_equal_those_recorded_before_the_one_decode_path(recipe):
     """Recorded with the code before picochat/decode.py (two caches, two forwards, two loops) and
-    equal to it token for token, except engine_seeded_8: generate's rows now sample with a
-    generator each (seed + i), as the server's choices always did, where they shared one."""
+    equal to it token for token."""
     got, recorded = golden_outputs(recipe), json.loads(GOLDEN.read_text())[recipe]
     assert sum(json.dumps(v).count("250, ") for v in recorded.values()) > 20  # tool calls were made
     for key in recorded:

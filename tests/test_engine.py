@@ -79,7 +79,8 @@ class UniformEngine(Engine):
 def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=None):
     rows = logits.size(0)
     return sample_rows(logits, torch.full((rows,), float(temperature)), torch.full((rows,), top_k or 0),
-                       torch.full((rows,), 1.0 if top_p is None else top_p), generator)
+                       torch.full((rows,), 1.0 if top_p is None else top_p),
+                       torch.rand(rows, generator=generator, device=generator.device))
 
 
 def chat_prompt(tok, text="What is 6*7?"):
