@@ -132,34 +132,42 @@ def index_about(path: Path) -> dict[str, str] | None:
 def _open(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise PicochatError(f"no search index at {path}; build it with `{build_command(path)}`")
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # as_uri escapes '?', '#', '%'
-    db.create_function("title_key", 1, title_key, deterministic=True)
-    return db
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # as_uri escapes '?', '#', '%'
+
+
+WORD = re.compile(r"\w+")
+TRAILING_PARENTHESES = re.compile(r"\s*\([^)]*\)\s*$")
+
+
+def _quoted(words: list[str], joiner: str) -> str:
+    """Words as FTS5 strings: a quoted string is always a plain term, so OR, NEAR, `*`, `^`, `:`
+    and quotes inside them mean nothing."""
+    return joiner.join('"' + word.replace('"', '""') + '"' for word in words)
 
 
 def match_expression(query: str) -> str:
-    """The FTS5 query for what a person typed: its words, each a quoted string, joined by OR.
-    A quoted string is always a plain term, so OR, NEAR, `*`, `^`, `:` and quotes mean nothing."""
-    words = re.findall(r"\w+", query)[:MAX_QUERY_WORDS]
-    return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
+    """The FTS5 query for what a person typed: its words, each a quoted string, joined by OR."""
+    return _quoted(WORD.findall(query)[:MAX_QUERY_WORDS], " OR ")
+
+
+def key_words(text: str) -> list[str]:
+    """The words of a title or a query that the exact-title rule compares, as written: without a
+    trailing '(...)' or a leading article."""
+    words = WORD.findall(TRAILING_PARENTHESES.sub("", text))
+    return words[1:] if words and words[0].casefold() in ("a", "an", "the") else words
 
 
 def title_key(text: str) -> str:
-    """A title or a query as the exact-title rule compares them: its words, case-folded (any
-    script), without a leading article or a trailing '(...)': 'The Beatles', 'the beatles?' and
-    'Beatles (band)' are all 'beatles'."""
-    words = re.findall(r"\w+", re.sub(r"\s*\([^)]*\)\s*$", "", text).casefold())
-    if words and words[0] in ("a", "an", "the"):
-        words = words[1:]
-    return " ".join(words)
+    """A title or a query as the exact-title rule compares them: its key words, case-folded (any
+    script): 'The Beatles', 'the beatles?' and 'Beatles (band)' are all 'beatles'."""
+    return " ".join(key_words(text)).casefold()
 
 
 def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME_LIMIT_S) -> list[Hit]:
     """The `k` best pages of the index at `path` for `query`, best first ([] when no page has any
     of its words): a page titled exactly as asked first ('China' finds China before History of
     China, which BM25 ranks higher for repeating the word; 'taxonomy' finds Taxonomy (biology), 'the
-    beatles' The Beatles: `title_key`),
-    then by BM25 with title words weighted.
+    beatles' The Beatles: `title_key`), then by BM25 with title words weighted.
     A missing or broken index, or a query past `time_limit_s`, is a PicochatError."""
     path = Path(path)
     match = match_expression(query)
@@ -169,9 +177,18 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
     try:
         if not match:
             return []
-        rows = db.execute(f"SELECT title, body FROM pages WHERE pages MATCH ?1 "
-                          f"ORDER BY title_key(title) = ?2 DESC, bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?3",
-                          (match, title_key(query), k)).fetchall()
+        # Pages titled as asked: of the few whose title holds every key word (FTS5 finds them), those
+        # whose title_key is the query's, ranked by BM25 on the whole query; then the rest by BM25.
+        key, words = title_key(query), key_words(query)[:MAX_QUERY_WORDS]
+        ids = [] if not words else [
+            rowid for rowid, title in db.execute("SELECT rowid, title FROM pages WHERE pages MATCH ?",
+                                                 ("{title} : (" + _quoted(words, " AND ") + ")",))
+            if title_key(title) == key]
+        select = f"SELECT title, body FROM pages WHERE pages MATCH ? {{}} ORDER BY bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?"
+        exact = db.execute(select.format(f"AND rowid IN ({','.join('?' * len(ids))})"),
+                           (match, *ids, k)).fetchall() if ids else []
+        best = db.execute(select.format(""), (match, k + len(exact))).fetchall()
+        rows = exact + [row for row in best if row not in exact][:k - len(exact)]
     except sqlite3.DatabaseError as e:
         if time.monotonic() > deadline:
             raise PicochatError(f"the search took longer than {time_limit_s:g} s; try fewer or rarer words") from None
@@ -185,7 +202,8 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
 def _line(hit: Hit) -> str:
     """'Title: text' on one line, or the text alone where it already starts with the title."""
     title, text = " ".join(hit.title.split()), " ".join(hit.text.split())
-    if not title or re.match(re.escape(title) + r"(?!\w)", text):
+    after = text[len(title):len(title) + 1]
+    if not title or (text.startswith(title) and not (after.isalnum() or after == "_")):  # no word goes on
         return text
     return f"{title}: {text}"
 

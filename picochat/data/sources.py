@@ -295,6 +295,8 @@ CONTRACTIONS = {w.replace("'", "").lower(): w for w in (
     "I'm I've I'd I'll don't doesn't didn't can't couldn't shouldn't wouldn't isn't aren't wasn't "
     "weren't haven't hasn't hadn't that's what's there's who's you're you've they've we've "
     "it'd ain't y'all").split()}
+# Only the words clean_turn could change: each bare form in lower case or capitalized.
+CONTRACTION_WORD = re.compile(r"\b(?:" + "|".join(f"{w}|{w.capitalize()}" for w in CONTRACTIONS) + r")\b")
 
 
 def clean_turn(text: str) -> str:
@@ -302,12 +304,10 @@ def clean_turn(text: str) -> str:
     contractions fixed, and each sentence started with a capital letter."""
     def contraction(m: re.Match) -> str:
         word = m.group(0)
-        fixed = CONTRACTIONS.get(word.lower())
-        if fixed is None or not (word.islower() or word.istitle()):
-            return word
+        fixed = CONTRACTIONS[word.lower()]
         return fixed if word.islower() else fixed[0].upper() + fixed[1:]
 
-    text = re.sub(r"\b[A-Za-z]+\b", contraction, " ".join(str(text).split()))
+    text = CONTRACTION_WORD.sub(contraction, " ".join(str(text).split()))
     text = re.sub(r"\bi\b(?!\.)", "I", text)  # 'i.e.' stays
     return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
