@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from picochat.checkpoint import load_model  # noqa: E402
 from picochat.common import resolve_dtype  # noqa: E402
 from picochat.evals.chat_eval import run_generative, wilson_interval  # noqa: E402
@@ -30,7 +32,8 @@ from picochat.tokenizer import get_tokenizer  # noqa: E402
 def outcomes(spec: str, task, tokenizer, args) -> list[bool]:
     """Whether each of the first max_problems questions was answered right by SOURCE:TAG."""
     source, _, tag = spec.partition(":")
-    model, meta = load_model(source, tag or None, "cpu", compute_dtype=resolve_dtype(args.dtype, "cpu"),
+    cpu = torch.device("cpu")
+    model, meta = load_model(source, tag or None, cpu, compute_dtype=resolve_dtype(args.dtype, cpu),
                              tokenizer=tokenizer)
     completions: dict = {}
     run_generative(model, tokenizer, task, max_new_tokens=args.max_new_tokens, temperature=0.0,
@@ -55,11 +58,13 @@ def main() -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("a", help="the reference checkpoint, SOURCE:TAG (e.g. sft:demo)")
     p.add_argument("b", nargs="+", help="the checkpoints compared with it, SOURCE:TAG (e.g. rl:demo)")
-    p.add_argument("--max-problems", type=int, default=256, help="held-out questions asked")
+    p.add_argument("--max-problems", type=int, default=256, help="held-out questions asked (at least 1)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens per reply")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoding together")
     p.add_argument("--dtype", default="float32", help="compute dtype (fp32: the same tokens whatever the batch)")
     args = p.parse_args()
+    if args.max_problems < 1:
+        p.error(f"--max-problems must be at least 1, got {args.max_problems}")
     need_index()
     tokenizer, task = get_tokenizer(), Facts(split="test")
     n = args.max_problems = min(args.max_problems, len(task))

@@ -128,8 +128,9 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     """nn.Embedding, without its own N(0, 1) draw on the meta device (a model built there is loaded
     or initialized next): torch runs that draw through a Python reference that imports its
     compiler, ~1.4 s of every process that loads a checkpoint. Elsewhere exactly nn.Embedding."""
-    weight = torch.empty(num, dim)
-    return nn.Embedding(num, dim, _weight=weight) if weight.is_meta else nn.Embedding(num, dim)
+    if torch.empty(0).is_meta:
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
 
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
@@ -245,7 +246,7 @@ class GPT(nn.Module):
         if device is None and torch.empty(0).is_meta:
             # built on the meta device: the shapes only (torch's meta arange imports its compiler)
             shape = (1, length, 1, d // 2)
-            return torch.empty(shape), torch.empty(shape)
+            return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)

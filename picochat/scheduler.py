@@ -535,8 +535,8 @@ def generate(engine: Engine, tokens: list[int], num_samples: int = 1, max_tokens
              ) -> Iterator[tuple[list[int], list[int]]]:
     """Yield (token_column, mask_column) per step for `num_samples` continuations of `tokens`: the
     prompt is prefilled once and shared by every row; the rows sample with one generator seeded
-    `seed`, n numbers per step (so a seed gives the samples it always gave, here and in nanochat's
-    engine; a server request's choices have a generator each); mask 0 marks a forced token (a
+    `seed`, n numbers per step, as picochat's engine always has (one generator for the batch, as in
+    nanochat's; a server request's choices have a generator each); mask 0 marks a forced token (a
     tool's output).
 
     Stops after max_tokens steps (default: until prompt + reply fill the model's sequence_len), or

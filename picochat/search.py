@@ -22,6 +22,7 @@ An index is one SQLite file, $PICOCHAT_HOME/index/NAME.sqlite, built once by
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -136,7 +137,6 @@ def _open(path: Path) -> sqlite3.Connection:
 
 
 WORD = re.compile(r"\w+")
-TRAILING_PARENTHESES = re.compile(r"\s*\([^)]*\)\s*$")
 
 
 def _quoted(words: list[str], joiner: str) -> str:
@@ -150,17 +150,27 @@ def match_expression(query: str) -> str:
     return _quoted(WORD.findall(query)[:MAX_QUERY_WORDS], " OR ")
 
 
+def without_trailing_parentheses(text: str) -> str:
+    """`text` without a '(...)' that ends it ('Mercury (planet)' -> 'Mercury'): the first '(' after
+    the last ')' but the final one, in linear time (a regex takes quadratic time on '((((...')."""
+    end = text.rstrip()
+    if not end.endswith(")"):
+        return text
+    start = end.find("(", end.rfind(")", 0, len(end) - 1) + 1, len(end) - 1)
+    return text if start < 0 else end[:start].rstrip()
+
+
 def key_words(text: str) -> list[str]:
     """The words of a title or a query that the exact-title rule compares, as written: without a
     trailing '(...)' or a leading article."""
-    words = WORD.findall(TRAILING_PARENTHESES.sub("", text))
+    words = WORD.findall(without_trailing_parentheses(text))
     return words[1:] if words and words[0].casefold() in ("a", "an", "the") else words
 
 
-def title_key(text: str) -> str:
-    """A title or a query as the exact-title rule compares them: its key words, case-folded (any
-    script): 'The Beatles', 'the beatles?' and 'Beatles (band)' are all 'beatles'."""
-    return " ".join(key_words(text)).casefold()
+def title_key(text: str | list[str]) -> str:
+    """A title or a query (or its key_words) as the exact-title rule compares them: its key words,
+    case-folded (any script): 'The Beatles', 'the beatles?' and 'Beatles (band)' are all 'beatles'."""
+    return " ".join(key_words(text) if isinstance(text, str) else text).casefold()
 
 
 def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME_LIMIT_S) -> list[Hit]:
@@ -179,14 +189,17 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
             return []
         # Pages titled as asked: of the few whose title holds every key word (FTS5 finds them), those
         # whose title_key is the query's, ranked by BM25 on the whole query; then the rest by BM25.
-        key, words = title_key(query), key_words(query)[:MAX_QUERY_WORDS]
-        ids = [] if not words else [
+        # (Not found as exact: a title FTS5 folds otherwise than casefold, 'Straße' for 'strasse'.)
+        words = key_words(query)
+        key = title_key(words)
+        terms = [w for w in words if w.strip("_")][:MAX_QUERY_WORDS]  # '_' alone is no FTS5 term
+        ids = [] if not terms else [
             rowid for rowid, title in db.execute("SELECT rowid, title FROM pages WHERE pages MATCH ?",
-                                                 ("{title} : (" + _quoted(words, " AND ") + ")",))
+                                                 ("{title} : (" + _quoted(terms, " AND ") + ")",))
             if title_key(title) == key]
         select = f"SELECT title, body FROM pages WHERE pages MATCH ? {{}} ORDER BY bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?"
-        exact = db.execute(select.format(f"AND rowid IN ({','.join('?' * len(ids))})"),
-                           (match, *ids, k)).fetchall() if ids else []
+        exact = db.execute(select.format("AND rowid IN (SELECT value FROM json_each(?))"),
+                           (match, json.dumps(ids), k)).fetchall() if ids else []
         best = db.execute(select.format(""), (match, k + len(exact))).fetchall()
         rows = exact + [row for row in best if row not in exact][:k - len(exact)]
     except sqlite3.DatabaseError as e:

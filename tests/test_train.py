@@ -48,7 +48,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_home, recipe):
     picochat(tiny_home, "base_train", *run, "--model-tag", f"straight-{tag}")
     expected = losses(tiny_home, f"straight-{tag}")
 
-    kill_after(tiny_home, "base_train", *run, "--model-tag", f"killed-{tag}", marker="saved checkpoint step 10")
+    kill_after(tiny_home, "base_train", *run, "--model-tag", f"killed-{tag}", marker="saved checkpoint step 5")
     partial = losses(tiny_home, f"killed-{tag}")
     assert max(partial) < 30
 
