@@ -167,15 +167,13 @@ def forward(w: DecodeWeights, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
             v_cache: torch.Tensor, tokens: torch.Tensor, end: int, masked: bool,
             last: torch.Tensor | None = None) -> torch.Tensor:
     """T new tokens for each of B rows: ids (B, T), row b's at positions pos[b] .. pos[b] + T - 1
-    (pos (B,), long). Writes their keys and values into k_cache, v_cache (n_layer, >= B, H_kv, T_max,
-    D) and the ids into `tokens` (>= B, T_max); each row attends to the first `end` positions,
-    causally. `masked`: rows may be at different positions, so every layer gets a per-row mask;
-    without it every row must start at end - T (a prefill from position 0 uses the causal kernel).
-    Returns fp32 softcapped logits (B, V) of each row's last new token (or of position `last` (B,)
-    of the T, for a right-padded prefill). Static shapes for fixed (B, T, end): what the compiled /
-    CUDA-graph path captures. RoPE and QK-norm run in fp32, the matmuls in w.dtype, attention in
-    the cache's dtype. A CPU step is mostly its ~25 torch calls per layer, so positions, cache slots
-    and masks are built once per call, and no-op casts are skipped."""
+    (pos (B,), long), keys and values written into k_cache, v_cache (n_layer, >= B, H_kv, T_max, D)
+    and ids into `tokens` (>= B, T_max); each row attends to the first `end` positions, causally.
+    `masked`: rows may be at different positions (a per-row mask in every layer); without it every
+    row starts at end - T. Returns fp32 softcapped logits (B, V) of each row's last new token (or of
+    position `last` (B,), for a right-padded prefill). Static shapes for fixed (B, T, end), for the
+    compiled / CUDA-graph path. RoPE and QK-norm in fp32, matmuls in w.dtype, attention in the
+    cache's dtype; positions, slots and masks built once per call (a CPU step is mostly its calls)."""
     B, T = ids.shape
     n_layer, T_max = k_cache.size(0), k_cache.size(3)
     H, Hkv, D = w.n_head, w.n_kv_head, w.head_dim
