@@ -124,11 +124,16 @@ class Linear(nn.Linear):
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
 
+def building_on_meta() -> bool:
+    """Whether modules are being built on the meta device (`with torch.device("meta")`)."""
+    return torch.empty(0).is_meta
+
+
 def embedding(num: int, dim: int) -> nn.Embedding:
     """nn.Embedding, without its own N(0, 1) draw on the meta device (a model built there is loaded
     or initialized next): torch runs that draw through a Python reference that imports its
     compiler, ~1.4 s of every process that loads a checkpoint. Elsewhere exactly nn.Embedding."""
-    if torch.empty(0).is_meta:
+    if building_on_meta():
         return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
     return nn.Embedding(num, dim)
 
@@ -243,7 +248,7 @@ class GPT(nn.Module):
 
     def _rotary_tables(self, length: int, device=None):
         d = self.config.head_dim
-        if device is None and torch.empty(0).is_meta:
+        if device is None and building_on_meta():
             # built on the meta device: the shapes only (torch's meta arange imports its compiler)
             shape = (1, length, 1, d // 2)
             return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)

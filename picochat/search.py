@@ -167,10 +167,14 @@ def key_words(text: str) -> list[str]:
     return words[1:] if words and words[0].casefold() in ("a", "an", "the") else words
 
 
-def title_key(text: str | list[str]) -> str:
-    """A title or a query (or its key_words) as the exact-title rule compares them: its key words,
-    case-folded (any script): 'The Beatles', 'the beatles?' and 'Beatles (band)' are all 'beatles'."""
-    return " ".join(key_words(text) if isinstance(text, str) else text).casefold()
+def joined_key(words: list[str]) -> str:
+    return " ".join(words).casefold()
+
+
+def title_key(text: str) -> str:
+    """A title or a query as the exact-title rule compares them: its key words, case-folded (any
+    script): 'The Beatles', 'the beatles?' and 'Beatles (band)' are all 'beatles'."""
+    return joined_key(key_words(text))
 
 
 def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME_LIMIT_S) -> list[Hit]:
@@ -191,7 +195,7 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
         # whose title_key is the query's, ranked by BM25 on the whole query; then the rest by BM25.
         # (Not found as exact: a title FTS5 folds otherwise than casefold, 'Straße' for 'strasse'.)
         words = key_words(query)
-        key = title_key(words)
+        key = joined_key(words)
         terms = [w for w in words if w.strip("_")][:MAX_QUERY_WORDS]  # '_' alone is no FTS5 term
         ids = [] if not terms else [
             rowid for rowid, title in db.execute("SELECT rowid, title FROM pages WHERE pages MATCH ?",
@@ -207,6 +211,23 @@ def search(path: Path, query: str, k: int = 3, time_limit_s: float = SEARCH_TIME
             raise PicochatError(f"the search took longer than {time_limit_s:g} s; try fewer or rarer words") from None
         raise PicochatError(f"{path} is not a search index this picochat can read ({e}); rebuild it with "
                             f"`{build_command(path)} --force`") from None
+    finally:
+        db.close()
+    return [Hit(title, text) for title, text in rows]
+
+
+def reference_search(path: Path, query: str, k: int = 3) -> list[Hit]:
+    """What `search` returns, the slow obvious way: one query that orders every matching page by
+    title_key(title) == the query's, called from SQLite for each of them (tests/test_search.py
+    checks the two agree; benchmarks/search_speed.py times them)."""
+    match = match_expression(query)
+    if not match:
+        return []
+    db = _open(Path(path))
+    db.create_function("title_key", 1, title_key, deterministic=True)
+    try:
+        rows = db.execute(f"SELECT title, body FROM pages WHERE pages MATCH ?1 ORDER BY title_key(title) = ?2 DESC, "
+                          f"bm25(pages, {TITLE_WEIGHT}, 1.0) LIMIT ?3", (match, title_key(query), k)).fetchall()
     finally:
         db.close()
     return [Hit(title, text) for title, text in rows]

@@ -16,7 +16,7 @@ from picochat.__main__ import main as picochat_main
 from picochat.common import PicochatError, data_dir
 from picochat.data.shards import write_shard
 from picochat.search import (INDEX_ENV, NO_RESULTS, Hit, _open, build_index, format_hits, index_path,
-                             match_expression, search)
+                             match_expression, reference_search, search)
 from picochat.toolbox import TOOL_OUTPUT_CHARS, run_tool
 
 PAGES = [
@@ -64,6 +64,23 @@ def test_a_page_titled_as_asked_comes_first(home):
     assert search(path, "taxonomy")[0].title == "Taxonomy (biology)"
     assert search(path, "the Beatles")[0].title == "The Beatles" and search(path, "beatles")[0].title == "The Beatles"
     assert search(path, "ørsted")[0].title == "Ørsted"  # case-folded in any script
+
+
+def test_search_agrees_with_the_one_query_reference(home):
+    """The fast exact-title path (FTS5 finds the candidates) returns what the obvious one does
+    (SQLite calls title_key on every matching page), on titles that share words, articles,
+    parentheses and case."""
+    path = index_path("lookalikes")
+    stems = ["Mercury", "The Mercury", "Mercury (planet)", "Mercury (element)", "History of Mercury", "Mercury Records",
+             "Red Planet", "A Planet", "Planet (band)", "the planet", "Ørsted", "ØRSTED (company)", "Foo _", "Foo (a (b)"]
+    pages = [(t, f"{t} is a page about {t.lower()} and {stems[(i * 7) % len(stems)]}.") for i, t in enumerate(stems)]
+    pages += [("Foo fighters", "Foo fighters: foo, foo and foo again."), ("Mercury in history", "Mercury, mercury, mercury.")]
+    build_index(path, pages, source="look-alikes")
+    queries = [t for t, _ in pages] + ["mercury", "the mercury?", "What is Mercury?", "planet", "a planet (x)",
+                                       "ørsted", "foo _", "_", "the", "Mercury (band)", "x (y(z)", "((((", "records of mercury"]
+    for query in queries:
+        for k in (1, 3, 5):
+            assert search(path, query, k=k) == reference_search(path, query, k=k), (query, k)
 
 
 def test_bm25_puts_more_and_rarer_words_and_title_matches_first(tiny_index):
